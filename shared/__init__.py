@@ -1,0 +1,1 @@
+"""Code that both the server and the client import: wire protocol, batch plan, schema, errors."""

@@ -1,0 +1,97 @@
+"""Typed errors shared by server and client.
+
+Every error carries a stable wire ``code``.  The server sends ``(code, message)`` in an ERROR
+message; the client turns it back into the same class with :func:`error_from_code` and raises it
+in the trainer's thread.  Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class BatchfeedError(Exception):
+    """Base class of every error batchfeed raises on purpose."""
+
+    code = "error"
+
+
+class ProtocolError(BatchfeedError):
+    """A message that does not follow the wire format (garbage, bad sizes, wrong kinds)."""
+
+    code = "protocol"
+
+
+class VersionMismatch(ProtocolError):
+    """The two sides speak different protocol versions."""
+
+    code = "version"
+
+
+class InvalidRequest(BatchfeedError, ValueError):
+    """Parameters that cannot make a batch plan (batch_size 0, rank >= world_size, ...)."""
+
+    code = "invalid_request"
+
+
+class DatasetError(BatchfeedError):
+    """A dataset that cannot be served (wrong path, bad dtype, fields of different lengths)."""
+
+    code = "dataset"
+
+
+class ServerUnavailable(BatchfeedError, ConnectionError):
+    """The server could not be reached, or stayed away longer than the client's timeout."""
+
+    code = "unavailable"
+
+
+class UnknownSession(BatchfeedError):
+    """The server does not know the session (it restarted, or the session expired)."""
+
+    code = "unknown_session"
+
+
+class WorkerError(BatchfeedError):
+    """A worker failed to produce a batch (for example a server-side transform raised)."""
+
+    code = "worker"
+
+
+class CreditExceeded(BatchfeedError):
+    """A client asked for more batches ahead than its declared prefetch allows."""
+
+    code = "credit"
+
+
+class ResourceError(BatchfeedError):
+    """The host lacks a resource the server needs (shared memory, a free address)."""
+
+    code = "resource"
+
+
+class AuthenticationError(BatchfeedError):
+    """The server refused the client's keys (CURVE/ZAP)."""
+
+    code = "auth"
+
+
+_BY_CODE: dict[str, type[BatchfeedError]] = {
+    cls.code: cls
+    for cls in (
+        BatchfeedError,
+        ProtocolError,
+        VersionMismatch,
+        InvalidRequest,
+        DatasetError,
+        ServerUnavailable,
+        UnknownSession,
+        WorkerError,
+        CreditExceeded,
+        ResourceError,
+        AuthenticationError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> BatchfeedError:
+    """Rebuild the typed error that a peer reported as ``(code, message)``."""
+    return _BY_CODE.get(code, BatchfeedError)(message)

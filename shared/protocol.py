@@ -1,0 +1,361 @@
+"""The batchfeed wire format, and the only module that knows it.
+
+A message is a ZeroMQ multipart message.  Frame 0 is a msgpack map, the header, with at least
+``v`` (the protocol version) and ``kind``.  A BATCH message carries one or more consecutive
+batches of a session's plan: the header lists each field's dtype and, per batch, each field's
+shape; then comes one raw frame per field holding that field's bytes for all the batches, back
+to back.  On the same-host fast path the header names a slot of the server's shared ring and the
+byte offset of each field in it instead, and no data frames follow.
+
+Nothing here ever unpickles.  ``decode`` checks sizes before it parses, parses with msgpack's
+explicit limits, and validates every header field's type; anything else raises ProtocolError.
+The ERROR kind and the ``v``/``kind`` keys are frozen across versions so that a peer of another
+version still gets a readable error naming both versions.
+
+Kinds, client -> server: HELLO, REQUEST, RELEASE, PING, BYE.
+Kinds, server -> client: WELCOME, BATCH, PONG, ERROR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError, VersionMismatch
+from .schema import MAX_FIELDS, MAX_NAME_LEN, check_dtype, check_shape
+
+VERSION = 1
+
+HELLO = "hello"
+WELCOME = "welcome"
+REQUEST = "request"
+BATCH = "batch"
+RELEASE = "release"
+PING = "ping"
+PONG = "pong"
+BYE = "bye"
+ERROR = "error"
+
+# Limits, checked before and while parsing.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAMES = 1 + MAX_FIELDS
+MAX_BATCHES_PER_MESSAGE = 1024
+MAX_STR_LEN = 4096
+MAX_CONTAINER_LEN = 4096
+MAX_INT = 2**63 - 1
+MAX_RELEASE = 1024
+
+_UNPACK_LIMITS = dict(
+    raw=False,
+    strict_map_key=True,
+    use_list=True,
+    max_str_len=MAX_STR_LEN,
+    max_bin_len=MAX_STR_LEN,
+    max_array_len=MAX_CONTAINER_LEN,
+    max_map_len=64,
+    max_ext_len=0,
+)
+
+_INT = "int"
+_STR = "str"
+_BOOL = "bool"
+_MAP = "map"
+_LIST = "list"
+_OPT_INT = "int?"
+_OPT_STR = "str?"
+_OPT_MAP = "map?"
+_OPT_LIST = "list?"
+
+# kind -> {key: type}; keys ending in "?" types may be missing or None.
+_HEADERS: dict[str, dict[str, str]] = {
+    HELLO: {
+        "client": _STR,
+        "params": _MAP,
+        "dataset": _OPT_STR,
+        "prefetch": _INT,
+        "fastpath": _BOOL,
+        "name": _OPT_STR,
+    },
+    WELCOME: {
+        "session": _INT,
+        "dataset": _STR,
+        "rows": _INT,
+        "batches_per_epoch": _INT,
+        "prefetch": _INT,
+        "fields": _LIST,
+        "server": _STR,
+        "ring": _OPT_MAP,
+    },
+    REQUEST: {
+        "session": _INT,
+        "stream": _INT,
+        "epoch": _INT,
+        "k0": _INT,
+        "count": _INT,
+        "release": _OPT_LIST,
+    },
+    BATCH: {
+        "session": _INT,
+        "stream": _INT,
+        "epoch": _INT,
+        "k0": _INT,
+        "dtypes": _LIST,
+        "shapes": _LIST,
+        "slot": _OPT_INT,
+        "offsets": _OPT_LIST,
+    },
+    RELEASE: {"session": _INT, "slots": _LIST},
+    PING: {"session": _OPT_INT},
+    PONG: {},
+    BYE: {"session": _INT},
+    ERROR: {
+        "code": _STR,
+        "message": _STR,
+        "session": _OPT_INT,
+        "stream": _OPT_INT,
+        "epoch": _OPT_INT,
+        "k0": _OPT_INT,
+    },
+}
+
+KINDS = frozenset(_HEADERS)
+
+
+@dataclass
+class Message:
+    """A decoded message: its kind, its validated header, and the raw frames after it."""
+
+    kind: str
+    header: dict[str, Any]
+    buffers: list
+
+
+def _check_value(kind: str, key: str, want: str, value: object) -> None:
+    optional = want.endswith("?")
+    if optional and value is None:
+        return
+    base = want.rstrip("?")
+    if base == _INT:
+        ok = type(value) is int and -MAX_INT <= value <= MAX_INT
+    elif base == _STR:
+        ok = isinstance(value, str)
+    elif base == _BOOL:
+        ok = type(value) is bool
+    elif base == _MAP:
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, list)
+    if not ok:
+        raise ProtocolError(f"{kind} header field {key!r} must be {want}, got {value!r:.80}")
+
+
+def encode(kind: str, buffers: Sequence = (), **header: Any) -> list:
+    """Frames of a message: the msgpack header, then the given raw buffers as they are."""
+    header["v"] = VERSION
+    header["kind"] = kind
+    return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+def decode(frames: Sequence) -> Message:
+    """Parse and validate a received multipart message, or raise ProtocolError.
+
+    ``frames`` may be bytes or zmq.Frame objects; data frames are returned untouched.
+    """
+    if not frames:
+        raise ProtocolError("empty message: expected a header frame")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"message has {len(frames)} frames; at most {MAX_FRAMES} are allowed")
+    head = frames[0]
+    raw = head if isinstance(head, bytes) else head.bytes
+    if not raw:
+        raise ProtocolError("empty header frame: expected a msgpack map")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"header is {len(raw)} bytes; at most {MAX_HEADER_BYTES} are allowed"
+        )
+    try:
+        header = msgpack.unpackb(raw, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    version, kind = header.get("v"), header.get("kind")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {kind!r:.40}; known: {sorted(KINDS)}")
+    if version != VERSION and kind != ERROR:
+        raise VersionMismatch(
+            f"peer speaks batchfeed protocol {version!r:.20}, this side speaks protocol {VERSION}; "
+            "install the same batchfeed release on server and client"
+        )
+    schema = _HEADERS[kind]
+    for key in header:
+        if key not in schema and key not in ("v", "kind"):
+            raise ProtocolError(f"{kind} header has unknown field {key!r:.40}")
+    for key, want in schema.items():
+        if key not in header and not want.endswith("?"):
+            raise ProtocolError(f"{kind} header is missing field {key!r}")
+        _check_value(kind, key, want, header.get(key))
+    if kind != BATCH and len(frames) > 1:
+        raise ProtocolError(f"{kind} message must be a single frame, got {len(frames)}")
+    return Message(kind, header, list(frames[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Constructors for each kind (the only way the rest of the code builds messages).
+
+
+def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fastpath: bool,
+          name: str | None = None) -> list:
+    return encode(HELLO, client=client, params=params, dataset=dataset, prefetch=prefetch,
+                  fastpath=fastpath, name=name)
+
+
+def welcome(*, session: int, dataset: str, rows: int, batches_per_epoch: int, prefetch: int,
+            fields: list, server: str, ring: dict | None) -> list:
+    return encode(WELCOME, session=session, dataset=dataset, rows=rows,
+                  batches_per_epoch=batches_per_epoch, prefetch=prefetch, fields=fields,
+                  server=server, ring=ring)
+
+
+def request(*, session: int, stream: int, epoch: int, k0: int, count: int,
+            release: list | None = None) -> list:
+    return encode(REQUEST, session=session, stream=stream, epoch=epoch, k0=k0, count=count,
+                  release=release)
+
+
+def release(*, session: int, slots: list) -> list:
+    return encode(RELEASE, session=session, slots=slots)
+
+
+def ping(session: int | None) -> list:
+    return encode(PING, session=session)
+
+
+def pong() -> list:
+    return encode(PONG)
+
+
+def bye(session: int) -> list:
+    return encode(BYE, session=session)
+
+
+def error(code: str, message: str, **where: int | None) -> list:
+    return encode(ERROR, code=code, message=message, **where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where each batch of a BATCH message lives: field dtypes, and per batch each field's shape.
+
+    Field ``f``'s bytes for batch ``b`` start at ``starts[f][b]`` inside that field's buffer
+    (its data frame, or its region of a ring slot) and take ``nbytes[f][b]`` bytes.
+    """
+
+    names: tuple[str, ...]
+    dtypes: tuple[np.dtype, ...]
+    shapes: tuple[tuple[tuple[int, ...], ...], ...]  # [batch][field]
+    starts: tuple[tuple[int, ...], ...]  # [field][batch]
+    nbytes: tuple[tuple[int, ...], ...]  # [field][batch]
+
+    @property
+    def count(self) -> int:
+        return len(self.shapes)
+
+    def field_nbytes(self, f: int) -> int:
+        return sum(self.nbytes[f])
+
+    def rows(self, b: int) -> int:
+        return self.shapes[b][0][0]
+
+
+def batch(*, session: int, stream: int, epoch: int, k0: int, dtypes: list, shapes: list,
+          buffers: Sequence = (), slot: int | None = None, offsets: list | None = None) -> list:
+    """A BATCH message: inline ``buffers`` (one per field) or a ring ``slot`` with ``offsets``."""
+    return encode(BATCH, buffers, session=session, stream=stream, epoch=epoch, k0=k0,
+                  dtypes=dtypes, shapes=shapes, slot=slot, offsets=offsets)
+
+
+def chunk_layout(header: dict) -> ChunkLayout:
+    """Validate a BATCH header's dtypes and shapes and work out each batch's byte range."""
+    dtypes_in, shapes_in = header["dtypes"], header["shapes"]
+    if not 0 < len(dtypes_in) <= MAX_FIELDS:
+        raise ProtocolError(f"a batch must have 1 to {MAX_FIELDS} fields")
+    if not 0 < len(shapes_in) <= MAX_BATCHES_PER_MESSAGE:
+        raise ProtocolError(f"a message must carry 1 to {MAX_BATCHES_PER_MESSAGE} batches")
+    names, dtypes = [], []
+    for item in dtypes_in:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and 0 < len(item[0]) <= MAX_NAME_LEN):
+            raise ProtocolError(f"a batch field must be [name, dtype], got {item!r:.80}")
+        names.append(item[0])
+        dtypes.append(check_dtype(item[1]))
+    n_fields = len(names)
+    shapes = []
+    starts = [[0] * len(shapes_in) for _ in range(n_fields)]
+    nbytes = [[0] * len(shapes_in) for _ in range(n_fields)]
+    for b, per_field in enumerate(shapes_in):
+        if not isinstance(per_field, list) or len(per_field) != n_fields:
+            raise ProtocolError(f"batch {b} must give one shape per field ({n_fields})")
+        batch_shapes = tuple(check_shape(s) for s in per_field)
+        for f, shape in enumerate(batch_shapes):
+            if not shape:
+                raise ProtocolError(f"field {names[f]!r} of batch {b} has no batch dimension")
+            if shape[0] != batch_shapes[0][0]:
+                raise ProtocolError(f"fields of batch {b} disagree on the number of rows")
+            size = int(np.prod(shape, dtype=np.int64)) * dtypes[f].itemsize
+            if size > MAX_INT:
+                raise ProtocolError(f"field {names[f]!r} of batch {b} is absurdly large")
+            nbytes[f][b] = size
+            if b:
+                starts[f][b] = starts[f][b - 1] + nbytes[f][b - 1]
+        shapes.append(batch_shapes)
+    return ChunkLayout(tuple(names), tuple(dtypes), tuple(shapes),
+                       tuple(map(tuple, starts)), tuple(map(tuple, nbytes)))
+
+
+def field_views(layout: ChunkLayout, field_buffers: Sequence) -> list[dict[str, np.ndarray]]:
+    """Split one buffer per field into per-batch dicts of zero-copy numpy views.
+
+    Each view's ``base`` chain ends at the buffer object (a zmq.Frame or a slot array), which
+    therefore stays alive as long as any view does.
+    """
+    if len(field_buffers) != len(layout.names):
+        raise ProtocolError(
+            f"batch has {len(field_buffers)} data frames for {len(layout.names)} fields"
+        )
+    flat = []
+    for f, buf in enumerate(field_buffers):
+        arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+        if arr.nbytes != layout.field_nbytes(f):
+            raise ProtocolError(
+                f"field {layout.names[f]!r} frame has {arr.nbytes} bytes but its dtype "
+                f"{layout.dtypes[f]} and shapes need {layout.field_nbytes(f)}"
+            )
+        flat.append(arr)
+    batches = []
+    for b, shapes in enumerate(layout.shapes):
+        batches.append({
+            name: flat[f][layout.starts[f][b] : layout.starts[f][b] + layout.nbytes[f][b]]
+            .view(layout.dtypes[f])
+            .reshape(shapes[f])
+            for f, name in enumerate(layout.names)
+        })
+    return batches
+
+
+def check_int_list(values: object, what: str, *, low: int = 0, high: int = MAX_INT,
+                   max_len: int = MAX_CONTAINER_LEN) -> list[int]:
+    """Validate a list of ints from a header (slot numbers, offsets)."""
+    if not isinstance(values, list) or len(values) > max_len:
+        raise ProtocolError(f"{what} must be a list of at most {max_len} ints")
+    for v in values:
+        if type(v) is not int or not low <= v <= high:
+            raise ProtocolError(f"{what} has a bad entry {v!r:.40}")
+    return values

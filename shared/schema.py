@@ -1,0 +1,103 @@
+"""Field schemas: name -> (dtype, per-row shape), and their checked wire form.
+
+Only fixed-size numeric, bool and fixed-width string dtypes are allowed: they are the ones a raw
+buffer can carry without pickle.  ``Field.from_wire`` validates everything a peer sends before
+numpy sees it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ProtocolError
+
+MAX_FIELDS = 256
+MAX_NAME_LEN = 256
+MAX_NDIM = 16
+MAX_DIM = 2**40
+
+# byte order, kind, item size: '<f4', '|u1', '|b1', '<U8', '|S16'
+_DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16)|S[0-9]{1,6}|U[0-9]{1,6})$")
+
+
+def check_dtype(text: object) -> np.dtype:
+    """Parse a dtype string from the wire, accepting only plain fixed-size kinds."""
+    if not isinstance(text, str) or not _DTYPE_RE.match(text):
+        raise ProtocolError(
+            f"dtype {text!r} is not supported on the wire; use bool, (u)int8-64, float16-64, "
+            "complex64/128 or fixed-width S/U strings"
+        )
+    dtype = np.dtype(text)
+    if dtype.itemsize == 0:
+        raise ProtocolError(f"dtype {text!r} has zero item size")
+    return dtype
+
+
+def check_servable_dtype(name: str, dtype: np.dtype) -> None:
+    """Raise ValueError unless a dataset field of this dtype can be served."""
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(
+            f"field {name!r} has dtype {dtype}, which batchfeed cannot serve: use plain numeric, "
+            "bool or fixed-width string arrays (convert Python objects or structured arrays "
+            "into one array per field)"
+        )
+    check_dtype(dtype.str)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One named array: its dtype and the shape of a single row."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def row_nbytes(self) -> int:
+        return int(self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+    def describe(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype.name}[{dims}]"
+
+    def to_wire(self) -> list:
+        return [self.name, self.dtype.str, list(self.shape)]
+
+    @classmethod
+    def from_wire(cls, item: object) -> Field:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ProtocolError(f"a field must be [name, dtype, shape], got {item!r:.80}")
+        name, dtype, shape = item
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN:
+            raise ProtocolError(f"field name {name!r:.80} must be a non-empty string")
+        return cls(name, check_dtype(dtype), check_shape(shape))
+
+
+def check_shape(shape: object, *, ndim_max: int = MAX_NDIM) -> tuple[int, ...]:
+    """Validate a shape from the wire: a short list of non-negative ints."""
+    if not isinstance(shape, list) or len(shape) > ndim_max:
+        raise ProtocolError(f"shape {shape!r:.80} must be a list of at most {ndim_max} ints")
+    for dim in shape:
+        if type(dim) is not int or not 0 <= dim <= MAX_DIM:
+            raise ProtocolError(f"shape {shape!r:.80} has a bad dimension {dim!r}")
+    return tuple(shape)
+
+
+def schema_to_wire(fields: tuple[Field, ...]) -> list:
+    return [f.to_wire() for f in fields]
+
+
+def schema_from_wire(items: object) -> tuple[Field, ...]:
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_FIELDS:
+        raise ProtocolError(f"a schema must list 1 to {MAX_FIELDS} fields")
+    fields = tuple(Field.from_wire(item) for item in items)
+    if len({f.name for f in fields}) != len(fields):
+        raise ProtocolError("a schema lists the same field twice")
+    return fields
+
+
+def describe_schema(fields: tuple[Field, ...]) -> str:
+    return ", ".join(f.describe() for f in fields)
