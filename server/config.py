@@ -1,0 +1,63 @@
+"""Server configuration: one frozen dataclass, validated once where it is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from batchfeed.shared.errors import InvalidRequest
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+MIB = 2**20
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run a loader server.  ``data`` empty means the built-in synthetic dataset."""
+
+    data: tuple[str, ...] = ()
+    bind: str = DEFAULT_BIND
+    workers: int = 0  # 0: one per core
+    synthetic_rows: int = 1_000_000
+    slots: int = 0  # 0: 4 per worker + 8
+    slot_bytes: int = 0  # 0: max(4 MiB, 128 of the widest rows)
+    chunk_bytes: int = 2 * MIB  # target size of one streamed message
+    task_timeout: float = 30.0
+    session_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise InvalidRequest(f"--workers must be >= 1, got {self.workers}")
+        if self.slots < 0:
+            raise InvalidRequest(f"--slots must be >= 1, got {self.slots}")
+        if self.slot_bytes and self.slot_bytes < 4096:
+            raise InvalidRequest(f"--slot-mb is too small ({self.slot_bytes} bytes)")
+        if self.chunk_bytes < 1:
+            raise InvalidRequest("chunk_bytes must be positive")
+        if self.task_timeout <= 0 or self.session_timeout <= 0:
+            raise InvalidRequest("timeouts must be positive")
+        if not self.bind.startswith(("tcp://", "ipc://")):
+            raise InvalidRequest(
+                f"--bind {self.bind!r} must be a tcp://HOST:PORT or ipc://PATH address"
+            )
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or cpu_count()
+
+    @property
+    def n_slots(self) -> int:
+        return self.slots or 4 * self.n_workers + 8
+
+    def slot_size(self, widest_row_bytes: int) -> int:
+        """Bytes per slot: as configured, or enough for 128 of the widest rows (4 MiB at least)."""
+        if self.slot_bytes:
+            return self.slot_bytes
+        return max(4 * MIB, -(-128 * widest_row_bytes // MIB) * MIB)

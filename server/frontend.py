@@ -1,0 +1,571 @@
+"""The front end: the main process's single-threaded event loop.
+
+It owns the client-facing ROUTER socket, the workers' ipc ROUTER socket, the sessions and the
+slot ring's bookkeeping.  Per client request it cuts the requested batches into tasks, gives each
+task a free slot and a worker, and when the worker reports DONE sends the slot's bytes to the
+client as one BATCH message with ``copy=False`` (large frames) or, on the same-host fast path,
+only the slot's number.  It never copies batch bytes itself.
+
+A slot comes back to the ring when ZeroMQ's MessageTracker says the last frame pointing into it
+was released, or when a fast-path client RELEASEs it, or when its holder (a dead worker, an
+expired session) is gone.
+
+Credit: a session may have at most ``prefetch`` batches queued or being gathered; a client asks
+for more only as its trainer consumes.  So the ring, never a slow consumer, bounds memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from batchfeed.shared.version import __version__
+from batchfeed.shared import protocol
+from batchfeed.shared.errors import (
+    BatchfeedError,
+    CreditExceeded,
+    InvalidRequest,
+    ProtocolError,
+    UnknownSession,
+)
+from batchfeed.shared.plan import BatchPlan, PlanParams
+from batchfeed.shared.schema import schema_to_wire
+
+from . import tasks
+from .config import ServerConfig
+from .dataset import DatasetSpec
+from .ring import SlotRing
+from .worker import ALIGN, WorkerHandle, WorkerSpec
+
+log = logging.getLogger("batchfeed.server")
+
+MAX_PREFETCH = 4096
+TASKS_PER_WORKER = 2  # one running, one queued, so a worker never waits on the main loop
+COPY_THRESHOLD = 64 * 1024  # smaller frames are copied; zero-copy only pays for large ones
+CLIENT_MAX_MSG = 1 << 20  # client -> server messages are small headers
+DRAIN_MAX = 512
+AUTO_PREFETCH_BYTES = 16 * 2**20
+TIMER_PERIOD = 0.25
+
+
+@dataclass
+class Session:
+    """One client's connection state: its plan, its credit and the slots it holds."""
+
+    id: int
+    route: bytes
+    dataset: DatasetSpec
+    plan: BatchPlan
+    prefetch: int
+    fastpath: bool
+    name: str
+    batch_bytes: int
+    max_chunk: int
+    last_seen: float
+    stream: int = -1
+    pending: deque = field(default_factory=deque)  # (epoch, k0, count) of the current stream
+    queued: int = 0  # batches in ``pending``
+    gathering: int = 0  # batches of the current stream that workers are gathering
+    tasks_in_stream: int = 0
+    leased: set = field(default_factory=set)  # fast-path slots the client holds
+    batches_sent: int = 0
+    bytes_sent: int = 0
+    position: tuple = (0, 0)  # (epoch, next k) as last requested
+
+    def new_stream(self, stream: int) -> None:
+        self.stream = stream
+        self.pending.clear()
+        self.queued = 0
+        self.gathering = 0
+        self.tasks_in_stream = 0
+
+    def next_chunk(self, available: int) -> int:
+        """Batches in the next task: small at a stream's start (fast first batch), then large."""
+        size = min(self.max_chunk, 1 << min(self.tasks_in_stream, 16))
+        return max(1, min(size, available))
+
+
+@dataclass
+class InFlight:
+    task: tasks.Task
+    session: int
+    stream: int
+    worker: WorkerHandle
+
+
+class Frontend:
+    """Runs until ``stop()``; ``close()`` shuts every socket and worker down (idempotent)."""
+
+    def __init__(self, config: ServerConfig, datasets: dict[str, DatasetSpec], ring: SlotRing,
+                 worker_endpoint: str):
+        self.config = config
+        self.datasets = datasets
+        self.ring = ring
+        self.worker_endpoint = worker_endpoint
+        self.sessions: dict[int, Session] = {}
+        self.runnable: deque[int] = deque()  # sessions that may have pending work
+        self.inflight: dict[int, InFlight] = {}
+        self.sends: list[tuple[zmq.MessageTracker, int]] = []  # zero-copy sends holding a slot
+        self.workers: list[WorkerHandle] = []
+        self.counters: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._next_task = 0
+        self._stopping = False
+        self._last_timer = 0.0
+        self.ctx: zmq.Context | None = None
+        self.clients: zmq.Socket | None = None
+        self.worker_sock: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+        self.address = config.bind
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start_workers(self) -> None:
+        """Fork the workers.  Called before any ZeroMQ context exists in this process."""
+        for i in range(self.config.n_workers):
+            self.workers.append(self._spawn(i))
+
+    def _spawn(self, index: int) -> WorkerHandle:
+        spec = WorkerSpec(
+            index=index,
+            endpoint=self.worker_endpoint,
+            datasets=tuple(self.datasets.values()),
+            ring_name=self.ring.name,
+            ring_header=self.ring.offset(0),
+            slot_bytes=self.ring.slot_bytes,
+            parent_pid=os.getpid(),
+        )
+        handle = WorkerHandle(spec)
+        handle.start()
+        return handle
+
+    def bind(self) -> None:
+        self.ctx = zmq.Context()
+        self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        self.worker_sock.linger = 0
+        self.worker_sock.router_mandatory = 1
+        self.worker_sock.bind(self.worker_endpoint)
+        self.clients = self.ctx.socket(zmq.ROUTER)
+        self.clients.linger = 0
+        self.clients.router_mandatory = 1
+        self.clients.maxmsgsize = CLIENT_MAX_MSG
+        self.clients.sndhwm = 100_000  # credit, not the HWM, bounds what is queued per client
+        self.clients.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.clients.bind(self.config.bind)
+        self.address = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller.register(self.clients, zmq.POLLIN)
+        self.poller.register(self.worker_sock, zmq.POLLIN)
+        for w in self.workers:
+            self.poller.register(w.sentinel, zmq.POLLIN)
+
+    def wait_workers_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self.workers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not start within %.0f s" % timeout)
+            for w in self.workers:
+                if not w.alive():
+                    raise RuntimeError(
+                        f"worker {w.index} exited with code {w.process.exitcode} while starting"
+                    )
+            assert self.worker_sock is not None
+            if self.worker_sock.poll(100):
+                self._drain_workers()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        """Stop workers (STOP, join, terminate, kill), then close sockets and the context."""
+        for w in self.workers:
+            if self.worker_sock is not None:
+                w.stop(self.worker_sock)
+        deadline = time.monotonic() + 3.0
+        for w in self.workers:
+            w.finish(max(0.1, deadline - time.monotonic()))
+        self.workers = []
+        for sock in (self.clients, self.worker_sock):
+            if sock is not None:
+                sock.close(linger=0)
+        self.clients = self.worker_sock = None
+        self.sends.clear()
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        while not self._stopping:
+            events = dict(self.poller.poll(self._poll_timeout_ms()))
+            if self.clients in events:
+                self._drain_clients()
+            if self.worker_sock in events:
+                self._drain_workers()
+            for w in list(self.workers):
+                if w.sentinel in events:
+                    self._on_worker_exit(w)
+            self._reap_sends()
+            self._dispatch()
+            now = time.monotonic()
+            if now - self._last_timer >= TIMER_PERIOD:
+                self._last_timer = now
+                self._check_timers(now)
+
+    def _poll_timeout_ms(self) -> float:
+        if self.sends:
+            # Tracker completion has no file descriptor; look again soon, sooner if starved.
+            return 0.2 if self.runnable and not self.ring.free_count else 2
+        return 100
+
+    def _drain_clients(self) -> None:
+        assert self.clients is not None
+        for _ in range(DRAIN_MAX):
+            try:
+                frames = self.clients.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_client(frames[0], frames[1:])
+
+    def _drain_workers(self) -> None:
+        assert self.worker_sock is not None
+        for _ in range(DRAIN_MAX):
+            try:
+                identity, data = self.worker_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            self._on_worker(identity, tasks.unpack(data))
+
+    # ------------------------------------------------------------------ clients
+
+    def _on_client(self, route: bytes, frames: list) -> None:
+        self.counters["messages"] += 1
+        session_id = None
+        try:
+            msg = protocol.decode(frames)
+            session_id = msg.header.get("session")
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
+                raise ProtocolError(f"a server does not accept {msg.kind} messages")
+            handler(self, route, msg.header)
+        except BatchfeedError as exc:
+            self.errors[exc.code] += 1
+            log.debug("client error (%s): %s", exc.code, exc)
+            self._send(route, protocol.error(exc.code, str(exc),
+                                             session=session_id if type(session_id) is int else None))
+
+    def _send(self, route: bytes, frames: list, copy: bool = True) -> bool:
+        assert self.clients is not None
+        try:
+            self.clients.send_multipart([route, *frames], zmq.NOBLOCK, copy=copy)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the client is gone; EAGAIN: not reading
+            log.debug("cannot send to client: %s", exc)
+            return False
+
+    def _on_hello(self, route: bytes, h: dict) -> None:
+        params = PlanParams.from_wire(h["params"])
+        dataset = self._dataset(h["dataset"])
+        plan = BatchPlan(dataset.rows, params)
+        batch_bytes = params.batch_size * sum(f.row_nbytes for f in dataset.fields)
+        batch_bytes += ALIGN * len(dataset.fields)
+        prefetch = h["prefetch"] or auto_prefetch(batch_bytes)
+        if not 1 <= prefetch <= MAX_PREFETCH:
+            raise InvalidRequest(f"prefetch must be in [1, {MAX_PREFETCH}], got {prefetch}")
+        if batch_bytes > self.ring.slot_bytes:
+            raise InvalidRequest(
+                f"one batch of {params.batch_size} rows is {batch_bytes} bytes, more than this "
+                f"server's slot size ({self.ring.slot_bytes} bytes); use a smaller batch_size or "
+                f"restart the server with --slot-mb {-(-batch_bytes // 2**20)} or more"
+            )
+        budget = min(self.ring.slot_bytes, self.config.chunk_bytes)
+        session = Session(
+            id=secrets.randbits(62),
+            route=route,
+            dataset=dataset,
+            plan=plan,
+            prefetch=prefetch,
+            fastpath=h["fastpath"],
+            name=h["name"] or "",
+            batch_bytes=batch_bytes,
+            max_chunk=max(1, min(budget // batch_bytes, protocol.MAX_BATCHES_PER_MESSAGE)),
+            last_seen=time.monotonic(),
+        )
+        self.sessions[session.id] = session
+        self.counters["sessions"] += 1
+        log.info("session %x from %s: %s on %s", session.id, session.name or "?", params,
+                 dataset.name)
+        self._send(route, protocol.welcome(
+            session=session.id,
+            dataset=dataset.name,
+            rows=dataset.rows,
+            batches_per_epoch=plan.batches_per_epoch,
+            prefetch=prefetch,
+            fields=schema_to_wire(dataset.fields),
+            server=__version__,
+            ring=self.ring.describe() if session.fastpath else None,
+        ))
+
+    def _dataset(self, name: str | None) -> DatasetSpec:
+        if name is None:
+            if len(self.datasets) == 1:
+                return next(iter(self.datasets.values()))
+            raise InvalidRequest(
+                f"this server serves several datasets ({', '.join(self.datasets)}); "
+                "pick one with Client(..., dataset=NAME)"
+            )
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise InvalidRequest(
+                f"unknown dataset {name!r}; this server serves: {', '.join(self.datasets)}"
+            ) from None
+
+    def _session(self, session_id: int, route: bytes) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise UnknownSession(
+                f"session {session_id:x} is unknown to this server (it restarted, or the session "
+                "expired); the client reconnects with a new session"
+            )
+        s.route = route
+        s.last_seen = time.monotonic()
+        return s
+
+    def _on_request(self, route: bytes, h: dict) -> None:
+        s = self._session(h["session"], route)
+        stream, epoch, k0, count = h["stream"], h["epoch"], h["k0"], h["count"]
+        if h["release"]:
+            self._release_leases(s, h["release"])
+        if stream < s.stream:
+            return  # a late request of a stream the client has already left
+        if stream > s.stream:
+            s.new_stream(stream)
+        bpe = s.plan.batches_per_epoch
+        if epoch < 0 or count < 1 or k0 < 0 or k0 + count > bpe:
+            raise InvalidRequest(
+                f"request for epoch {epoch}, batches {k0}..{k0 + count - 1} is out of range: "
+                f"an epoch has {bpe} batches (0..{bpe - 1})"
+            )
+        if s.queued + s.gathering + count > s.prefetch:
+            raise CreditExceeded(
+                f"request for {count} more batches exceeds the session's prefetch of "
+                f"{s.prefetch} ({s.queued + s.gathering} already queued)"
+            )
+        s.pending.append((epoch, k0, count))
+        s.queued += count
+        s.position = (epoch, k0 + count)
+        self.runnable.append(s.id)
+
+    def _on_release(self, route: bytes, h: dict) -> None:
+        self._release_leases(self._session(h["session"], route), h["slots"])
+
+    def _release_leases(self, s: Session, slots: list) -> None:
+        protocol.check_int_list(slots, "released slots", high=self.ring.n_slots - 1,
+                                max_len=protocol.MAX_RELEASE)
+        for slot in slots:
+            if slot in s.leased:  # only the holder may give a slot back, and only once
+                s.leased.discard(slot)
+                self.ring.release(slot)
+
+    def _on_ping(self, route: bytes, h: dict) -> None:
+        if h["session"] is not None:
+            self._session(h["session"], route)
+        self._send(route, protocol.pong())
+
+    def _on_bye(self, route: bytes, h: dict) -> None:
+        s = self.sessions.get(h["session"])
+        if s is not None:
+            self._close_session(s, "said bye")
+
+    _handlers = {
+        protocol.HELLO: _on_hello,
+        protocol.REQUEST: _on_request,
+        protocol.RELEASE: _on_release,
+        protocol.PING: _on_ping,
+        protocol.BYE: _on_bye,
+    }
+
+    def _close_session(self, s: Session, why: str) -> None:
+        """Forget a session and reclaim its slots; its in-flight tasks are dropped on arrival."""
+        log.info("session %x closed: %s", s.id, why)
+        for slot in s.leased:
+            self.ring.release(slot)
+        s.leased.clear()
+        s.pending.clear()
+        self.sessions.pop(s.id, None)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _dispatch(self) -> None:
+        while self.runnable and self.ring.free_count:
+            worker = self._idle_worker()
+            if worker is None:
+                return
+            s = self.sessions.get(self.runnable[0])
+            if s is None or not s.pending:
+                self.runnable.popleft()
+                continue
+            self.runnable.rotate(-1)  # round robin between sessions
+            epoch, k0, count = s.pending[0]
+            take = s.next_chunk(count)
+            if take == count:
+                s.pending.popleft()
+            else:
+                s.pending[0] = (epoch, k0 + take, count - take)
+            s.queued -= take
+            s.gathering += take
+            s.tasks_in_stream += 1
+            slot = self.ring.acquire()
+            assert slot is not None
+            self._next_task += 1
+            task = tasks.Task(self._next_task, s.dataset.name, s.plan.params.to_wire(), epoch,
+                              k0, take, slot)
+            self.inflight[task.id] = InFlight(task, s.id, s.stream, worker)
+            if not worker.tasks:
+                worker.progress_at = time.monotonic()
+            worker.tasks[task.id] = time.monotonic()
+            assert self.worker_sock is not None
+            self.worker_sock.send_multipart([worker.identity, tasks.task_message(task)])
+            if s.pending:
+                self.runnable.append(s.id)
+
+    def _idle_worker(self) -> WorkerHandle | None:
+        best = None
+        for w in self.workers:
+            if w.ready and len(w.tasks) < TASKS_PER_WORKER:
+                if best is None or len(w.tasks) < len(best.tasks):
+                    best = w
+        return best
+
+    # ------------------------------------------------------------------ workers
+
+    def _on_worker(self, identity: bytes, body: dict) -> None:
+        worker = next((w for w in self.workers if w.identity == identity), None)
+        if worker is None:
+            return
+        kind = body.get("kind")
+        if kind == tasks.READY:
+            worker.ready = True
+            return
+        job = self.inflight.get(body.get("id"))
+        if job is None or job.worker is not worker:
+            return  # a task already given to another worker
+        del self.inflight[job.task.id]
+        worker.tasks.pop(job.task.id, None)
+        worker.progress_at = time.monotonic()
+        s = self.sessions.get(job.session)
+        if s is None or job.stream != s.stream:
+            self.ring.release(job.task.slot)
+            return
+        s.gathering -= job.task.count
+        if kind == tasks.DONE:
+            self._send_batch(s, job.task, body)
+        else:
+            self.ring.release(job.task.slot)
+            self.errors[body["code"]] += 1
+            self._send(s.route, protocol.error(body["code"], body["message"], session=s.id,
+                                               stream=job.stream, epoch=job.task.epoch,
+                                               k0=job.task.k0))
+
+    def _send_batch(self, s: Session, task: tasks.Task, done: dict) -> None:
+        slot = task.slot
+        nbytes = [sum(_nbytes(shape, dt[1]) for shape in per_batch)
+                  for dt, per_batch in zip(done["dtypes"], zip(*done["shapes"]))]
+        where = dict(session=s.id, stream=s.stream, epoch=task.epoch, k0=task.k0,
+                     dtypes=done["dtypes"], shapes=done["shapes"])
+        s.batches_sent += task.count
+        s.bytes_sent += sum(nbytes)
+        self.counters["batches"] += task.count
+        self.counters["bytes"] += sum(nbytes)
+        if s.fastpath and len(s.leased) < self.ring.n_slots // 2:
+            if self._send(s.route, protocol.batch(slot=slot, offsets=done["offsets"], **where)):
+                s.leased.add(slot)
+            else:
+                self.ring.release(slot)
+            return
+        frames, tracked = [], []
+        for off, n in zip(done["offsets"], nbytes):
+            view = self.ring.view(slot, off, n)
+            if n >= COPY_THRESHOLD:
+                frame = zmq.Frame(view, copy=False, track=True)
+                tracked.append(frame)
+            else:
+                frame = zmq.Frame(view)  # copied now; the slot need not wait for it
+            frames.append(frame)
+        self._send(s.route, protocol.batch(buffers=frames, **where), copy=False)
+        if tracked:
+            self.sends.append((zmq.MessageTracker(*tracked), slot))
+        else:
+            self.ring.release(slot)
+
+    def _reap_sends(self) -> None:
+        if not self.sends:
+            return
+        still = []
+        for tracker, slot in self.sends:
+            if tracker.done:
+                self.ring.release(slot)
+            else:
+                still.append((tracker, slot))
+        self.sends = still
+
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        """A worker died: re-queue its tasks, give their slots back, start a replacement."""
+        if self._stopping:
+            return
+        code = worker.process.exitcode
+        log.warning("worker %d (pid %s) exited with code %s; restarting it", worker.index,
+                    worker.process.pid, code)
+        self.counters["worker_restarts"] += 1
+        for task_id in list(worker.tasks):
+            job = self.inflight.pop(task_id, None)
+            if job is None:
+                continue
+            self.ring.release(job.task.slot)  # safe: its writer is dead
+            s = self.sessions.get(job.session)
+            if s is not None and job.stream == s.stream:
+                s.gathering -= job.task.count
+                s.queued += job.task.count
+                s.pending.appendleft((job.task.epoch, job.task.k0, job.task.count))
+                self.runnable.appendleft(s.id)
+        self.poller.unregister(worker.sentinel)
+        worker.finish(1.0)
+        replacement = self._spawn(worker.index)
+        self.workers[self.workers.index(worker)] = replacement
+        self.poller.register(replacement.sentinel, zmq.POLLIN)
+
+    # ------------------------------------------------------------------ timers
+
+    def _check_timers(self, now: float) -> None:
+        for s in list(self.sessions.values()):
+            if now - s.last_seen > self.config.session_timeout:
+                self._close_session(s, f"silent for {self.config.session_timeout:.0f} s")
+        for w in self.workers:
+            if w.tasks and now - w.progress_at > self.config.task_timeout:
+                log.warning("worker %d made no progress for %.0f s; killing it", w.index,
+                            self.config.task_timeout)
+                self.counters["worker_timeouts"] += 1
+                w.process.kill()  # its sentinel fires and _on_worker_exit re-queues the tasks
+
+
+def auto_prefetch(batch_bytes: int) -> int:
+    """The default prefetch: about 16 MiB of batches, between 8 and 256 of them."""
+    return max(8, min(256, AUTO_PREFETCH_BYTES // batch_bytes))
+
+
+def _nbytes(shape: list, dtype: str) -> int:
+    n = np.dtype(dtype).itemsize
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,140 @@
+"""``serve(config)``: bring a loader server up, run it, and take it down cleanly.
+
+Start-up order matters and is written once here:
+1. remove segments left by servers that were SIGKILLed (found by name prefix);
+2. read every dataset's headers and check everything, including room in /dev/shm;
+3. load the data into shared memory and create the slot ring;
+4. fork the workers (before this process has a ZeroMQ context), bind, wait for them;
+5. print the ready line and run the event loop until SIGINT or SIGTERM.
+Shutdown runs in ``finally`` in reverse: workers stopped and joined, sockets closed, segments
+unlinked, the private ipc directory removed.  Exit code 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from batchfeed.shared.errors import ResourceError
+from batchfeed.shared.shm import check_shm_room, human_bytes, new_token, remove_stale_segments
+
+from .config import ServerConfig
+from .dataset import SYNTHETIC_NAME, FieldSource, SharedDataset, inspect_source, synthetic_sources
+from .frontend import Frontend
+from .ring import HEADER_BYTES, SlotRing
+
+log = logging.getLogger("batchfeed.server")
+
+_NAMED = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+
+
+def dataset_sources(config: ServerConfig) -> dict[str, list[FieldSource]]:
+    """Name -> field sources, from ``--data [NAME=]PATH`` entries or the synthetic default."""
+    if not config.data:
+        return {SYNTHETIC_NAME: synthetic_sources(config.synthetic_rows)}
+    out: dict[str, list[FieldSource]] = {}
+    for entry in config.data:
+        m = _NAMED.match(entry)
+        name, path = (m.group(1), m.group(2)) if m and not Path(entry).exists() else (
+            Path(entry).stem or "data", entry)
+        if name in out:
+            raise ResourceError(f"two datasets are named {name!r}; name them with --data NAME=PATH")
+        out[name] = inspect_source(path)
+    return out
+
+
+class _Signals:
+    """SIGINT/SIGTERM: stop the loop if it runs, else abort start-up (cleanly, via finally)."""
+
+    def __init__(self) -> None:
+        self.frontend: Frontend | None = None
+        self.received: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = signum
+        if self.frontend is not None:
+            self.frontend.stop()
+        else:
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+
+def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -> int:
+    """Run a server until SIGINT/SIGTERM; returns the exit code."""
+    announce = announce or (lambda line: print(line, flush=True))
+    signals = _Signals()
+    signals.install()
+    stale = remove_stale_segments()
+    if stale:
+        log.warning("removed %d shared-memory segments left by dead servers: %s", len(stale),
+                    ", ".join(stale))
+    token = new_token()
+    datasets: list[SharedDataset] = []
+    ring: SlotRing | None = None
+    frontend: Frontend | None = None
+    ipc_dir = tempfile.mkdtemp(prefix="batchfeed-")
+    try:
+        sources = dataset_sources(config)
+        widest = max(s.field.row_nbytes for srcs in sources.values() for s in srcs)
+        slot_bytes = config.slot_size(widest)
+        data_bytes = sum(s.nbytes for srcs in sources.values() for s in srcs)
+        ring_bytes = HEADER_BYTES + config.n_slots * slot_bytes
+        check_shm_room(data_bytes + ring_bytes,
+                       f"the data ({human_bytes(data_bytes)}) and the slot ring "
+                       f"({config.n_slots} x {human_bytes(slot_bytes)})")
+        for name, srcs in sources.items():
+            datasets.append(SharedDataset.load(name, srcs, token))
+        ring = SlotRing(token, config.n_slots, slot_bytes)
+        specs = {d.spec.name: d.spec for d in datasets}
+        frontend = Frontend(config, specs, ring, f"ipc://{ipc_dir}/workers")
+        gc.collect()
+        gc.freeze()  # keep the workers' copy-on-write pages shared
+        frontend.start_workers()
+        try:
+            frontend.bind()
+        except zmq.ZMQError as exc:
+            raise ResourceError(
+                f"cannot bind {config.bind}: {exc.strerror}; is another server using it? "
+                "Stop it or pick another --bind address"
+            ) from None
+        frontend.wait_workers_ready()
+        signals.frontend = frontend
+        if signals.received is not None:
+            return 0
+        announce(ready_line(frontend, datasets, config, slot_bytes))
+        frontend.run()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if frontend is not None:
+            frontend.close()
+        if ring is not None:
+            ring.close()
+        for d in datasets:
+            d.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.stdout.flush()
+
+
+def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: ServerConfig,
+               slot_bytes: int) -> str:
+    described = "; ".join(d.spec.describe() for d in datasets)
+    return (f"batchfeed serve: ready: {described} at {frontend.address} "
+            f"({config.n_workers} workers, {config.n_slots} slots of {human_bytes(slot_bytes)})")

@@ -1,0 +1,58 @@
+"""The server's internal channel between the main process and its workers.
+
+Not the wire protocol (that is ``batchfeed.shared.protocol``): these messages only travel over
+an ipc socket in the server's private directory.  Each is one msgpack map with a ``kind``:
+
+- main -> worker: TASK (fill ``slot`` with batches ``k0 .. k0+count-1``), STOP;
+- worker -> main: READY, DONE (the layout it wrote), FAIL (a typed error for the client).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import msgpack
+
+TASK = "task"
+STOP = "stop"
+READY = "ready"
+DONE = "done"
+FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Task:
+    """Gather local batches ``k0 .. k0+count-1`` of ``epoch`` of a plan into ``slot``."""
+
+    id: int
+    dataset: str
+    params: dict
+    epoch: int
+    k0: int
+    count: int
+    slot: int
+
+
+def pack(kind: str, **body: object) -> bytes:
+    body["kind"] = kind
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def task_message(task: Task) -> bytes:
+    return pack(TASK, **asdict(task))
+
+
+def task_from(body: dict) -> Task:
+    return Task(**{k: v for k, v in body.items() if k != "kind"})
+
+
+def done_message(task_id: int, dtypes: list, shapes: list, offsets: list) -> bytes:
+    return pack(DONE, id=task_id, dtypes=dtypes, shapes=shapes, offsets=offsets)
+
+
+def fail_message(task_id: int, code: str, message: str) -> bytes:
+    return pack(FAIL, id=task_id, code=code, message=message)

@@ -1,0 +1,228 @@
+"""Worker processes: gather the rows of batches straight into ring slots.
+
+A worker is stateless beyond caches: a task names the plan parameters, the epoch, the batches
+and the slot, so a task lost with its worker is simply given to another.  Workers are forked
+from the main process (so they share its imported modules' pages), then:
+
+- drop what they inherited but must not use: the parent's ZeroMQ sockets and signal handlers;
+- ask the kernel to kill them when the parent dies (``PR_SET_PDEATHSIG``) and also check
+  ``getppid`` whenever they are idle, so a SIGKILLed server leaves no workers behind;
+- make their own ZeroMQ context, attach the dataset (read-only) and the ring by name;
+- loop: take a TASK, ``np.take(..., out=slot)`` per field, answer DONE or FAIL.
+
+Shutdown: the main process sends STOP, joins with a timeout, then terminates, then kills.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from batchfeed.shared.errors import BatchfeedError, WorkerError
+from batchfeed.shared.plan import BatchPlan, PlanParams
+from batchfeed.shared.shm import SharedSegment
+
+from . import tasks
+from .dataset import DatasetSpec, attach_arrays
+
+log = logging.getLogger("batchfeed.server.worker")
+
+ALIGN = 64
+_PLAN_CACHE = 32
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, all of it names and numbers."""
+
+    index: int
+    endpoint: str
+    datasets: tuple[DatasetSpec, ...]
+    ring_name: str
+    ring_header: int
+    slot_bytes: int
+    parent_pid: int
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan, epoch: int,
+                 k0: int, count: int, slot: np.ndarray) -> tuple[list, list, list]:
+    """Write batches ``k0 .. k0+count-1`` into ``slot`` (a uint8 array); return their layout.
+
+    Each field gets one region (64-byte aligned) holding its rows for all the batches, in batch
+    order.  Returns (dtypes, shapes per batch per field, region offsets), as the wire wants them.
+    """
+    idx = plan.chunk_indices(epoch, k0, count)
+    rows = [plan.batch_rows(k) for k in range(k0, k0 + count)]
+    offsets, dtypes, offset = [], [], 0
+    for field in spec.fields:
+        nbytes = len(idx) * field.row_nbytes
+        if offset + nbytes > len(slot):
+            raise WorkerError(
+                f"{count} batches of {plan.params.batch_size} rows need more than the server's "
+                f"slot size of {len(slot)} bytes; restart the server with a larger --slot-mb"
+            )
+        out = slot[offset : offset + nbytes].view(field.dtype).reshape((len(idx), *field.shape))
+        # mode="clip" avoids numpy's buffered out= path; the plan's indices are in range.
+        np.take(arrays[field.name], idx, axis=0, out=out, mode="clip")
+        offsets.append(offset)
+        dtypes.append([field.name, field.dtype.str])
+        offset = align(offset + nbytes)
+    shapes = [[[r, *f.shape] for f in spec.fields] for r in rows]
+    return dtypes, shapes, offsets
+
+
+def _forget_parent_state() -> None:
+    """In a freshly forked worker: drop the parent's handlers and sockets, follow its death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; main decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
+    # The parent's ZeroMQ sockets (its listening port among them) must not live on in us.
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except FileNotFoundError:  # pragma: no cover - not Linux
+        return
+    for name in fds:
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("socket:", "anon_inode:")):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Body of a worker process."""
+    _forget_parent_state()
+    if os.getppid() != spec.parent_pid:
+        return
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.ROUTING_ID, f"w{spec.index}".encode())
+    sock.connect(spec.endpoint)
+    segments: list[SharedSegment] = []
+    try:
+        data = {}
+        for ds in spec.datasets:
+            segs, arrays = attach_arrays(ds)
+            segments += segs
+            data[ds.name] = (ds, arrays)
+        ring = SharedSegment.attach(spec.ring_name, writable=True)
+        segments.append(ring)
+        assert ring.buf is not None
+        ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
+        plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        sock.send(tasks.pack(tasks.READY, pid=os.getpid(), index=spec.index))
+        while True:
+            if not sock.poll(1000):
+                if os.getppid() != spec.parent_pid:
+                    return
+                continue
+            body = tasks.unpack(sock.recv())
+            if body["kind"] == tasks.STOP:
+                return
+            task = tasks.task_from(body)
+            sock.send(_run_task(task, data, plans, ring_u8, spec))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        for seg in segments:
+            seg.close()
+
+
+def _run_task(task: tasks.Task, data: dict, plans: OrderedDict, ring_u8: np.ndarray,
+              spec: WorkerSpec) -> bytes:
+    try:
+        ds, arrays = data[task.dataset]
+        key = (task.dataset, tuple(sorted(task.params.items())))
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = BatchPlan(ds.rows, PlanParams.from_wire(task.params))
+            if len(plans) > _PLAN_CACHE:
+                plans.popitem(last=False)
+        plans.move_to_end(key)
+        start = spec.ring_header + task.slot * spec.slot_bytes
+        slot = ring_u8[start : start + spec.slot_bytes]
+        dtypes, shapes, offsets = gather_chunk(arrays, ds, plan, task.epoch, task.k0,
+                                               task.count, slot)
+        return tasks.done_message(task.id, dtypes, shapes, offsets)
+    except BatchfeedError as exc:
+        return tasks.fail_message(task.id, exc.code, str(exc))
+    except Exception as exc:  # a bug or a bad transform: report it, keep serving
+        where = traceback.format_exc(limit=-3)
+        log.error("worker %d failed on task %d:\n%s", spec.index, task.id, where)
+        return tasks.fail_message(
+            task.id, WorkerError.code,
+            f"worker {spec.index} failed on epoch {task.epoch} batches {task.k0}.."
+            f"{task.k0 + task.count - 1}: {type(exc).__name__}: {exc}",
+        )
+
+
+class WorkerHandle:
+    """The main process's view of one worker: its process and the tasks it holds."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.index = spec.index
+        self.identity = f"w{spec.index}".encode()
+        self.tasks: dict[int, float] = {}  # task id -> time it was sent
+        self.progress_at = 0.0  # last time it finished a task, or got one while idle
+        self.ready = False
+        self.process = multiprocessing.get_context("fork").Process(
+            target=run_worker, args=(spec,), name=f"batchfeed-worker-{spec.index}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.process.start()
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, sock: zmq.Socket) -> None:
+        """Ask nicely (the caller then joins with a timeout)."""
+        if self.ready and self.alive():
+            try:
+                sock.send_multipart([self.identity, tasks.pack(tasks.STOP)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def finish(self, deadline_s: float) -> None:
+        """Join, then terminate, then kill: the shutdown sequence, written once."""
+        p = self.process
+        if p.pid is None:
+            return
+        p.join(deadline_s)
+        if p.is_alive():
+            p.terminate()
+            p.join(1.0)
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+        p.close()
