@@ -1,0 +1,100 @@
+"""Start a ``batchfeed serve`` process and wait for its ready line (demo, bench and tests).
+
+``ServerProcess`` owns the child: ``start()`` returns once the server printed its ready line
+(and gives its bound address, so ``--bind tcp://127.0.0.1:0`` picks a free port); ``stop()``
+sends SIGTERM, waits, then kills.  Both are safe to call twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+READY_RE = re.compile(r"^batchfeed serve: ready: .* at (\S+) \(")
+
+
+class ServerProcess:
+    def __init__(self, args: Sequence[str] = (), *, bind: str = "tcp://127.0.0.1:0",
+                 log_level: str = "WARNING", env: dict | None = None):
+        self.args = ["--log-level", log_level, "serve", "--bind", bind, *args]
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.ready_line = ""
+        self.output: list[str] = []
+        self._drainer: threading.Thread | None = None
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchfeed", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(self.env or {})},
+        )
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not sel.select(timeout=0.5):
+                    if self.proc.poll() is not None:
+                        break
+                    continue
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                self.output.append(line.rstrip("\n"))
+                m = READY_RE.match(line)
+                if m:
+                    self.ready_line = line.strip()
+                    self.address = m.group(1)
+                    self._drainer = threading.Thread(target=self._drain, daemon=True)
+                    self._drainer.start()
+                    return self
+        finally:
+            sel.close()
+        self.stop()
+        raise RuntimeError("batchfeed serve did not become ready:\n" + "\n".join(self.output))
+
+    def _drain(self) -> None:
+        """Keep reading the server's output so that it never blocks on a full pipe."""
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._drainer is not None:
+            self._drainer.join(5)
+        elif self.proc.stdout is not None:
+            self.output += self.proc.stdout.read().splitlines()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

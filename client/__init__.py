@@ -1,0 +1,5 @@
+"""The trainer-side client library."""
+
+from .client import Client, EpochIterator
+
+__all__ = ["Client", "EpochIterator"]

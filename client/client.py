@@ -1,0 +1,240 @@
+"""``Client``: what a training loop uses.
+
+    with Client("tcp://127.0.0.1:5555", batch_size=256, seed=0) as client:
+        for epoch in range(3):
+            for batch in client.epoch(epoch):      # dict[str, np.ndarray], zero-copy views
+                ...
+
+The constructor validates the parameters, connects and learns the dataset's schema; a
+background I/O thread then keeps up to ``prefetch`` batches on their way.  ``epoch(e,
+start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from ``k`` on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.plan import PlanParams
+from batchfeed.shared.schema import Field
+
+from .connection import ClientConfig, Connection, Stream
+
+
+class Client:
+    """A connection to one loader server, for one set of plan parameters.
+
+    Args:
+        address: the server's address, e.g. ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/bf.sock``.
+        batch_size: rows per batch.  The last batch of an epoch is short unless ``drop_last``.
+        shuffle: ``"full"`` (a fresh permutation per seed and epoch), ``"buffer"`` (a shuffle
+            buffer of ``buffer_size`` over the dataset order) or ``"none"``.
+        seed: makes the order reproducible; the same seed and epoch give the same batches.
+        rank, world_size: data-parallel ranks get disjoint batches of the same epoch plan,
+            each the same number (the last ``global_batches % world_size`` batches of the
+            epoch are dropped for that).
+        prefetch: batches requested ahead of the trainer (default: the server picks about
+            16 MiB worth, between 8 and 256 batches).
+        dataset: which dataset, when the server serves several.
+        fastpath: read batches straight from the server's shared memory (same host only);
+            default on for ``ipc://`` addresses.
+        connect_timeout: seconds to wait for the server at start.
+        reconnect_timeout: seconds a lost server may take to come back before the trainer
+            gets ServerUnavailable.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        batch_size: int,
+        shuffle: str = "full",
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int | None = None,
+        *,
+        buffer_size: int = 0,
+        dataset: str | None = None,
+        fastpath: bool | None = None,
+        connect_timeout: float = 10.0,
+        reconnect_timeout: float = 60.0,
+        heartbeat_timeout: float = 5.0,
+        name: str | None = None,
+    ):
+        params = PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
+                            buffer_size=buffer_size, drop_last=drop_last, rank=rank,
+                            world_size=world_size)
+        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+            raise InvalidRequest(f"address must be tcp://HOST:PORT or ipc://PATH, got {address!r}")
+        if prefetch is not None and (type(prefetch) is not int or prefetch < 1):
+            raise InvalidRequest(f"prefetch must be a positive int, got {prefetch!r}")
+        for what, value in (("connect_timeout", connect_timeout),
+                            ("reconnect_timeout", reconnect_timeout),
+                            ("heartbeat_timeout", heartbeat_timeout)):
+            if not value > 0:
+                raise InvalidRequest(f"{what} must be positive, got {value!r}")
+        self._init_config = dict(address=address, params=params, dataset=dataset,
+                                 connect_timeout=connect_timeout,
+                                 reconnect_timeout=reconnect_timeout,
+                                 heartbeat_timeout=heartbeat_timeout,
+                                 name=name or f"rank{rank}")
+        self.params = params
+        config = ClientConfig(
+            address=address, params=params, prefetch=prefetch or 0, dataset=dataset,
+            fastpath=address.startswith("ipc://") if fastpath is None else bool(fastpath),
+            connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
+            heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}",
+        )
+        self._stats = _Stats()
+        self._conn: Connection | None = Connection(config)
+        self._conn.start()
+
+    # ------------------------------------------------------------------ what the server said
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each epoch gives this rank."""
+        return self._welcome.batches_per_epoch
+
+    @property
+    def rows(self) -> int:
+        """Rows in the dataset."""
+        return self._welcome.rows
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        """The dataset's fields: name, dtype and per-row shape."""
+        return self._welcome.fields
+
+    @property
+    def dataset(self) -> str:
+        return self._welcome.dataset
+
+    @property
+    def prefetch(self) -> int:
+        """Batches requested ahead of the trainer (as given, or as the server chose)."""
+        return self._live.prefetch
+
+    @property
+    def _welcome(self):  # noqa: ANN202 - internal
+        welcome = self._live.welcome
+        assert welcome is not None
+        return welcome
+
+    @property
+    def _live(self) -> Connection:
+        if self._conn is None:
+            raise InvalidRequest("this client is closed")
+        return self._conn
+
+    # ------------------------------------------------------------------ iteration
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> EpochIterator:
+        """Iterate over batches ``start_batch ..`` of ``epoch`` (a new call cancels the last)."""
+        if type(epoch) is not int or epoch < 0:
+            raise InvalidRequest(f"epoch must be an int >= 0, got {epoch!r}")
+        bpe = self.batches_per_epoch
+        if type(start_batch) is not int or not 0 <= start_batch <= bpe:
+            raise InvalidRequest(
+                f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), got {start_batch!r}"
+            )
+        return EpochIterator(self._live, self._live.start_stream(epoch, start_batch, bpe),
+                             self._stats)
+
+    def stats(self) -> dict[str, float]:
+        """Batches and bytes received, time spent waiting on data, and their rates."""
+        return self._stats.snapshot()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Say goodbye and stop the I/O thread.  Safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else self._conn.config.address
+        return f"Client({state}, {self.params})"
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.batches = 0
+        self.bytes = 0
+        self.wait_s = 0.0
+        self.started: float | None = None
+
+    def snapshot(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.started if self.started is not None else 0.0
+        return {
+            "batches": self.batches,
+            "bytes": self.bytes,
+            "wait_s": self.wait_s,
+            "wall_s": wall,
+            "wait_fraction": self.wait_s / wall if wall > 0 else 0.0,
+            "batches_per_s": self.batches / wall if wall > 0 else 0.0,
+            "bytes_per_s": self.bytes / wall if wall > 0 else 0.0,
+        }
+
+
+class EpochIterator:
+    """Batches of one epoch in plan order; ``len()`` is the number still to come."""
+
+    def __init__(self, conn: Connection, stream: Stream, stats: _Stats):
+        self._conn = conn
+        self._stream = stream
+        self._stats = stats
+        self._items: list = []
+        self._pos = 0
+        self._next = stream.start
+        self._notified = stream.start
+
+    def __len__(self) -> int:
+        return self._stream.end - self._next
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        stream = self._stream
+        if self._pos >= len(self._items):
+            if self._next >= stream.end:
+                raise StopIteration
+            stats = self._stats
+            if stats.started is None:
+                stats.started = time.perf_counter()
+            t0 = time.perf_counter()
+            self._items = self._conn.next_items(stream)
+            stats.wait_s += time.perf_counter() - t0
+            self._pos = 0
+        batch, nbytes = self._items[self._pos]
+        self._items[self._pos] = None  # hold no reference the trainer has dropped
+        self._pos += 1
+        self._next += 1
+        stream.consumed = self._next
+        if self._next - self._notified >= self._conn.unit:
+            self._notified = self._next
+            self._conn.poke()
+        self._stats.batches += 1
+        self._stats.bytes += nbytes
+        return batch
+
+    def close(self) -> None:
+        """Stop early: the client stops requesting this epoch."""
+        if self._next < self._stream.end:
+            self._next = self._stream.end
+            self._conn.cancel(self._stream)
+
+    def __del__(self) -> None:
+        # Best effort: an abandoned iterator stops asking the server for more batches.
+        if getattr(self, "_next", None) is not None and self._next < self._stream.end:
+            self._conn.cancel(self._stream)
