@@ -1,0 +1,87 @@
+"""Fixtures: real server processes on ephemeral ports, datasets on disk, leak checks.
+
+Every server a test starts is stopped by its fixture, and every test checks afterwards that no
+batchfeed segment was left in /dev/shm and no server process is still running.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from batchfeed.launch import ServerProcess
+
+SHM = Path("/dev/shm")
+
+
+def shm_segments() -> set[str]:
+    return {p.name for p in SHM.iterdir() if p.name.startswith("bf_")}
+
+
+def make_rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A dataset whose every field is a known function of the row id."""
+    ids = np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return {
+        "id": ids,
+        "x": (ids[:, None] * np.array([1.0, -0.5, 0.25], np.float32)).astype(np.float32),
+        "img": rng.integers(0, 256, (n, 4, 5, 3), dtype=np.uint8),
+        "flag": (ids % 3 == 0),
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    before = shm_segments()
+    yield
+    deadline = time.monotonic() + 5
+    while shm_segments() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = shm_segments() - before
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+
+
+@pytest.fixture
+def dataset_path(tmp_path: Path) -> Callable[..., Path]:
+    """Write a dataset (default: make_rows(n)) as .npz and return its path."""
+
+    def write(n: int = 1003, arrays: dict | None = None, name: str = "data.npz") -> Path:
+        path = tmp_path / name
+        np.savez(path, **(arrays if arrays is not None else make_rows(n)))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``batchfeed serve`` with the given arguments; stopped (and checked) at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, bind: str = "tcp://127.0.0.1:0", **kw: object) -> ServerProcess:
+        srv = ServerProcess([str(a) for a in args], bind=bind, **kw)
+        started.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in started:
+        code = srv.stop()
+        assert code == 0, "server exited with %s:\n%s" % (code, "\n".join(srv.output))
+
+
+@pytest.fixture
+def ipc_address(tmp_path: Path) -> str:
+    return f"ipc://{tmp_path}/bf.sock"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,290 @@
+"""End to end: a real ``batchfeed serve`` process and real clients, checked row by row."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from batchfeed import Client, InvalidRequest, ServerUnavailable, VersionMismatch
+from batchfeed.launch import ServerProcess
+from batchfeed.shared import protocol
+from batchfeed.shared.plan import BatchPlan, PlanParams
+
+from conftest import make_rows, pid_alive, shm_segments
+
+N = 1003  # not a multiple of any batch size used here
+
+
+def collect(client: Client, epoch: int, start_batch: int = 0) -> list[dict[str, np.ndarray]]:
+    return [{k: v.copy() for k, v in b.items()} for b in client.epoch(epoch, start_batch)]
+
+
+def ids(batches: list[dict]) -> list[list[int]]:
+    return [b["id"].tolist() for b in batches]
+
+
+@pytest.fixture
+def server(serve, dataset_path):
+    return serve("--data", dataset_path(N), "--workers", 2)
+
+
+def test_every_row_exactly_once_per_epoch(server) -> None:
+    with Client(server.address, batch_size=64, seed=1) as c:
+        assert c.batches_per_epoch == 16
+        for epoch in range(3):
+            batches = collect(c, epoch)
+            assert [len(b["id"]) for b in batches] == [64] * 15 + [N % 64]
+            rows = sorted(sum(ids(batches), []))
+            assert rows == list(range(N))
+
+
+def test_rows_arrive_intact(server) -> None:
+    source = make_rows(N)
+    with Client(server.address, batch_size=100, seed=3) as c:
+        assert {f.name: (f.dtype, f.shape) for f in c.fields} == {
+            k: (v.dtype, v.shape[1:]) for k, v in source.items()}
+        for batch in c.epoch(0):
+            rows = batch["id"]
+            for name, arr in source.items():
+                assert batch[name].dtype == arr.dtype
+                assert batch[name].shape == (len(rows), *arr.shape[1:])
+                assert np.array_equal(batch[name], arr[rows]), name
+
+
+def test_order_is_deterministic_across_clients_and_worker_counts(serve, dataset_path) -> None:
+    path = dataset_path(N)
+    orders = []
+    for workers in (1, 3):
+        srv = serve("--data", path, "--workers", workers)
+        with Client(srv.address, batch_size=50, seed=7) as a, \
+                Client(srv.address, batch_size=50, seed=7, prefetch=3) as b:
+            orders.append(ids(collect(a, 2)))
+            assert ids(collect(b, 2)) == orders[-1]
+        srv.stop()
+    assert orders[0] == orders[1]
+    plan = BatchPlan(N, PlanParams(batch_size=50, seed=7))
+    assert orders[0] == [plan.indices(2, k).tolist() for k in range(plan.batches_per_epoch)]
+
+
+def test_epochs_and_seeds_differ(server) -> None:
+    with Client(server.address, batch_size=64, seed=1) as c, \
+            Client(server.address, batch_size=64, seed=2) as d:
+        e0, e1 = ids(collect(c, 0)), ids(collect(c, 1))
+        assert e0 != e1 and sorted(sum(e0, [])) == sorted(sum(e1, []))
+        assert ids(collect(d, 0)) != e0
+
+
+def test_ranks_are_disjoint_and_the_same_size(server) -> None:
+    world = 3
+    per_rank = []
+    for rank in range(world):
+        with Client(server.address, batch_size=32, seed=5, rank=rank, world_size=world) as c:
+            per_rank.append(ids(collect(c, 4)))
+    assert len({len(r) for r in per_rank}) == 1
+    rows = [row for r in per_rank for batch in r for row in batch]
+    assert len(rows) == len(set(rows))
+    global_batches = -(-N // 32)
+    dropped = global_batches % world  # the documented tail that keeps ranks in step
+    assert len(per_rank[0]) == global_batches // world
+    assert N - len(rows) <= dropped * 32
+
+
+def test_drop_last(server) -> None:
+    with Client(server.address, batch_size=64, seed=1, drop_last=True) as c:
+        batches = collect(c, 0)
+        assert c.batches_per_epoch == N // 64 == len(batches)
+        assert all(len(b["id"]) == 64 for b in batches)
+        assert len(set(sum(ids(batches), []))) == N - N % 64
+
+
+def test_shuffle_none_is_dataset_order(server) -> None:
+    with Client(server.address, batch_size=100, shuffle="none") as c:
+        assert sum(ids(collect(c, 3)), []) == list(range(N))
+
+
+def test_buffer_shuffle_bound_and_coverage(server) -> None:
+    size = 50
+    with Client(server.address, batch_size=64, shuffle="buffer", buffer_size=size, seed=2) as c:
+        order = sum(ids(collect(c, 1)), [])
+    assert sorted(order) == list(range(N))
+    assert all(pos >= item - size for pos, item in enumerate(order))
+    assert order != list(range(N))
+
+
+def test_start_batch_resumes_exactly(server) -> None:
+    with Client(server.address, batch_size=64, seed=11) as c:
+        full = ids(collect(c, 2))
+    with Client(server.address, batch_size=64, seed=11) as c:  # a new client, as after a restart
+        it = c.epoch(2, start_batch=9)
+        assert len(it) == len(full) - 9
+        assert ids([{k: v.copy() for k, v in b.items()} for b in it]) == full[9:]
+        assert ids(collect(c, 2, start_batch=c.batches_per_epoch)) == []
+
+
+def test_a_new_epoch_call_abandons_the_old_one(server) -> None:
+    with Client(server.address, batch_size=16, seed=1, prefetch=4) as c:
+        it = c.epoch(0)
+        first = next(it)["id"].copy()
+        again = collect(c, 0)
+        assert np.array_equal(again[0]["id"], first)
+        assert sorted(sum(ids(again), [])) == list(range(N))
+
+
+def test_several_clients_with_different_parameters_at_once(server) -> None:
+    results: dict[int, object] = {}
+
+    def run(i: int, **kw: object) -> None:
+        try:
+            with Client(server.address, **kw) as c:
+                results[i] = [sorted(sum(ids(collect(c, e)), [])) for e in range(2)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    configs = [dict(batch_size=7, seed=1), dict(batch_size=64, shuffle="none"),
+               dict(batch_size=33, shuffle="buffer", buffer_size=10, prefetch=2),
+               dict(batch_size=100, drop_last=True, seed=4)]
+    threads = [threading.Thread(target=run, args=(i,), kwargs=kw) for i, kw in enumerate(configs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, kw in enumerate(configs):
+        assert not isinstance(results[i], Exception), results[i]
+        expect = N - N % 100 if kw.get("drop_last") else N
+        for rows in results[i]:
+            assert len(rows) == expect and len(set(rows)) == expect
+
+
+def test_ipc_fast_path_gives_the_same_batches(serve, dataset_path, ipc_address) -> None:
+    path = dataset_path(N)
+    srv = serve("--data", path, "--workers", 2, bind=ipc_address)
+    with Client(srv.address, batch_size=64, seed=3) as fast, \
+            Client(srv.address, batch_size=64, seed=3, fastpath=False) as slow:
+        a, b = collect(fast, 0), collect(slow, 0)
+    assert ids(a) == ids(b)
+    for x, y in zip(a, b):
+        for k in x:
+            assert np.array_equal(x[k], y[k])
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(batch_size=8, shuffle="random"), "shuffle must be one of"),
+    (dict(batch_size=8, rank=2, world_size=2), "rank 2 is out of range for world_size 2"),
+    (dict(batch_size=8, shuffle="buffer"), "needs buffer_size"),
+])
+def test_bad_parameters_raise_in_the_trainer(server, kwargs: dict, words: str) -> None:
+    with pytest.raises(InvalidRequest, match=words):
+        Client(server.address, **kwargs)
+
+
+def raw_exchange(address: str, frames: list, timeout_ms: int = 5000) -> protocol.Message:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(address)
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "no reply from the server"
+        return protocol.decode(sock.recv_multipart())
+
+
+@pytest.mark.parametrize("params,code,words", [
+    ({"batch_size": 0}, "invalid_request", "batch_size must be an int >= 1, got 0"),
+    ({"batch_size": 8, "shuffle": "random"}, "invalid_request", "shuffle must be one of"),
+    ({"batch_size": 8, "rank": 3, "world_size": 2}, "invalid_request", "rank 3 is out of range"),
+    ({"batch_size": 2000, "drop_last": True}, "invalid_request", "no batch for each rank"),
+    ({"batch_size": 8, "evil": 1}, "invalid_request", "unknown plan parameters"),
+])
+def test_the_server_refuses_bad_parameters_itself(server, params: dict, code: str,
+                                                  words: str) -> None:
+    """What a client of another language (or a buggy one) gets back: a clear ERROR."""
+    reply = raw_exchange(server.address, protocol.hello(params, client="x", dataset=None,
+                                                        prefetch=4, fastpath=False))
+    assert reply.kind == protocol.ERROR
+    assert reply.header["code"] == code and words in reply.header["message"]
+
+
+def test_the_server_names_both_versions_to_a_client_of_another_version(server) -> None:
+    frames = [msgpack.packb({"v": 99, "kind": "hello"})]
+    reply = raw_exchange(server.address, frames)
+    assert reply.kind == protocol.ERROR and reply.header["code"] == "version"
+    assert "protocol 99" in reply.header["message"]
+    assert f"protocol {protocol.VERSION}" in reply.header["message"]
+
+
+def test_a_client_of_another_version_gets_a_clear_error(server, monkeypatch) -> None:
+    monkeypatch.setattr(protocol, "VERSION", protocol.VERSION + 1)
+    with pytest.raises(VersionMismatch, match=r"protocol \d+.*protocol \d+"):
+        Client(server.address, batch_size=8, connect_timeout=10)
+
+
+def test_unknown_dataset_and_bad_start_batch(server) -> None:
+    with pytest.raises(InvalidRequest, match="unknown dataset 'nope'; this server serves: data"):
+        Client(server.address, batch_size=8, dataset="nope")
+    with Client(server.address, batch_size=8) as c:
+        with pytest.raises(InvalidRequest, match="start_batch"):
+            c.epoch(0, start_batch=c.batches_per_epoch + 1)
+        with pytest.raises(InvalidRequest, match="epoch"):
+            c.epoch(-1)
+
+
+def test_unreachable_server_times_out_with_a_clear_error() -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.REP) as s:  # a free port nobody answers on
+        port = s.bind_to_random_port("tcp://127.0.0.1")
+        s.unbind(f"tcp://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=f"no batchfeed server answered at .*:{port} "
+                                                r"within 0.5 s.*batchfeed serve"):
+        Client(f"tcp://127.0.0.1:{port}", batch_size=8, connect_timeout=0.5)
+    assert time.monotonic() - t0 < 5
+
+
+def test_closed_client_says_so(server) -> None:
+    c = Client(server.address, batch_size=8)
+    c.close()
+    c.close()
+    with pytest.raises(InvalidRequest, match="closed"):
+        c.epoch(0)
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_server_stops_cleanly_on_signal(dataset_path, sig: int) -> None:
+    srv = ServerProcess(["--data", str(dataset_path(N)), "--workers", "2"]).start()
+    try:
+        workers = [int(p) for p in open(f"/proc/{srv.pid}/task/{srv.pid}/children").read().split()]
+        assert len(workers) == 2
+        with Client(srv.address, batch_size=64) as c:
+            next(iter(c.epoch(0)))
+            srv.proc.send_signal(sig)
+            t0 = time.monotonic()
+            assert srv.proc.wait(10) == 0
+            assert time.monotonic() - t0 < 10
+        assert not any(pid_alive(w) for w in workers)
+        assert not shm_segments()
+    finally:
+        srv.stop()
+
+
+def test_ready_line_lists_rows_fields_and_address(server) -> None:
+    line = server.ready_line
+    assert f"{N:,} rows" in line and server.address in line
+    assert "id: int64[]" in line and "img: uint8[4,5,3]" in line and "x: float32[3]" in line
+
+
+def test_default_dataset_is_the_synthetic_one(serve) -> None:
+    srv = serve("--synthetic-rows", 5000, "--workers", 1)
+    assert "synthetic: 5,000 rows [x: float32[64], y: int64[]]" in srv.ready_line
+    with Client(srv.address, batch_size=1000) as c:
+        batch = next(iter(c.epoch(0)))
+        assert batch["x"].shape == (1000, 64) and batch["y"].max() < 10
