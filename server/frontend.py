@@ -48,7 +48,6 @@ log = logging.getLogger("batchfeed.server")
 
 MAX_PREFETCH = 4096
 TASKS_PER_WORKER = 2  # one running, one queued, so a worker never waits on the main loop
-COPY_THRESHOLD = 64 * 1024  # smaller frames are copied; zero-copy only pays for large ones
 CLIENT_MAX_MSG = 1 << 20  # client -> server messages are small headers
 DRAIN_MAX = 512
 AUTO_PREFETCH_BYTES = 16 * 2**20
@@ -494,20 +493,12 @@ class Frontend:
             else:
                 self.ring.release(slot)
             return
-        frames, tracked = [], []
-        for off, n in zip(done["offsets"], nbytes):
-            view = self.ring.view(slot, off, n)
-            if n >= COPY_THRESHOLD:
-                frame = zmq.Frame(view, copy=False, track=True)
-                tracked.append(frame)
-            else:
-                frame = zmq.Frame(view)  # copied now; the slot need not wait for it
-            frames.append(frame)
+        # Every data frame points into the slot (zero-copy, even small ones: this process never
+        # copies batch bytes); the slot is free again once ZeroMQ has released all of them.
+        frames = [zmq.Frame(self.ring.view(slot, off, n), copy=False, track=True)
+                  for off, n in zip(done["offsets"], nbytes)]
         self._send(s.route, protocol.batch(buffers=frames, **where), copy=False)
-        if tracked:
-            self.sends.append((zmq.MessageTracker(*tracked), slot))
-        else:
-            self.ring.release(slot)
+        self.sends.append((zmq.MessageTracker(*frames), slot))
 
     def _reap_sends(self) -> None:
         if not self.sends:

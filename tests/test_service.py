@@ -288,3 +288,69 @@ def test_default_dataset_is_the_synthetic_one(serve) -> None:
     with Client(srv.address, batch_size=1000) as c:
         batch = next(iter(c.epoch(0)))
         assert batch["x"].shape == (1000, 64) and batch["y"].max() < 10
+
+
+# ------------------------------------------------------------------------------ data path
+
+
+def test_credit_never_exceeds_prefetch(server, monkeypatch) -> None:
+    from batchfeed.client import connection
+
+    seen: list[int] = []
+    original = connection.Connection._request_more
+
+    def spy(self: connection.Connection) -> None:
+        original(self)
+        stream = self._stream
+        if stream is not None:
+            seen.append(stream.requested - stream.consumed)
+
+    monkeypatch.setattr(connection.Connection, "_request_more", spy)
+    with Client(server.address, batch_size=8, prefetch=5) as c:
+        for _ in c.epoch(0):
+            time.sleep(0.0005)
+    assert 0 < max(seen) <= 5
+
+
+def test_the_server_enforces_credit(server) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(server.address)
+        sock.send_multipart(protocol.hello({"batch_size": 8}, client="x", dataset=None,
+                                           prefetch=2, fastpath=False))
+        assert sock.poll(5000)
+        session = protocol.decode(sock.recv_multipart()).header["session"]
+        sock.send_multipart(protocol.request(session=session, stream=1, epoch=0, k0=0, count=3))
+        assert sock.poll(5000)
+        reply = protocol.decode(sock.recv_multipart())
+        assert reply.kind == protocol.ERROR and reply.header["code"] == "credit"
+        assert "exceeds the session's prefetch of 2" in reply.header["message"]
+
+
+def test_batches_are_zero_copy_views_of_received_frames(server) -> None:
+    with Client(server.address, batch_size=64) as c:
+        batch = next(iter(c.epoch(0)))
+        for arr in batch.values():
+            root = arr.base
+            assert isinstance(root, np.ndarray) and isinstance(root.base, zmq.Frame)
+
+
+def test_fast_path_views_are_never_rewritten(serve, dataset_path, ipc_address) -> None:
+    """Keep many fast-path batches alive while the ring (only 4 slots) keeps turning over:
+    every live view must keep the bytes it had when it was handed out."""
+    srv = serve("--data", dataset_path(N), "--workers", 2, "--slots", 4, bind=ipc_address)
+    source = make_rows(N)
+    with Client(srv.address, batch_size=16, seed=0, prefetch=8) as c:
+        held: list[tuple[dict, dict]] = []
+        fast = 0
+        for epoch in range(3):
+            for batch in c.epoch(epoch):
+                fast += not batch["x"].flags.writeable  # views of the read-only ring mapping
+                held.append((batch, {k: v.copy() for k, v in batch.items()}))
+                assert np.array_equal(batch["img"], source["img"][batch["id"]])
+                if len(held) > 30:
+                    held.pop(0)
+                for view, copy in held:
+                    for k in copy:
+                        assert np.array_equal(view[k], copy[k]), "a live view was rewritten"
+        assert fast > 0
