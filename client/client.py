@@ -13,12 +13,13 @@ start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from `
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from batchfeed.shared.errors import InvalidRequest
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import Field
 
+from .adapters import converter
 from .connection import ClientConfig, Connection, Stream
 
 
@@ -131,8 +132,17 @@ class Client:
 
     # ------------------------------------------------------------------ iteration
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> EpochIterator:
-        """Iterate over batches ``start_batch ..`` of ``epoch`` (a new call cancels the last)."""
+    def epoch(self, epoch: int, start_batch: int = 0, *, format: str = "numpy",
+              pin_memory: bool = False, device: Any = None,
+              zero_copy_readonly: bool = False) -> EpochIterator:
+        """Iterate over batches ``start_batch ..`` of ``epoch`` (a new call cancels the last).
+
+        ``format="torch"`` yields torch tensors (zero-copy via ``torch.from_numpy``; with
+        ``pin_memory`` and ``device`` placed for you), ``format="jax"`` jax arrays.  See
+        ``batchfeed.client.adapters`` for read-only fast-path batches.
+        """
+        convert = converter(format, pin_memory=pin_memory, device=device,
+                            zero_copy_readonly=zero_copy_readonly)
         if type(epoch) is not int or epoch < 0:
             raise InvalidRequest(f"epoch must be an int >= 0, got {epoch!r}")
         bpe = self.batches_per_epoch
@@ -141,7 +151,7 @@ class Client:
                 f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), got {start_batch!r}"
             )
         return EpochIterator(self._live, self._live.start_stream(epoch, start_batch, bpe),
-                             self._stats)
+                             self._stats, convert)
 
     def stats(self) -> dict[str, float]:
         """Batches and bytes received, time spent waiting on data, and their rates."""
@@ -189,8 +199,10 @@ class _Stats:
 class EpochIterator:
     """Batches of one epoch in plan order; ``len()`` is the number still to come."""
 
-    def __init__(self, conn: Connection, stream: Stream, stats: _Stats):
+    def __init__(self, conn: Connection, stream: Stream, stats: _Stats,
+                 convert: Callable[[dict], dict] | None = None):
         self._conn = conn
+        self._convert = convert
         self._stream = stream
         self._stats = stats
         self._items: list = []
@@ -226,7 +238,7 @@ class EpochIterator:
             self._conn.poke()
         self._stats.batches += 1
         self._stats.bytes += nbytes
-        return batch
+        return batch if self._convert is None else self._convert(batch)
 
     def close(self) -> None:
         """Stop early: the client stops requesting this epoch."""

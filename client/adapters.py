@@ -1,0 +1,87 @@
+"""Framework adapters: turn a batch of numpy views into torch tensors or jax arrays.
+
+Frameworks are imported only when an adapter is first used.  ``torch`` tensors share memory
+with the received buffers (``torch.from_numpy``), so no byte is copied unless ``pin_memory`` or
+``device`` asks for it.  Fields torch cannot represent (fixed-width strings) stay numpy arrays.
+
+On the same-host fast path, batches live in the server's read-only shared memory: numpy refuses
+in-place writes to them, but torch cannot mark a tensor read-only, so an in-place op on such a
+tensor would crash.  ``format="torch"`` therefore copies read-only fields (and only those) unless
+``zero_copy_readonly=True`` says the training loop never writes to its inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+from batchfeed.shared.errors import InvalidRequest
+
+FORMATS = ("numpy", "torch", "jax")
+
+Batch = dict[str, Any]
+
+
+def converter(format: str, *, pin_memory: bool = False, device: Any = None,
+              zero_copy_readonly: bool = False) -> Callable[[dict[str, np.ndarray]], Batch] | None:
+    """The per-batch conversion for ``format`` (None for numpy: batches pass through)."""
+    if format not in FORMATS:
+        raise InvalidRequest(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    if format == "numpy":
+        if pin_memory or device is not None:
+            raise InvalidRequest("pin_memory and device need format='torch' or 'jax'")
+        return None
+    if format == "torch":
+        return _torch_converter(pin_memory, device, zero_copy_readonly)
+    if pin_memory:
+        raise InvalidRequest("pin_memory is a torch option; jax places arrays with device=")
+    return _jax_converter(device)
+
+
+def _torch_converter(pin_memory: bool, device: Any,
+                     zero_copy_readonly: bool) -> Callable[[dict[str, np.ndarray]], Batch]:
+    try:
+        import torch
+    except ImportError:
+        raise InvalidRequest("format='torch' needs PyTorch: pip install 'batchfeed[torch]'") from None
+    if pin_memory and not torch.cuda.is_available():
+        warnings.warn("pin_memory=True has no effect without CUDA; ignoring it", stacklevel=3)
+        pin_memory = False
+    target = torch.device(device) if device is not None else None
+
+    def convert(batch: dict[str, np.ndarray]) -> Batch:
+        out: Batch = {}
+        for name, arr in batch.items():
+            if arr.dtype.kind in "SU":
+                out[name] = arr
+                continue
+            if not arr.dtype.isnative:
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            elif not arr.flags.writeable and not zero_copy_readonly:
+                arr = arr.copy()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tensor = torch.from_numpy(arr)
+            if pin_memory:
+                tensor = tensor.pin_memory()
+            if target is not None:
+                tensor = tensor.to(target, non_blocking=pin_memory)
+            out[name] = tensor
+        return out
+
+    return convert
+
+
+def _jax_converter(device: Any) -> Callable[[dict[str, np.ndarray]], Batch]:
+    try:
+        import jax
+    except ImportError:
+        raise InvalidRequest("format='jax' needs JAX: pip install jax") from None
+
+    def convert(batch: dict[str, np.ndarray]) -> Batch:
+        return {name: arr if arr.dtype.kind in "SU" else jax.device_put(arr, device)
+                for name, arr in batch.items()}
+
+    return convert

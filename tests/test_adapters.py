@@ -1,0 +1,94 @@
+"""Framework adapters: torch tensors share memory with the received frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchfeed import Client, InvalidRequest
+
+from conftest import make_rows
+
+torch = pytest.importorskip("torch")
+
+N = 500
+
+
+@pytest.fixture
+def server(serve, dataset_path):
+    return serve("--data", dataset_path(N), "--workers", 1)
+
+
+def test_torch_format_is_zero_copy_and_exact(server) -> None:
+    source = make_rows(N)
+    with Client(server.address, batch_size=64, seed=1) as c:
+        plain = [{k: v.copy() for k, v in b.items()} for b in c.epoch(0)]
+        for batch, ref in zip(c.epoch(0, format="torch"), plain):
+            assert isinstance(batch["x"], torch.Tensor) and batch["x"].dtype == torch.float32
+            assert batch["img"].dtype == torch.uint8 and batch["flag"].dtype == torch.bool
+            assert torch.equal(batch["id"], torch.from_numpy(ref["id"]))
+            assert np.array_equal(batch["img"].numpy(), source["img"][ref["id"]])
+            # zero-copy: the tensor's storage is the numpy view over the received frame
+            arr = batch["x"].numpy()
+            assert arr.base is not None and not arr.flags.owndata
+
+
+def test_torch_device_and_pin_memory_on_cpu(server) -> None:
+    with Client(server.address, batch_size=64) as c:
+        with pytest.warns(UserWarning, match="pin_memory"):
+            it = c.epoch(0, format="torch", pin_memory=True, device="cpu")
+        batch = next(iter(it))
+        assert batch["x"].device.type == "cpu"
+
+
+def test_torch_on_the_fast_path_copies_read_only_fields_unless_told(serve, dataset_path,
+                                                                   ipc_address) -> None:
+    srv = serve("--data", dataset_path(N), "--workers", 1, bind=ipc_address)
+    with Client(srv.address, batch_size=64) as c:
+        safe = next(iter(c.epoch(0, format="torch")))
+        safe["x"].mul_(2)  # in place: allowed, it is the client's own copy
+        shared = next(iter(c.epoch(0, format="torch", zero_copy_readonly=True)))
+        assert torch.equal(shared["x"] * 2, safe["x"])
+
+
+def test_torch_converter_copies_only_read_only_fields() -> None:
+    from batchfeed.client.adapters import converter
+
+    ro = np.arange(6, dtype=np.float32)
+    ro.flags.writeable = False
+    rw = np.arange(6, dtype=np.int64)
+    out = converter("torch")({"ro": ro, "rw": rw, "s": np.array([b"ab", b"c"])})
+    assert out["ro"].data_ptr() != ro.ctypes.data
+    assert out["rw"].data_ptr() == rw.ctypes.data  # zero-copy
+    assert isinstance(out["s"], np.ndarray)  # torch has no string tensors
+    shared = converter("torch", zero_copy_readonly=True)({"ro": ro})
+    assert shared["ro"].data_ptr() == ro.ctypes.data
+
+
+def test_iterable_dataset_in_a_dataloader(server) -> None:
+    from torch.utils.data import DataLoader
+
+    from batchfeed.client.torch_data import BatchfeedDataset
+
+    ds = BatchfeedDataset(server.address, batch_size=100, seed=3)
+    try:
+        loader = DataLoader(ds, batch_size=None)
+        assert len(loader) == 5
+        e0 = torch.cat([b["id"] for b in loader])
+        e1 = torch.cat([b["id"] for b in loader])  # the next pass is the next epoch
+        assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(N))
+        assert e0.tolist() != e1.tolist()
+        ds.set_epoch(0)
+        assert torch.cat([b["id"] for b in loader]).tolist() == e0.tolist()
+        with pytest.raises(InvalidRequest, match="num_workers=0"):
+            list(DataLoader(ds, batch_size=None, num_workers=1))
+    finally:
+        ds.close()
+
+
+def test_unknown_format_is_refused(server) -> None:
+    with Client(server.address, batch_size=64) as c:
+        with pytest.raises(InvalidRequest, match="format must be one of"):
+            c.epoch(0, format="tensorflow")
+        with pytest.raises(InvalidRequest, match="pin_memory"):
+            c.epoch(0, pin_memory=True)
