@@ -27,9 +27,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from batchfeed.shared import protocol
+from batchfeed.shared import procs
 from batchfeed.shared.errors import (
+    AuthenticationError,
     BatchfeedError,
     ProtocolError,
     ServerUnavailable,
@@ -46,6 +49,20 @@ log = logging.getLogger("batchfeed.client")
 
 PING_INTERVAL = 1.0
 HELLO_RETRY_MAX = 4.0
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "it does not accept this client's CURVE key; add the client's public key file to the "
+        "server's --authorized-keys directory"),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "the security handshake failed: the server requires CURVE (pass "
+        "curve=(client_secret_key_file, server_public_key_file) to Client), or the server "
+        "public key given to the client is not the server's"),
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "the security handshake failed (wrong server public key, or the server expects a "
+        "different security mechanism)"),
+}
+_WATCHED_EVENTS = zmq.EVENT_DISCONNECTED | sum(_HANDSHAKE_FAILURES)
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,13 @@ class Connection:
         self.fatal: BaseException | None = None
         self._welcomed = threading.Event()
         self._commands: deque[tuple[str, Any]] = deque()
-        self._released: deque[tuple[int, int]] = deque()  # (session, slot) of dropped leases
+        # Fast-path slots, keyed by the ring they belong to: those whose views are all gone
+        # (to RELEASE), and those still in use (named in BYE so the server keeps them).
+        self._released: deque[tuple[str, int]] = deque()
+        self._live_leases: set[tuple[str, int]] = set()
+        self._previous_session: int | None = None
+        self._monitor: zmq.Socket | None = None
+        self._handshake_error: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -204,6 +227,8 @@ class Connection:
                     self._drain_wake()
                 if not self._run_commands():
                     return
+                if self._monitor is not None and self._monitor in events:
+                    self._on_monitor()
                 if self._sock in events:
                     self._drain_socket()
                 self._request_more()
@@ -216,9 +241,7 @@ class Connection:
 
     def _open_socket(self, poller: zmq.Poller) -> None:
         assert self._ctx is not None
-        if self._sock is not None:
-            poller.unregister(self._sock)
-            self._sock.close(linger=0)
+        self._close_socket(poller)
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.rcvhwm = 0  # credit bounds what the server sends
@@ -226,9 +249,45 @@ class Connection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self._monitor = sock.get_monitor_socket(_WATCHED_EVENTS)
         sock.connect(self.config.address)
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         self._sock = sock
+
+    def _close_socket(self, poller: zmq.Poller | None) -> None:
+        if self._sock is None:
+            return
+        if poller is not None:
+            poller.unregister(self._sock)
+            if self._monitor is not None:
+                poller.unregister(self._monitor)
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._sock.close(linger=0)
+        self._sock = None
+
+    def _on_monitor(self) -> None:
+        """Connection events: a lost connection (reconnect now), or a refused handshake."""
+        assert self._monitor is not None
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_DISCONNECTED and self._session is not None:
+                log.info("connection to %s lost; reconnecting", self.config.address)
+                self._reconnect()
+            elif kind in _HANDSHAKE_FAILURES:
+                self._handshake_error = _HANDSHAKE_FAILURES[kind]
+                if self._session is None:
+                    raise AuthenticationError(
+                        f"the server at {self.config.address} refused the connection: "
+                        f"{self._handshake_error}"
+                    )
 
     def _send(self, frames: list) -> None:
         assert self._sock is not None
@@ -240,8 +299,11 @@ class Connection:
 
     def _say_hello(self) -> None:
         cfg = self.config
+        pid = os.getpid() if cfg.fastpath else None
         self._send(protocol.hello(cfg.params.to_wire(), client=__version__, dataset=cfg.dataset,
-                                  prefetch=cfg.prefetch, fastpath=cfg.fastpath, name=cfg.name))
+                                  prefetch=cfg.prefetch, fastpath=cfg.fastpath, name=cfg.name,
+                                  pid=pid, pid_start=procs.start_time() if pid else None,
+                                  resume=self._previous_session))
         self._hello_at = time.monotonic()
 
     def _drain_wake(self) -> None:
@@ -300,10 +362,12 @@ class Connection:
                 f"the server at {self.config.address} came back with a different dataset "
                 f"({old.rows} rows before, {welcome.rows} now); the epoch cannot be continued"
             )
+        ring = self._ring
         self._ring = None
         if h["ring"] is not None:
             try:
-                self._ring = RingMap(h["ring"])
+                self._ring = ring if ring is not None and ring.same(h["ring"]) \
+                    else RingMap(h["ring"])
             except (OSError, ProtocolError) as exc:
                 # Not on the server's host after all: ask again for a normal session.
                 log.info("fast path unavailable (%s); using the socket", exc)
@@ -312,6 +376,8 @@ class Connection:
                 self._say_hello()
                 return
         self._session = welcome.session
+        self._previous_session = None
+        self._handshake_error = None
         self.welcome = welcome
         self.prefetch = h["prefetch"]
         self.unit = max(1, self.prefetch // 4)
@@ -342,8 +408,8 @@ class Connection:
         current = (stream is not None and h["session"] == self._session
                    and h["stream"] == stream.id and h["epoch"] == stream.epoch)
         if not current:
-            if slot is not None and h["session"] == self._session:
-                self._released.append((h["session"], slot))
+            if slot is not None and h["session"] == self._session and self._ring is not None:
+                self._released.append((self._ring.key, slot))
             return
         assert stream is not None
         layout = protocol.chunk_layout(h)
@@ -354,9 +420,10 @@ class Connection:
         if slot is not None:
             if self._ring is None:
                 raise ProtocolError("server sent a ring slot to a client without the fast path")
-            session = self._session
+            lease = (self._ring.key, slot)
+            self._live_leases.add(lease)
             buffers = self._ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
-                                       layout, lambda: self._lease_freed(session, slot))
+                                       layout, lambda: self._lease_freed(lease))
         batches = protocol.field_views(layout, buffers)
         for b, batch in enumerate(batches):
             k = k0 + b
@@ -371,16 +438,17 @@ class Connection:
         if out:
             stream.ready.put(out)
 
-    def _lease_freed(self, session: int | None, slot: int) -> None:
+    def _lease_freed(self, lease: tuple[str, int]) -> None:
         """Runs in whichever thread drops the last view of a fast-path batch."""
-        self._released.append((session, slot))
+        self._live_leases.discard(lease)
+        self._released.append(lease)
         self.poke()
 
     def _request_more(self) -> None:
         stream, session = self._stream, self._session
         if session is None:
             return
-        release = self._take_releases(session)
+        release = self._take_releases()
         if stream is not None and not stream.cancelled:
             room = self.prefetch - (stream.requested - stream.consumed)
             remaining = stream.end - stream.requested
@@ -394,11 +462,12 @@ class Connection:
         if release:
             self._send(protocol.release(session=session, slots=release))
 
-    def _take_releases(self, session: int) -> list[int]:
-        out = []
+    def _take_releases(self) -> list[int]:
+        out: list[int] = []
+        ring = self._ring.key if self._ring is not None else None
         while self._released and len(out) < protocol.MAX_RELEASE:
             owner, slot = self._released.popleft()
-            if owner == session:  # slots of a former session mean nothing to the server now
+            if owner == ring:  # slots of a former server's ring mean nothing to this one
                 out.append(slot)
         return out
 
@@ -427,6 +496,8 @@ class Connection:
 
     def _reconnect(self) -> None:
         """Start over with a new session; ``_on_welcome`` re-requests what has not arrived."""
+        if self._session is not None:
+            self._previous_session = self._session
         self._session = None
         self._lost_since = time.monotonic()
         self._last_heard = self._lost_since
@@ -443,12 +514,15 @@ class Connection:
     def _shutdown(self) -> None:
         if self._sock is not None:
             if self._session is not None:
+                ring = self._ring.key if self._ring is not None else None
+                held = [slot for key, slot in list(self._live_leases) if key == ring]
                 try:
-                    self._sock.send_multipart(protocol.bye(self._session), zmq.NOBLOCK)
+                    self._sock.send_multipart(protocol.bye(self._session, held or None),
+                                              zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-            self._sock.close(linger=100)
-            self._sock = None
+                time.sleep(0.05)  # let the io thread flush BYE before the socket goes
+            self._close_socket(None)
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

@@ -33,12 +33,17 @@ class RingMap:
             proof = bytes.fromhex(str(ring["proof"]))
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("the server's ring description is malformed") from None
+        self.key = f"{self.name}/{proof.hex()}"  # identifies this ring of this server run
         segment = SharedSegment.attach(self.name)  # OSError: not on this host
         if segment.buf is None or segment.size < self.header + self.slots * self.slot_bytes:
             raise ProtocolError(f"shared segment {self.name} is smaller than the ring it should be")
         if segment.buf[: len(MAGIC) + len(proof)] != MAGIC + proof:
             raise ProtocolError(f"shared segment {self.name} is not this server's ring")
         self._segment = segment
+
+    def same(self, ring: dict) -> bool:
+        """Whether a WELCOME's ring description is this ring (same server run)."""
+        return ring.get("name") == self.name and self.key.endswith(str(ring.get("proof")))
 
     def lease(self, slot: int, offsets: list, layout: ChunkLayout,
               on_free: Callable[[], None]) -> list[np.ndarray]:

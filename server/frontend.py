@@ -23,7 +23,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import zmq
 
 from batchfeed.shared.version import __version__
@@ -36,6 +35,7 @@ from batchfeed.shared.errors import (
     UnknownSession,
 )
 from batchfeed.shared.plan import BatchPlan, PlanParams
+from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.schema import schema_to_wire
 
 from . import tasks
@@ -51,6 +51,7 @@ TASKS_PER_WORKER = 2  # one running, one queued, so a worker never waits on the 
 CLIENT_MAX_MSG = 1 << 20  # client -> server messages are small headers
 DRAIN_MAX = 512
 AUTO_PREFETCH_BYTES = 16 * 2**20
+MAX_REPORTED = 200  # sessions listed in a REPORT (its header must stay under the size limit)
 TIMER_PERIOD = 0.25
 
 
@@ -77,6 +78,29 @@ class Session:
     batches_sent: int = 0
     bytes_sent: int = 0
     position: tuple = (0, 0)  # (epoch, next k) as last requested
+    pid: int | None = None  # fast path: the client process, checked before reclaiming leases
+    pid_start: int | None = None
+    started: float = 0.0
+    rate: float = 0.0  # batches/s, smoothed
+    rate_mark: tuple = (0.0, 0)  # (time, batches_sent) at the last rate update
+
+    def client_alive(self) -> bool:
+        """For a same-host client: is its process still there (so it may hold views)?"""
+        return self.pid is not None and self.pid_start is not None and \
+            same_process_alive(self.pid, self.pid_start)
+
+    def describe(self, now: float) -> dict:
+        epoch, k = self.position
+        return {
+            "id": f"{self.id:x}", "name": self.name, "dataset": self.dataset.name,
+            "batch_size": self.plan.params.batch_size, "rank": self.plan.params.rank,
+            "world_size": self.plan.params.world_size, "epoch": epoch, "next": k,
+            "batches_per_epoch": self.plan.batches_per_epoch, "rate": round(self.rate, 1),
+            "credit": self.prefetch, "queued": self.queued, "gathering": self.gathering,
+            "leased": len(self.leased), "fastpath": self.fastpath,
+            "batches": self.batches_sent, "bytes": self.bytes_sent,
+            "age_s": round(now - self.started, 1), "idle_s": round(now - self.last_seen, 1),
+        }
 
     def new_stream(self, stream: int) -> None:
         self.stream = stream
@@ -112,12 +136,14 @@ class Frontend:
         self.runnable: deque[int] = deque()  # sessions that may have pending work
         self.inflight: dict[int, InFlight] = {}
         self.sends: list[tuple[zmq.MessageTracker, int]] = []  # zero-copy sends holding a slot
+        self.orphans: list[tuple[int | None, int | None, set]] = []  # (pid, start, slots)
         self.workers: list[WorkerHandle] = []
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self._next_task = 0
         self._stopping = False
         self._last_timer = 0.0
+        self.started = time.monotonic()
         self.ctx: zmq.Context | None = None
         self.clients: zmq.Socket | None = None
         self.worker_sock: zmq.Socket | None = None
@@ -288,18 +314,33 @@ class Frontend:
                 f"restart the server with --slot-mb {-(-batch_bytes // 2**20)} or more"
             )
         budget = min(self.ring.slot_bytes, self.config.chunk_bytes)
+        now = time.monotonic()
+        fastpath = h["fastpath"] and h["pid"] is not None and h["pid_start"] is not None \
+            and same_process_alive(h["pid"], h["pid_start"])
+        if h["fastpath"] and not fastpath:
+            log.info("fast path refused: client process %s is not visible from the server",
+                     h["pid"])
         session = Session(
             id=secrets.randbits(62),
             route=route,
             dataset=dataset,
             plan=plan,
             prefetch=prefetch,
-            fastpath=h["fastpath"],
+            fastpath=fastpath,
             name=h["name"] or "",
             batch_bytes=batch_bytes,
             max_chunk=max(1, min(budget // batch_bytes, protocol.MAX_BATCHES_PER_MESSAGE)),
-            last_seen=time.monotonic(),
+            last_seen=now,
+            pid=h["pid"] if fastpath else None,
+            pid_start=h["pid_start"] if fastpath else None,
+            started=now,
+            rate_mark=(now, 0),
         )
+        old = self.sessions.get(h["resume"]) if h["resume"] is not None else None
+        if old is not None:
+            # The same client after a reconnect: the slots it still holds views of are its own.
+            session.leased, old.leased = old.leased, set()
+            self._close_session(old, f"resumed as {session.id:x}")
         self.sessions[session.id] = session
         self.counters["sessions"] += 1
         log.info("session %x from %s: %s on %s", session.id, session.name or "?", params,
@@ -314,6 +355,25 @@ class Frontend:
             server=__version__,
             ring=self.ring.describe() if session.fastpath else None,
         ))
+
+    def _on_stats(self, route: bytes, h: dict) -> None:
+        self._send(route, protocol.report(self.describe(), [
+            s.describe(time.monotonic()) for s in list(self.sessions.values())[:MAX_REPORTED]]))
+
+    def describe(self) -> dict:
+        """The server's counters, for ``batchfeed stats`` and the metrics endpoint."""
+        busy = sum(1 for _, slot in self.sends) + len(self.inflight)
+        return {
+            "version": __version__, "address": self.address,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "datasets": ", ".join(self.datasets), "workers": len(self.workers),
+            "worker_pids": [w.process.pid or 0 for w in self.workers],
+            "slots": self.ring.n_slots, "slots_free": self.ring.free_count,
+            "slots_busy": busy, "slots_leased": sum(len(s.leased) for s in self.sessions.values())
+            + sum(len(o[2]) for o in self.orphans),
+            "sessions": len(self.sessions),
+            "counters": dict(self.counters), "errors": dict(self.errors),
+        }
 
     def _dataset(self, name: str | None) -> DatasetSpec:
         if name is None:
@@ -384,8 +444,15 @@ class Frontend:
 
     def _on_bye(self, route: bytes, h: dict) -> None:
         s = self.sessions.get(h["session"])
-        if s is not None:
-            self._close_session(s, "said bye")
+        if s is None:
+            return
+        held = set(protocol.check_int_list(h["held"] or [], "held slots",
+                                           high=self.ring.n_slots - 1)) & s.leased
+        if held and s.client_alive():
+            # Views the trainer kept past close(): their slots wait for the process to exit.
+            self.orphans.append((s.pid, s.pid_start, held))
+            s.leased -= held
+        self._close_session(s, "said bye")
 
     _handlers = {
         protocol.HELLO: _on_hello,
@@ -393,6 +460,7 @@ class Frontend:
         protocol.RELEASE: _on_release,
         protocol.PING: _on_ping,
         protocol.BYE: _on_bye,
+        protocol.STATS: _on_stats,
     }
 
     def _close_session(self, s: Session, why: str) -> None:
@@ -479,8 +547,7 @@ class Frontend:
 
     def _send_batch(self, s: Session, task: tasks.Task, done: dict) -> None:
         slot = task.slot
-        nbytes = [sum(_nbytes(shape, dt[1]) for shape in per_batch)
-                  for dt, per_batch in zip(done["dtypes"], zip(*done["shapes"]))]
+        nbytes = done["nbytes"]
         where = dict(session=s.id, stream=s.stream, epoch=task.epoch, k0=task.k0,
                      dtypes=done["dtypes"], shapes=done["shapes"])
         s.batches_sent += task.count
@@ -539,9 +606,24 @@ class Frontend:
     # ------------------------------------------------------------------ timers
 
     def _check_timers(self, now: float) -> None:
+        for orphan in list(self.orphans):
+            pid, started, slots = orphan
+            if pid is None or started is None or not same_process_alive(pid, started):
+                self.orphans.remove(orphan)
+                for slot in slots:
+                    self.ring.release(slot)
         for s in list(self.sessions.values()):
+            mark_t, mark_n = s.rate_mark
+            if now - mark_t >= 1.0:
+                s.rate = 0.5 * s.rate + 0.5 * (s.batches_sent - mark_n) / (now - mark_t)
+                s.rate_mark = (now, s.batches_sent)
             if now - s.last_seen > self.config.session_timeout:
-                self._close_session(s, f"silent for {self.config.session_timeout:.0f} s")
+                if s.leased and s.client_alive():
+                    # Stalled, not dead: it may still hold views of its slots.  Keep them.
+                    s.pending.clear()
+                    s.queued = 0
+                    continue
+                self._close_session(s, f"silent for {self.config.session_timeout:g} s")
         for w in self.workers:
             if w.tasks and now - w.progress_at > self.config.task_timeout:
                 log.warning("worker %d made no progress for %.0f s; killing it", w.index,
@@ -555,8 +637,3 @@ def auto_prefetch(batch_bytes: int) -> int:
     return max(8, min(256, AUTO_PREFETCH_BYTES // batch_bytes))
 
 
-def _nbytes(shape: list, dtype: str) -> int:
-    n = np.dtype(dtype).itemsize
-    for d in shape:
-        n *= d
-    return n

@@ -50,8 +50,9 @@ def task_from(body: dict) -> Task:
     return Task(**{k: v for k, v in body.items() if k != "kind"})
 
 
-def done_message(task_id: int, dtypes: list, shapes: list, offsets: list) -> bytes:
-    return pack(DONE, id=task_id, dtypes=dtypes, shapes=shapes, offsets=offsets)
+def done_message(task_id: int, dtypes: list, shapes: list, offsets: list, nbytes: list) -> bytes:
+    """The layout a worker wrote: per field its dtype, region offset and size; per batch shapes."""
+    return pack(DONE, id=task_id, dtypes=dtypes, shapes=shapes, offsets=offsets, nbytes=nbytes)
 
 
 def fail_message(task_id: int, code: str, message: str) -> bytes:

@@ -59,15 +59,15 @@ def align(n: int) -> int:
 
 
 def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan, epoch: int,
-                 k0: int, count: int, slot: np.ndarray) -> tuple[list, list, list]:
+                 k0: int, count: int, slot: np.ndarray) -> tuple[list, list, list, list]:
     """Write batches ``k0 .. k0+count-1`` into ``slot`` (a uint8 array); return their layout.
 
     Each field gets one region (64-byte aligned) holding its rows for all the batches, in batch
-    order.  Returns (dtypes, shapes per batch per field, region offsets), as the wire wants them.
+    order.  Returns (dtypes, shapes per batch per field, region offsets, region sizes).
     """
     idx = plan.chunk_indices(epoch, k0, count)
     rows = [plan.batch_rows(k) for k in range(k0, k0 + count)]
-    offsets, dtypes, offset = [], [], 0
+    offsets, sizes, dtypes, offset = [], [], [], 0
     for field in spec.fields:
         nbytes = len(idx) * field.row_nbytes
         if offset + nbytes > len(slot):
@@ -79,10 +79,11 @@ def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPl
         # mode="clip" avoids numpy's buffered out= path; the plan's indices are in range.
         np.take(arrays[field.name], idx, axis=0, out=out, mode="clip")
         offsets.append(offset)
+        sizes.append(nbytes)
         dtypes.append([field.name, field.dtype.str])
         offset = align(offset + nbytes)
     shapes = [[[r, *f.shape] for f in spec.fields] for r in rows]
-    return dtypes, shapes, offsets
+    return dtypes, shapes, offsets, sizes
 
 
 def _forget_parent_state() -> None:
@@ -166,9 +167,8 @@ def _run_task(task: tasks.Task, data: dict, plans: OrderedDict, ring_u8: np.ndar
         plans.move_to_end(key)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
-        dtypes, shapes, offsets = gather_chunk(arrays, ds, plan, task.epoch, task.k0,
-                                               task.count, slot)
-        return tasks.done_message(task.id, dtypes, shapes, offsets)
+        layout = gather_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot)
+        return tasks.done_message(task.id, *layout)
     except BatchfeedError as exc:
         return tasks.fail_message(task.id, exc.code, str(exc))
     except Exception as exc:  # a bug or a bad transform: report it, keep serving

@@ -12,12 +12,13 @@ explicit limits, and validates every header field's type; anything else raises P
 The ERROR kind and the ``v``/``kind`` keys are frozen across versions so that a peer of another
 version still gets a readable error naming both versions.
 
-Kinds, client -> server: HELLO, REQUEST, RELEASE, PING, BYE.
-Kinds, server -> client: WELCOME, BATCH, PONG, ERROR.
+Kinds, client -> server: HELLO, REQUEST, RELEASE, PING, BYE, STATS.
+Kinds, server -> client: WELCOME, BATCH, PONG, ERROR, REPORT.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -38,6 +39,8 @@ PING = "ping"
 PONG = "pong"
 BYE = "bye"
 ERROR = "error"
+STATS = "stats"
+REPORT = "report"
 
 # Limits, checked before and while parsing.
 MAX_HEADER_BYTES = 64 * 1024
@@ -78,6 +81,9 @@ _HEADERS: dict[str, dict[str, str]] = {
         "prefetch": _INT,
         "fastpath": _BOOL,
         "name": _OPT_STR,
+        "pid": _OPT_INT,  # fast path: the client process, so the server can tell it died
+        "pid_start": _OPT_INT,
+        "resume": _OPT_INT,  # the session this client had before reconnecting
     },
     WELCOME: {
         "session": _INT,
@@ -110,7 +116,9 @@ _HEADERS: dict[str, dict[str, str]] = {
     RELEASE: {"session": _INT, "slots": _LIST},
     PING: {"session": _OPT_INT},
     PONG: {},
-    BYE: {"session": _INT},
+    BYE: {"session": _INT, "held": _OPT_LIST},  # held: fast-path slots still in use
+    STATS: {},
+    REPORT: {"server": _MAP, "sessions": _LIST},
     ERROR: {
         "code": _STR,
         "message": _STR,
@@ -208,9 +216,10 @@ def decode(frames: Sequence) -> Message:
 
 
 def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fastpath: bool,
-          name: str | None = None) -> list:
+          name: str | None = None, pid: int | None = None, pid_start: int | None = None,
+          resume: int | None = None) -> list:
     return encode(HELLO, client=client, params=params, dataset=dataset, prefetch=prefetch,
-                  fastpath=fastpath, name=name)
+                  fastpath=fastpath, name=name, pid=pid, pid_start=pid_start, resume=resume)
 
 
 def welcome(*, session: int, dataset: str, rows: int, batches_per_epoch: int, prefetch: int,
@@ -238,12 +247,21 @@ def pong() -> list:
     return encode(PONG)
 
 
-def bye(session: int) -> list:
-    return encode(BYE, session=session)
+def bye(session: int, held: list | None = None) -> list:
+    return encode(BYE, session=session, held=held)
 
 
 def error(code: str, message: str, **where: int | None) -> list:
     return encode(ERROR, code=code, message=message, **where)
+
+
+def stats() -> list:
+    return encode(STATS)
+
+
+def report(server: dict, sessions: list) -> list:
+    """The server's state for ``batchfeed stats``: plain numbers and strings only."""
+    return encode(REPORT, server=server, sessions=sessions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,25 +315,33 @@ def chunk_layout(header: dict) -> ChunkLayout:
         names.append(item[0])
         dtypes.append(check_dtype(item[1]))
     n_fields = len(names)
+    itemsizes = [d.itemsize for d in dtypes]
+    counts: dict[tuple, int] = {}  # each distinct shape is checked once (most batches share one)
     shapes = []
     starts = [[0] * len(shapes_in) for _ in range(n_fields)]
     nbytes = [[0] * len(shapes_in) for _ in range(n_fields)]
     for b, per_field in enumerate(shapes_in):
         if not isinstance(per_field, list) or len(per_field) != n_fields:
             raise ProtocolError(f"batch {b} must give one shape per field ({n_fields})")
-        batch_shapes = tuple(check_shape(s) for s in per_field)
-        for f, shape in enumerate(batch_shapes):
-            if not shape:
-                raise ProtocolError(f"field {names[f]!r} of batch {b} has no batch dimension")
-            if shape[0] != batch_shapes[0][0]:
+        batch_shapes = []
+        for f, raw_shape in enumerate(per_field):
+            shape = tuple(raw_shape) if isinstance(raw_shape, list) else None
+            count = counts.get(shape) if shape is not None else None
+            if count is None:
+                shape = check_shape(raw_shape)
+                if not shape:
+                    raise ProtocolError(f"field {names[f]!r} of batch {b} has no batch dimension")
+                count = counts[shape] = math.prod(shape)
+            if shape[0] != per_field[0][0]:
                 raise ProtocolError(f"fields of batch {b} disagree on the number of rows")
-            size = int(np.prod(shape, dtype=np.int64)) * dtypes[f].itemsize
+            size = count * itemsizes[f]
             if size > MAX_INT:
                 raise ProtocolError(f"field {names[f]!r} of batch {b} is absurdly large")
             nbytes[f][b] = size
             if b:
                 starts[f][b] = starts[f][b - 1] + nbytes[f][b - 1]
-        shapes.append(batch_shapes)
+            batch_shapes.append(shape)
+        shapes.append(tuple(batch_shapes))
     return ChunkLayout(tuple(names), tuple(dtypes), tuple(shapes),
                        tuple(map(tuple, starts)), tuple(map(tuple, nbytes)))
 

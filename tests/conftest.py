@@ -23,6 +23,12 @@ def shm_segments() -> set[str]:
     return {p.name for p in SHM.iterdir() if p.name.startswith("bf_")}
 
 
+def leaked_segments(before: set[str]) -> set[str]:
+    """New segments whose creating server is gone (those of live servers are still in use)."""
+    return {name for name in shm_segments() - before
+            if not pid_alive(int(name.split("_")[1]))}
+
+
 def make_rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A dataset whose every field is a known function of the row id."""
     ids = np.arange(n, dtype=np.int64)
@@ -40,9 +46,9 @@ def no_leaks() -> Iterator[None]:
     before = shm_segments()
     yield
     deadline = time.monotonic() + 5
-    while shm_segments() - before and time.monotonic() < deadline:
+    while leaked_segments(before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    leaked = shm_segments() - before
+    leaked = leaked_segments(before)
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
 
 

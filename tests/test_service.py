@@ -271,7 +271,7 @@ def test_server_stops_cleanly_on_signal(dataset_path, sig: int) -> None:
             assert srv.proc.wait(10) == 0
             assert time.monotonic() - t0 < 10
         assert not any(pid_alive(w) for w in workers)
-        assert not shm_segments()
+        assert not [n for n in shm_segments() if n.startswith(f"bf_{srv.pid}_")]
     finally:
         srv.stop()
 
