@@ -50,8 +50,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="size of a slot in MiB (default: 4, or 128 of the widest rows)")
     p.add_argument("--task-timeout", type=float, default=30.0,
                    help="seconds a worker may take on a task before it is replaced")
-    p.add_argument("--session-timeout", type=float, default=60.0,
-                   help="seconds of client silence after which its session is reclaimed")
+    p.add_argument("--session-timeout", type=float, default=10.0,
+                   help="seconds of client silence after which its session is reclaimed "
+                        "(clients ping every second)")
+    p.add_argument("--curve-secret-key", metavar="FILE",
+                   help="the server's .key_secret file: encrypt with CURVE (see keygen)")
+    p.add_argument("--authorized-keys", metavar="DIR",
+                   help="directory of the clients' public .key files allowed to connect")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without CURVE (trusted networks only)")
     p.set_defaults(func=_run_serve)
 
 
@@ -68,6 +75,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         slot_bytes=int(args.slot_mb * MIB),
         task_timeout=args.task_timeout,
         session_timeout=args.session_timeout,
+        insecure=args.insecure,
+        curve_secret_key=args.curve_secret_key,
+        authorized_keys=args.authorized_keys,
     )
     return serve(config)
 
@@ -96,6 +106,77 @@ def _run_demo(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, workers=args.workers)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    examples = """examples:
+  batchfeed bench                             # every workload, about 2 minutes
+  batchfeed bench --workload image --json bench-image.json
+  batchfeed bench --quick --workload tabular  # tiny, a few seconds (a smoke test)
+"""
+    p = sub.add_parser(
+        "bench",
+        help="measure batchfeed against in-process loaders, side by side in one run",
+        description="Measure, on the same data in the same run: the raw in-process copy limit, "
+                    "a naive per-sample loop, torch's DataLoader (0 and 2 workers) and batchfeed "
+                    "over tcp (1, 2, 4 clients), ipc and the same-host fast path.",
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workload", default="all", choices=["tabular", "image", "large", "all"],
+                   help="which dataset to measure (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny datasets and 0.25 s per row (a smoke test, not a measurement)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="measured seconds per row (default: 2, or 0.25 with --quick)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="seconds per row excluded after the first batch (default: 0.5, or 0.1 "
+                        "with --quick)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes of the batchfeed servers (default: %(default)s)")
+
+    def run_bench(args: argparse.Namespace) -> int:
+        from batchfeed.bench import BenchOptions, run
+
+        return run(BenchOptions.from_args(args.workload, args.seconds, args.warmup, args.quick,
+                                          args.workers, args.json))
+
+    p.set_defaults(func=run_bench)
+
+
+KEYGEN_EXAMPLES = """examples:
+  batchfeed keygen keys/            # keys/server.key(_secret), keys/client.key(_secret),
+                                    # keys/authorized/client.key
+  batchfeed serve --bind tcp://0.0.0.0:5555 \\
+      --curve-secret-key keys/server.key_secret --authorized-keys keys/authorized
+  # in the trainer:
+  Client("tcp://loader:5555", ..., curve=("keys/client.key_secret", "keys/server.key"))
+  batchfeed keygen keys/ --name trainer2   # another client; copy keys/trainer2.key into
+                                           # keys/authorized/
+"""
+
+
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="make CURVE key pairs for encrypted, authenticated connections",
+        description="Write CURVE key pairs in ZeroMQ's certificate format.",
+        epilog=KEYGEN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("directory", help="where to write the keys")
+    p.add_argument("--name", action="append",
+                   help="key pair name (repeatable; default: server and client)")
+    p.set_defaults(func=_run_keygen)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from batchfeed.shared.security import make_keys
+
+    for path in make_keys(args.directory, tuple(args.name or ("server", "client"))):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfeed",
@@ -108,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_demo(sub)
+    _add_keygen(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from batchfeed.shared.errors import InvalidRequest
 from batchfeed.shared.plan import PlanParams
+from batchfeed.shared.security import check_libzmq, load_public, load_secret
 from batchfeed.shared.schema import Field
 
 from .adapters import converter
@@ -43,6 +44,8 @@ class Client:
         connect_timeout: seconds to wait for the server at start.
         reconnect_timeout: seconds a lost server may take to come back before the trainer
             gets ServerUnavailable.
+        curve: ``(client_secret_key_file, server_public_key_file)`` to encrypt and
+            authenticate with CURVE (files from ``batchfeed keygen``).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class Client:
         reconnect_timeout: float = 60.0,
         heartbeat_timeout: float = 5.0,
         name: str | None = None,
+        curve: tuple[str, str] | None = None,
     ):
         params = PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
                             buffer_size=buffer_size, drop_last=drop_last, rank=rank,
@@ -82,11 +86,16 @@ class Client:
                                  heartbeat_timeout=heartbeat_timeout,
                                  name=name or f"rank{rank}")
         self.params = params
+        keys = None
+        if curve is not None:
+            check_libzmq()
+            client_secret, server_public = curve
+            keys = (*load_secret(str(client_secret)), load_public(str(server_public)))
         config = ClientConfig(
             address=address, params=params, prefetch=prefetch or 0, dataset=dataset,
             fastpath=address.startswith("ipc://") if fastpath is None else bool(fastpath),
             connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
-            heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}",
+            heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}", curve=keys,
         )
         self._stats = _Stats()
         self._conn: Connection | None = Connection(config)

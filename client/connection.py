@@ -55,12 +55,11 @@ _HANDSHAKE_FAILURES = {
         "it does not accept this client's CURVE key; add the client's public key file to the "
         "server's --authorized-keys directory"),
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
-        "the security handshake failed: the server requires CURVE (pass "
-        "curve=(client_secret_key_file, server_public_key_file) to Client), or the server "
-        "public key given to the client is not the server's"),
+        "the security handshake failed: the server public key given to the client is not the "
+        "server's, or the server does not use CURVE"),
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
-        "the security handshake failed (wrong server public key, or the server expects a "
-        "different security mechanism)"),
+        "the security handshake failed: the server public key given to the client is not the "
+        "server's, or the server does not use CURVE"),
 }
 _WATCHED_EVENTS = zmq.EVENT_DISCONNECTED | sum(_HANDSHAKE_FAILURES)
 
@@ -78,6 +77,7 @@ class ClientConfig:
     reconnect_timeout: float
     heartbeat_timeout: float
     name: str
+    curve: tuple[bytes, bytes, bytes] | None = None  # (public, secret, server public)
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,9 @@ class Connection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        if self.config.curve is not None:
+            public, secret, server = self.config.curve
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
         self._monitor = sock.get_monitor_socket(_WATCHED_EVENTS)
         sock.connect(self.config.address)
         poller.register(sock, zmq.POLLIN)
@@ -283,6 +286,10 @@ class Connection:
                 self._reconnect()
             elif kind in _HANDSHAKE_FAILURES:
                 self._handshake_error = _HANDSHAKE_FAILURES[kind]
+                if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.config.curve is None:
+                    self._handshake_error = (
+                        "it requires CURVE encryption; pass curve=(client_secret_key_file, "
+                        "server_public_key_file) to Client (batchfeed keygen makes the keys)")
                 if self._session is None:
                     raise AuthenticationError(
                         f"the server at {self.config.address} refused the connection: "

@@ -30,7 +30,10 @@ class ServerConfig:
     slot_bytes: int = 0  # 0: max(4 MiB, 128 of the widest rows)
     chunk_bytes: int = 2 * MIB  # target size of one streamed message
     task_timeout: float = 30.0
-    session_timeout: float = 60.0
+    session_timeout: float = 10.0
+    insecure: bool = False  # allow a non-loopback bind without CURVE
+    curve_secret_key: str | None = None
+    authorized_keys: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 0:

@@ -42,6 +42,7 @@ from . import tasks
 from .config import ServerConfig
 from .dataset import DatasetSpec
 from .ring import SlotRing
+from .security import ServerSecurity
 from .worker import ALIGN, WorkerHandle, WorkerSpec
 
 log = logging.getLogger("batchfeed.server")
@@ -127,8 +128,9 @@ class Frontend:
     """Runs until ``stop()``; ``close()`` shuts every socket and worker down (idempotent)."""
 
     def __init__(self, config: ServerConfig, datasets: dict[str, DatasetSpec], ring: SlotRing,
-                 worker_endpoint: str):
+                 worker_endpoint: str, security: ServerSecurity | None = None):
         self.config = config
+        self.security = security
         self.datasets = datasets
         self.ring = ring
         self.worker_endpoint = worker_endpoint
@@ -178,6 +180,8 @@ class Frontend:
         self.worker_sock.router_mandatory = 1
         self.worker_sock.bind(self.worker_endpoint)
         self.clients = self.ctx.socket(zmq.ROUTER)
+        if self.security is not None:
+            self.security.apply(self.ctx, self.clients)
         self.clients.linger = 0
         self.clients.router_mandatory = 1
         self.clients.maxmsgsize = CLIENT_MAX_MSG
@@ -222,6 +226,8 @@ class Frontend:
                 sock.close(linger=0)
         self.clients = self.worker_sock = None
         self.sends.clear()
+        if self.security is not None:
+            self.security.close()
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

@@ -31,6 +31,7 @@ from .config import ServerConfig
 from .dataset import SYNTHETIC_NAME, FieldSource, SharedDataset, inspect_source, synthetic_sources
 from .frontend import Frontend
 from .ring import HEADER_BYTES, SlotRing
+from .security import ServerSecurity
 
 log = logging.getLogger("batchfeed.server")
 
@@ -74,6 +75,9 @@ class _Signals:
 def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -> int:
     """Run a server until SIGINT/SIGTERM; returns the exit code."""
     announce = announce or (lambda line: print(line, flush=True))
+    security = ServerSecurity(config.bind, config.curve_secret_key, config.authorized_keys,
+                              config.insecure)
+    security.check()
     signals = _Signals()
     signals.install()
     stale = remove_stale_segments()
@@ -98,7 +102,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
             datasets.append(SharedDataset.load(name, srcs, token))
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
-        frontend = Frontend(config, specs, ring, f"ipc://{ipc_dir}/workers")
+        frontend = Frontend(config, specs, ring, f"ipc://{ipc_dir}/workers", security)
         gc.collect()
         gc.freeze()  # keep the workers' copy-on-write pages shared
         frontend.start_workers()
@@ -136,5 +140,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
 def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: ServerConfig,
                slot_bytes: int) -> str:
     described = "; ".join(d.spec.describe() for d in datasets)
+    secured = ", CURVE" if config.curve_secret_key else ""
     return (f"batchfeed serve: ready: {described} at {frontend.address} "
-            f"({config.n_workers} workers, {config.n_slots} slots of {human_bytes(slot_bytes)})")
+            f"({config.n_workers} workers, {config.n_slots} slots of {human_bytes(slot_bytes)}"
+            f"{secured})")

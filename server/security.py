@@ -1,0 +1,94 @@
+"""Who may connect: the loopback-only default, and CURVE encryption with ZAP authentication.
+
+``ServerSecurity.check`` runs before anything is loaded: a non-loopback bind without CURVE is
+refused unless ``--insecure``.  ``apply`` starts pyzmq's ZAP authenticator thread (allowing
+exactly the public keys in the authorized-keys directory) and makes the client socket a CURVE
+server.  ``close`` stops the authenticator.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from pathlib import Path
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from batchfeed.shared.errors import AuthenticationError, InvalidRequest
+from batchfeed.shared.security import check_libzmq, load_secret
+
+log = logging.getLogger("batchfeed.server")
+
+_TCP = re.compile(r"^tcp://(\[[^\]]+\]|[^:]+):(\*|\d+)$")
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc:// and for tcp:// on 127.0.0.0/8, ::1 or localhost."""
+    if address.startswith("ipc://"):
+        return True
+    m = _TCP.match(address)
+    if not m:
+        return False
+    host = m.group(1).strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', an interface name or a host name: assume reachable from outside
+
+
+class ServerSecurity:
+    def __init__(self, bind: str, curve_secret_key: str | None, authorized_keys: str | None,
+                 insecure: bool):
+        self.bind = bind
+        self.curve_secret_key = curve_secret_key
+        self.authorized_keys = authorized_keys
+        self.insecure = insecure
+        self._auth: ThreadAuthenticator | None = None
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
+
+    def check(self) -> None:
+        check_libzmq()
+        if bool(self.curve_secret_key) != bool(self.authorized_keys):
+            raise InvalidRequest("--curve-secret-key and --authorized-keys go together")
+        if self.curve:
+            load_secret(self.curve_secret_key)  # fail now, not at bind
+            keys = Path(self.authorized_keys)
+            if not keys.is_dir() or not any(keys.glob("*.key")):
+                raise AuthenticationError(
+                    f"--authorized-keys {self.authorized_keys} must be a directory holding the "
+                    "clients' public .key files (batchfeed keygen makes them)"
+                )
+        elif not is_loopback(self.bind):
+            if not self.insecure:
+                raise InvalidRequest(
+                    f"refusing to bind {self.bind} without encryption: anyone who can reach it "
+                    "could read the data. Use --curve-secret-key and --authorized-keys (make "
+                    "keys with `batchfeed keygen`), or pass --insecure on a trusted private "
+                    "network"
+                )
+            log.warning("serving %s WITHOUT encryption or authentication (--insecure)",
+                        self.bind)
+
+    def apply(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
+        if not self.curve:
+            return
+        assert self.curve_secret_key is not None and self.authorized_keys is not None
+        public, secret = load_secret(self.curve_secret_key)
+        self._auth = ThreadAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=self.authorized_keys)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
