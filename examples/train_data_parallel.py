@@ -1,7 +1,8 @@
 """Data-parallel training from a batchfeed server: torch DistributedDataParallel over gloo.
 
-    batchfeed serve &                       # in another shell: the synthetic dataset
-    python examples/train_data_parallel.py --address tcp://127.0.0.1:5555 --rank 0 --world-size 1 --epochs 2
+    batchfeed serve &                       # the built-in synthetic dataset
+    python examples/train_data_parallel.py --address tcp://127.0.0.1:5555 --rank 0 \
+        --world-size 1 --epochs 2
 
 Each rank opens its own ``batchfeed.Client`` with its rank and the world size, so the ranks get
 disjoint batches of the same epoch plan, and DDP averages the gradients across them.  Given
@@ -130,7 +131,8 @@ class RowChecker:
         plan = self.plan
         mine = sum(plan.batch_rows(k) for k in range(plan.batches_per_epoch))
         if len(seen) != mine:
-            raise VerifyError(f"epoch {epoch}: got {len(seen)} rows, the plan gives this rank {mine}")
+            raise VerifyError(f"epoch {epoch}: got {len(seen)} rows, "
+                              f"the plan gives this rank {mine}")
         if len(np.unique(seen)) != len(seen):
             raise VerifyError(f"epoch {epoch}: {len(seen) - len(np.unique(seen))} rows came twice")
         return seen
@@ -140,7 +142,8 @@ class RowChecker:
         everything = np.concatenate(per_rank)
         union = np.unique(everything)
         if len(union) != len(everything):
-            raise VerifyError(f"epoch {epoch}: {len(everything) - len(union)} rows went to two ranks")
+            raise VerifyError(f"epoch {epoch}: {len(everything) - len(union)} rows "
+                              "went to two ranks")
         p = self.plan.params
         covered = self.plan.batches_per_epoch * p.world_size * p.batch_size
         tail = np.sort(self.plan.order(epoch)[covered:])

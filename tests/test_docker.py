@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -97,8 +98,8 @@ def image_id(tag: str) -> str | None:
 
 def build_image() -> None:
     before = image_id(IMAGE)
-    checked(["docker", "build", "--network", "none", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-             "-t", IMAGE, "."], timeout=900)
+    checked(["docker", "build", "--force-rm", "--network", "none",
+             "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", IMAGE, "."], timeout=900)
     if before is not None and before != image_id(IMAGE):
         run(["docker", "rmi", before], timeout=60)  # the replaced image; best effort
 
@@ -116,15 +117,18 @@ def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
     if compose is None:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
 
-    ensure_base_image()
-    ensure_wheels()
-    build_image()
+    timings: dict[str, float] = {}
+    for step in (ensure_base_image, ensure_wheels, build_image):
+        t0 = time.monotonic()
+        step()
+        timings[step.__name__] = time.monotonic() - t0
 
     project = f"bftest{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "BATCHFEED_IMAGE": IMAGE, "BATCHFEED_BASE_IMAGE": BASE_IMAGE,
            "BATCHFEED_PORT": str(free_port()), "BATCHFEED_MASTER_PORT": str(free_port())}
     dc = [*compose, "-p", project, "-f", "docker-compose.yml", "-f", "docker/compose.hostnet.yml"]
     logs = ""
+    t0 = time.monotonic()
     try:
         checked([*dc, "up", "-d", "--no-build"], timeout=300, env=env)
         trainers = [checked([*dc, "ps", "-q", name], timeout=60, env=env).stdout.strip()
@@ -155,3 +159,5 @@ def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
                    env=env)
         if down.returncode != 0:  # do not hide the test's own failure behind this one
             print(f"compose down failed:\n{down.stderr}", file=sys.stderr)
+        timings["compose run"] = time.monotonic() - t0
+        print("docker test timings:", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
