@@ -7,8 +7,10 @@ processes), over ipc through the socket, and over ipc on the same-host fast path
 consumer does the same minimal work: it iterates and counts bytes, never copying.  The machine
 is shared and noisy, so the ratios between rows of one run are what mean something.
 
-This module owns the temporary data directory, the servers and the client processes it starts;
-each is removed, stopped or joined (then terminated) in ``finally``, also on SIGTERM.
+Client processes are spawned once (a pool of four) and reused row after row; in each row they
+all warm up, then measure the same window.  This module owns the temporary data directory, the
+servers and the client pool it starts: each is removed, stopped or joined (then terminated) in
+``finally``, also on SIGTERM.
 """
 
 from __future__ import annotations
@@ -323,8 +325,8 @@ def client_epochs(client: Any) -> Iterator[dict]:
             it.close()
 
 
-def run_client(job: ClientJob, messages: Any, go: Any) -> None:
-    """Body of a client process: connect, warm up, say "warm", measure once told to go."""
+def run_client(row: int, job: ClientJob, messages: Any, go: Any) -> None:
+    """One client's part of a row: connect, warm up, say "warm", measure once told to go."""
     try:
         from batchfeed import Client
 
@@ -337,7 +339,7 @@ def run_client(job: ClientJob, messages: Any, go: Any) -> None:
 
             def ready() -> bool:
                 if not told:
-                    messages.put(("warm", job.rank, None))
+                    messages.put((row, "warm", job.rank, None))
                     told.append(True)
                 if go.is_set():
                     waited.append(client.stats()["wait_s"])
@@ -351,46 +353,90 @@ def run_client(job: ClientJob, messages: Any, go: Any) -> None:
                 batches.close()
             if m.seconds > 0:
                 m.wait_fraction = (client.stats()["wait_s"] - waited[0]) / m.seconds
-        messages.put(("done", job.rank, asdict(m)))
+        messages.put((row, "done", job.rank, asdict(m)))
     except BaseException as exc:  # report everything; the parent decides
-        messages.put(("error", job.rank, f"{type(exc).__name__}: {exc}\n"
-                                         f"{traceback.format_exc(limit=-4)}"))
+        messages.put((row, "error", job.rank, f"{type(exc).__name__}: {exc}\n"
+                                              f"{traceback.format_exc(limit=-4)}"))
 
 
-class ClientGroup:
-    """Owns the client processes of one row.  ``close`` joins, then terminates; safe twice."""
+def client_loop(jobs: Any, messages: Any, go: Any, parent: int) -> None:
+    """Body of a pooled client process: run one job after another until None, or orphaned."""
+    while True:
+        try:
+            item = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if item is None:
+            return
+        run_client(*item, messages, go)
+        gc.collect()  # unmap the server's ring now, so that it counts in the server's PSS only
 
-    def __init__(self, jobs: list[ClientJob]):
+
+class ClientPool:
+    """Owns the client processes (spawned once, reused row after row: on a loaded 2-core
+    machine each spawn costs about a second).  A row that fails restarts the pool, so that
+    no straggler of it can run into the next row.  ``close`` sends None, joins, terminates
+    then kills; safe to call twice."""
+
+    def __init__(self, size: int):
         import multiprocessing
 
-        self.jobs = jobs
+        self.size = size
         self._ctx = multiprocessing.get_context("spawn")
-        self.messages = self._ctx.Queue()
-        self.go = self._ctx.Event()
+        self._row = 0
         self.procs: list = []
 
-    def start(self) -> ClientGroup:
-        for job in self.jobs:
-            p = self._ctx.Process(target=run_client, args=(job, self.messages, self.go),
-                                  name=f"batchfeed-bench-client{job.rank}", daemon=True)
+    def start(self) -> ClientPool:
+        self.messages = self._ctx.Queue()
+        self.go = self._ctx.Event()
+        self.jobs = [self._ctx.Queue() for _ in range(self.size)]
+        for i, jobs in enumerate(self.jobs):
+            p = self._ctx.Process(target=client_loop,
+                                  args=(jobs, self.messages, self.go, os.getpid()),
+                                  name=f"batchfeed-bench-client{i}", daemon=True)
             p.start()
             self.procs.append(p)
         return self
 
-    def collect(self, kind: str, timeout: float) -> dict[int, Any]:
-        """Wait for one ``kind`` message per client; raise BenchError on an error or a death."""
+    def run(self, jobs: list[ClientJob], on_go: Callable[[], None] = lambda: None,
+            ) -> list[Measurement]:
+        """Run one row: all clients warm up, then measure together.  ``on_go`` runs just
+        before they are told to go."""
+        if not self.procs:
+            self.start()
+        assert len(jobs) <= self.size
+        self._row += 1
+        self.go.clear()
+        try:
+            for i, job in enumerate(jobs):
+                self.jobs[i].put((self._row, job))
+            self._collect(len(jobs), "warm", CLIENT_START_TIMEOUT)
+            on_go()
+            self.go.set()
+            done = self._collect(len(jobs), "done", max(j.seconds for j in jobs) + 30.0)
+        except BaseException:
+            self.close()
+            raise
+        return [Measurement(**done[r]) for r in sorted(done)]
+
+    def _collect(self, n: int, kind: str, timeout: float) -> dict[int, Any]:
+        """Wait for ``n`` ``kind`` messages of this row; raise BenchError on an error or a death."""
         got: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
-        while len(got) < len(self.jobs):
+        while len(got) < n:
             try:
-                what, rank, payload = self.messages.get(timeout=0.25)
+                row, what, rank, payload = self.messages.get(timeout=0.25)
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"{len(self.jobs) - len(got)} client(s) did not report "
-                                     f"{kind!r} within {timeout:.0f} s") from None
-                dead = [p for p in self.procs if p.exitcode not in (None, 0)]
+                    raise BenchError(f"{n - len(got)} client(s) did not report {kind!r} within "
+                                     f"{timeout:.0f} s") from None
+                dead = [p for p in self.procs if not p.is_alive()]
                 if dead:
                     raise BenchError(f"client process exited with code {dead[0].exitcode}")
+                continue
+            if row != self._row:
                 continue
             if what == "error":
                 raise BenchError(f"client rank {rank} failed: {payload}")
@@ -399,7 +445,11 @@ class ClientGroup:
         return got
 
     def close(self) -> None:
-        self.go.set()
+        if not self.procs:
+            return
+        self.go.set()  # a client waiting to measure finishes within its budget
+        for jobs in self.jobs:
+            jobs.put(None)
         for p in self.procs:
             p.join(10.0)
             if p.is_alive():
@@ -408,10 +458,13 @@ class ClientGroup:
             if p.is_alive():
                 p.kill()
                 p.join(2.0)
+        for q in (self.messages, *self.jobs):
+            q.close()
+            q.cancel_join_thread()
         self.procs = []
 
-    def __enter__(self) -> ClientGroup:
-        return self.start()
+    def __enter__(self) -> ClientPool:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -582,29 +635,25 @@ def in_process_rows(w: Workload, arrays: dict[str, np.ndarray], options: BenchOp
 
 
 def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
-                  fastpath: bool | None, options: BenchOptions) -> Row:
+                  fastpath: bool | None, options: BenchOptions, pool: ClientPool) -> Row:
     """Aggregate throughput of ``n_clients`` ranks splitting each epoch (rank/world_size)."""
     assert server.address is not None
     jobs = [ClientJob(server.address, w.batch_size, r, n_clients, fastpath, options.warmup,
                       options.seconds, options.seed) for r in range(n_clients)]
-    with ClientGroup(jobs) as group:
-        group.collect("warm", CLIENT_START_TIMEOUT)
-        tree = process_tree(server.pid)
-        cpu0 = cpu_seconds(tree)
-        group.go.set()
-        done = group.collect("done", options.seconds + 30.0)
-        cpu1 = cpu_seconds(process_tree(server.pid))
+    cpu0: list[float] = []
+    ms = pool.run(jobs, on_go=lambda: cpu0.append(cpu_seconds(process_tree(server.pid))))
+    cpu1 = cpu_seconds(process_tree(server.pid))
     pss = pss_bytes(process_tree(server.pid))  # after the row, while the server is still up
-    ms = [Measurement(**done[r]) for r in sorted(done)]
     row = Row.from_measurements(name, ms, server_pss_bytes=pss,
                                 server_pss_over_data=pss / w.nbytes, server_pid=server.pid)
     if row.nbytes:
-        row.server_cpu_s_per_gb = (cpu1 - cpu0) / (row.nbytes / GB)
+        row.server_cpu_s_per_gb = (cpu1 - cpu0[0]) / (row.nbytes / GB)
     return row
 
 
 def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: BenchOptions,
-                progress: Callable[[str], None], problems: list[str]) -> tuple[list[Row], dict]:
+                pool: ClientPool, progress: Callable[[str], None],
+                problems: list[str]) -> tuple[list[Row], dict]:
     """The batchfeed rows: a tcp server for 1, 2, 4 clients, then an ipc server for two rows."""
     base = ["--workers", str(options.server_workers)]
     base += ["--data", data_dir] if data_dir else ["--synthetic-rows", str(w.rows)]
@@ -623,7 +672,7 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
                 for name, n, fastpath in specs:
                     progress(f"{w.name}: {name}")
                     rows.append(_guarded(name, lambda: batchfeed_row(
-                        name, server, w, n, fastpath, options)))
+                        name, server, w, n, fastpath, options, pool)))
         except (BenchError, RuntimeError, OSError) as exc:
             failed = f"failed: {exc}".splitlines()[0][:200]
             done = {r.name for r in rows}
@@ -642,7 +691,7 @@ def add_ratios(rows: list[Row]) -> None:
                 setattr(r, attr, r.samples_per_s / base.samples_per_s)
 
 
-def run_workload(w: Workload, options: BenchOptions,
+def run_workload(w: Workload, options: BenchOptions, pool: ClientPool,
                  progress: Callable[[str], None]) -> dict[str, Any]:
     work_dir = tempfile.mkdtemp(prefix="batchfeed-bench-")
     problems: list[str] = []
@@ -658,7 +707,7 @@ def run_workload(w: Workload, options: BenchOptions,
         rows = in_process_rows(w, arrays, options, progress)
         del arrays
         gc.collect()
-        more, servers = server_rows(w, data_dir, work_dir, options, progress, problems)
+        more, servers = server_rows(w, data_dir, work_dir, options, pool, progress, problems)
         rows += more
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -667,8 +716,8 @@ def run_workload(w: Workload, options: BenchOptions,
             "servers": servers, "rows": [asdict(r) for r in rows], "problems": problems}
 
 
-def pss_by_workers(w: Workload, options: BenchOptions, progress: Callable[[str], None],
-                   problems: list[str]) -> list[dict[str, Any]]:
+def pss_by_workers(w: Workload, options: BenchOptions, pool: ClientPool,
+                   progress: Callable[[str], None], problems: list[str]) -> list[dict[str, Any]]:
     """Server PSS / dataset size with 1, 2 and 4 workers, after one client used the ring."""
     out = []
     for workers in PSS_WORKERS:
@@ -680,10 +729,7 @@ def pss_by_workers(w: Workload, options: BenchOptions, progress: Callable[[str],
                 assert server.address is not None
                 job = ClientJob(server.address, w.batch_size, 0, 1, None, 0.0,
                                 min(options.seconds, 0.5), options.seed)
-                with ClientGroup([job]) as group:
-                    group.collect("warm", CLIENT_START_TIMEOUT)
-                    group.go.set()
-                    group.collect("done", 30.0)
+                pool.run([job])
                 pss = pss_bytes(process_tree(server.pid))
                 ring = ring_info(server.ready_line)
                 entry.update(status="ok", pss_bytes=pss, pss_over_data=pss / w.nbytes,
@@ -802,8 +848,9 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up servers and temp data
 
     def progress(msg: str) -> None:
-        print(f"  ... {msg}", file=sys.stderr, flush=True)
+        print(f"  ... {time.perf_counter() - started:6.1f} s  {msg}", file=sys.stderr, flush=True)
 
+    pool = ClientPool(max(TCP_CLIENTS))  # started at the first batchfeed row
     try:
         for line in header_lines():
             out(line)
@@ -811,14 +858,14 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
         results: dict[str, Any] = {"header": header_lines(), "options": asdict(options),
                                    "workloads": {}, "pss_by_workers": None, "problems": []}
         for name in options.workloads:
-            result = run_workload(all_workloads[name], options, progress)
+            result = run_workload(all_workloads[name], options, pool, progress)
             results["workloads"][name] = result
             out("")
             for line in format_workload(result, options):
                 out(line)
         if "tabular" in options.workloads:
             problems = results["problems"]
-            entries = pss_by_workers(all_workloads["tabular"], options, progress, problems)
+            entries = pss_by_workers(all_workloads["tabular"], options, pool, progress, problems)
             results["pss_by_workers"] = entries
             out("")
             for line in format_pss(entries, all_workloads["tabular"]) + [
@@ -845,4 +892,5 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
               file=sys.stderr)
         return 130
     finally:
+        pool.close()
         signal.signal(signal.SIGTERM, previous)
