@@ -333,6 +333,7 @@ def run_client(row: int, job: ClientJob, messages: Any, go: Any) -> None:
         start = time.perf_counter()  # the connect starts with the constructor
         with Client(job.address, batch_size=job.batch_size, seed=job.seed, rank=job.rank,
                     world_size=job.world_size, fastpath=job.fastpath,
+                    reconnect_timeout=10.0,  # a lost server fails the row, not the whole run
                     name=f"bench-rank{job.rank}") as client:
             told: list[bool] = []
             waited: list[float] = []
