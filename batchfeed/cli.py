@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -63,6 +64,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    # Workers are the parallelism: one BLAS thread each (set before numpy is imported; an
+    # explicit setting in the environment wins).  This also saves OpenBLAS's per-thread buffers.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from batchfeed.server.config import ServerConfig
     from batchfeed.server.main import serve
 

@@ -23,7 +23,7 @@ READY_RE = re.compile(r"^batchfeed serve: ready: .* at (\S+) \(")
 class ServerProcess:
     def __init__(self, args: Sequence[str] = (), *, bind: str = "tcp://127.0.0.1:0",
                  log_level: str = "WARNING", env: dict | None = None):
-        self.args = ["--log-level", log_level, "serve", "--bind", bind, *args]
+        self.args = ["--log-level", log_level, "serve", "--bind", bind, *map(str, args)]
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None

@@ -236,20 +236,27 @@ class Frontend:
 
     def run(self) -> None:
         while not self._stopping:
-            events = dict(self.poller.poll(self._poll_timeout_ms()))
-            if self.clients in events:
-                self._drain_clients()
-            if self.worker_sock in events:
-                self._drain_workers()
-            for w in list(self.workers):
-                if w.sentinel in events:
-                    self._on_worker_exit(w)
-            self._reap_sends()
-            self._dispatch()
-            now = time.monotonic()
-            if now - self._last_timer >= TIMER_PERIOD:
-                self._last_timer = now
-                self._check_timers(now)
+            try:
+                self._iterate()
+            except Exception:  # a bug must cost one message, not the whole server
+                log.exception("internal error in the front end; continuing")
+                self.errors["internal"] += 1
+
+    def _iterate(self) -> None:
+        events = dict(self.poller.poll(self._poll_timeout_ms()))
+        if self.clients in events:
+            self._drain_clients()
+        if self.worker_sock in events:
+            self._drain_workers()
+        for w in list(self.workers):
+            if w.sentinel in events:
+                self._on_worker_exit(w)
+        self._reap_sends()
+        self._dispatch()
+        now = time.monotonic()
+        if now - self._last_timer >= TIMER_PERIOD:
+            self._last_timer = now
+            self._check_timers(now)
 
     def _poll_timeout_ms(self) -> float:
         if self.sends:
@@ -492,6 +499,20 @@ class Frontend:
             self.runnable.rotate(-1)  # round robin between sessions
             epoch, k0, count = s.pending[0]
             take = s.next_chunk(count)
+            slot = self.ring.acquire()
+            assert slot is not None
+            task = tasks.Task(self._next_task + 1, s.dataset.name, s.plan.params.to_wire(),
+                              epoch, k0, take, slot)
+            assert self.worker_sock is not None
+            try:
+                self.worker_sock.send_multipart([worker.identity, tasks.task_message(task)],
+                                                zmq.NOBLOCK)
+            except zmq.ZMQError:
+                # Just died (its exit is handled when its sentinel fires): nothing was given.
+                self.ring.release(slot)
+                worker.ready = False
+                continue
+            self._next_task += 1
             if take == count:
                 s.pending.popleft()
             else:
@@ -499,17 +520,10 @@ class Frontend:
             s.queued -= take
             s.gathering += take
             s.tasks_in_stream += 1
-            slot = self.ring.acquire()
-            assert slot is not None
-            self._next_task += 1
-            task = tasks.Task(self._next_task, s.dataset.name, s.plan.params.to_wire(), epoch,
-                              k0, take, slot)
             self.inflight[task.id] = InFlight(task, s.id, s.stream, worker)
             if not worker.tasks:
                 worker.progress_at = time.monotonic()
             worker.tasks[task.id] = time.monotonic()
-            assert self.worker_sock is not None
-            self.worker_sock.send_multipart([worker.identity, tasks.task_message(task)])
             if s.pending:
                 self.runnable.append(s.id)
 

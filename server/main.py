@@ -12,6 +12,7 @@ unlinked, the private ipc directory removed.  Exit code 0.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import re
@@ -104,6 +105,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
         specs = {d.spec.name: d.spec for d in datasets}
         frontend = Frontend(config, specs, ring, f"ipc://{ipc_dir}/workers", security)
         gc.collect()
+        _trim_heap()  # give loading's temporaries back before the workers inherit them
         gc.freeze()  # keep the workers' copy-on-write pages shared
         frontend.start_workers()
         try:
@@ -135,6 +137,13 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.stdout.flush()
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: ServerConfig,

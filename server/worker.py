@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from .dataset import DatasetSpec, attach_arrays
 log = logging.getLogger("batchfeed.server.worker")
 
 ALIGN = 64
-_PLAN_CACHE = 32
+_PLAN_CACHE = 8  # plans (and their epoch orders) kept per worker ...
+_PLAN_IDLE_S = 5.0  # ... and dropped once unused this long, so memory returns to baseline
 _PR_SET_PDEATHSIG = 1
 
 
@@ -135,12 +137,13 @@ def run_worker(spec: WorkerSpec) -> None:
         segments.append(ring)
         assert ring.buf is not None
         ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
-        plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        plans = PlanCache()
         sock.send(tasks.pack(tasks.READY, pid=os.getpid(), index=spec.index))
         while True:
             if not sock.poll(1000):
                 if os.getppid() != spec.parent_pid:
                     return
+                plans.evict_idle()
                 continue
             body = tasks.unpack(sock.recv())
             if body["kind"] == tasks.STOP:
@@ -154,17 +157,38 @@ def run_worker(spec: WorkerSpec) -> None:
             seg.close()
 
 
-def _run_task(task: tasks.Task, data: dict, plans: OrderedDict, ring_u8: np.ndarray,
+class PlanCache:
+    """The plans a worker has used lately (each caches its current epoch orders)."""
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[tuple, tuple[BatchPlan, float]] = OrderedDict()
+        self._last_sweep = time.monotonic()
+
+    def get(self, dataset: str, rows: int, params: dict) -> BatchPlan:
+        key = (dataset, tuple(sorted(params.items())))
+        now = time.monotonic()
+        hit = self._plans.pop(key, None)
+        plan = hit[0] if hit is not None else BatchPlan(rows, PlanParams.from_wire(params))
+        self._plans[key] = (plan, now)
+        while len(self._plans) > _PLAN_CACHE:
+            self._plans.popitem(last=False)
+        if now - self._last_sweep > _PLAN_IDLE_S:
+            self.evict_idle(now)
+        return plan
+
+    def evict_idle(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._last_sweep = now
+        for key, (_, used) in list(self._plans.items()):
+            if now - used > _PLAN_IDLE_S:
+                del self._plans[key]
+
+
+def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarray,
               spec: WorkerSpec) -> bytes:
     try:
         ds, arrays = data[task.dataset]
-        key = (task.dataset, tuple(sorted(task.params.items())))
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = BatchPlan(ds.rows, PlanParams.from_wire(task.params))
-            if len(plans) > _PLAN_CACHE:
-                plans.popitem(last=False)
-        plans.move_to_end(key)
+        plan = plans.get(task.dataset, ds.rows, task.params)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
         layout = gather_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot)

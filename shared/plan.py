@@ -23,7 +23,7 @@ from .errors import InvalidRequest
 
 SHUFFLE_MODES = ("full", "buffer", "none")
 MAX_SEED = 2**63 - 1
-_ORDER_CACHE_SIZE = 3
+_ORDER_CACHE_SIZE = 2  # the current epoch and the next (clients prefetch across the boundary)
 
 # Tags keep the random streams of different modes apart for the same (seed, epoch).
 _TAG_FULL = 0x46554C4C
@@ -87,9 +87,15 @@ class PlanParams:
         return cls(**data)
 
 
+def index_dtype(n_rows: int) -> type:
+    """int32 indices where they fit: half the memory of an epoch's order, and of its reads."""
+    return np.int32 if n_rows < 2**31 else np.int64
+
+
 def full_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """A fresh permutation of ``range(n_rows)`` for each (seed, epoch)."""
-    return np.random.default_rng([seed, epoch, _TAG_FULL]).permutation(n_rows)
+    rng = np.random.default_rng([seed, epoch, _TAG_FULL])
+    return rng.permutation(np.arange(n_rows, dtype=index_dtype(n_rows)))
 
 
 def buffer_order(n_rows: int, buffer_size: int, seed: int, epoch: int) -> np.ndarray:
@@ -108,7 +114,7 @@ def buffer_order(n_rows: int, buffer_size: int, seed: int, epoch: int) -> np.nda
     size = min(buffer_size, n_rows)
     steady = n_rows - size
     slots = rng.integers(0, size, steady)
-    order = np.empty(n_rows, dtype=np.int64)
+    order = np.empty(n_rows, dtype=index_dtype(n_rows))
     if steady:
         by_slot = np.argsort(slots, kind="stable")  # steps grouped by slot, in time order
         sorted_slots = slots[by_slot]
@@ -178,7 +184,7 @@ class BatchPlan:
         elif p.shuffle == "buffer":
             order = buffer_order(self.n_rows, p.buffer_size, p.seed, epoch)
         else:
-            order = np.arange(self.n_rows, dtype=np.int64)
+            order = np.arange(self.n_rows, dtype=index_dtype(self.n_rows))
         order.flags.writeable = False
         self._orders[epoch] = order
         while len(self._orders) > _ORDER_CACHE_SIZE:

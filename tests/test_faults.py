@@ -1,0 +1,300 @@
+"""Faults on real processes: each sample exactly once per epoch, whatever dies."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from batchfeed import Client, ServerUnavailable
+from batchfeed.launch import ServerProcess
+
+from conftest import children, free_port, pid_alive, private_pss_bytes, pss_bytes, \
+    server_report, shm_segments, socket_fds
+
+N = 20_003
+
+
+def exact_epoch(client: Client, epoch: int, n: int = N, pause: float = 0.0) -> None:
+    """Iterate one epoch and check every row came exactly once (and rows are intact)."""
+    seen = []
+    for batch in client.epoch(epoch):
+        ids = batch["id"]
+        assert np.array_equal(batch["x"][:, 0], ids.astype(np.float32))
+        seen.append(ids.copy())
+        if pause:
+            time.sleep(pause)
+    rows = np.sort(np.concatenate(seen))
+    assert len(rows) == n and np.array_equal(rows, np.arange(n)), f"epoch {epoch} not exact"
+
+
+class Killer(threading.Thread):
+    """Every ``period`` seconds, send ``sig`` to one of the server's workers."""
+
+    def __init__(self, server_pid: int, period: float, sig: int = signal.SIGKILL):
+        super().__init__(daemon=True)
+        self.server_pid, self.period, self.sig = server_pid, period, sig
+        self.kills = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(0)
+        while not self.stop.wait(self.period):
+            workers = children(self.server_pid)
+            if workers:
+                try:
+                    os.kill(rng.choice(workers), self.sig)
+                    self.kills += 1
+                except ProcessLookupError:
+                    pass
+
+
+def test_worker_killed_repeatedly_loses_nothing(serve, dataset_path) -> None:
+    srv = serve("--data", dataset_path(N), "--workers", 2)
+    killer = Killer(srv.pid, period=0.3)
+    with Client(srv.address, batch_size=64, seed=3, prefetch=16) as c:
+        killer.start()
+        try:
+            for epoch in range(3):
+                exact_epoch(c, epoch, pause=0.002)
+        finally:
+            killer.stop.set()
+            killer.join()
+    assert killer.kills >= 5
+    report = server_report(srv.address)["server"]
+    assert report["counters"]["worker_restarts"] >= killer.kills - 1
+    assert len(children(srv.pid)) == 2  # every worker was replaced
+
+
+def test_hung_worker_is_replaced_and_its_work_redone(serve, dataset_path) -> None:
+    srv = serve("--data", dataset_path(N), "--workers", 2, "--task-timeout", 1)
+    with Client(srv.address, batch_size=64, seed=4, prefetch=16) as c:
+        it = c.epoch(0)
+        seen = [next(it)["id"].copy()]
+        stopped = children(srv.pid)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            seen += [b["id"].copy() for b in it]
+        finally:
+            if pid_alive(stopped):
+                os.kill(stopped, signal.SIGCONT)
+        rows = np.sort(np.concatenate(seen))
+        assert np.array_equal(rows, np.arange(N))  # no gap, no late duplicate
+        exact_epoch(c, 1)
+    deadline = time.monotonic() + 5
+    while pid_alive(stopped) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(stopped) or open(f"/proc/{stopped}/stat").read().split()[2] == "Z"
+    assert server_report(srv.address)["server"]["counters"]["worker_timeouts"] >= 1
+
+
+CLIENT_SCRIPT = """
+import sys
+from batchfeed import Client
+c = Client(sys.argv[1], batch_size=64, seed=int(sys.argv[2]), fastpath=sys.argv[3] == "1")
+it = c.epoch(0)
+held = [next(it) for _ in range(3)]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def start_doomed_client(address: str, seed: int, fastpath: bool) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, address, str(seed),
+                             "1" if fastpath else "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fastpath", [False, True], ids=["tcp", "fastpath"])
+def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath: bool,
+                                                   tmp_path) -> None:
+    bind = f"ipc://{tmp_path}/s.sock" if fastpath else "tcp://127.0.0.1:0"
+    srv = serve("--data", dataset_path(N), "--workers", 2, "--session-timeout", 1, bind=bind)
+    pids = lambda: [srv.pid, *children(srv.pid)]  # noqa: E731
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def well_behaved() -> None:
+        try:
+            with Client(srv.address, batch_size=128, seed=9) as good:
+                epoch = 0
+                while not stop.is_set():
+                    exact_epoch(good, epoch)
+                    epoch += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    good = threading.Thread(target=well_behaved)
+    good.start()
+    try:
+        doomed = start_doomed_client(srv.address, 0, fastpath)
+        doomed.kill()
+        doomed.wait()
+        wait_for(lambda: server_report(srv.address)["server"]["sessions"] == 1, 20,
+                 "the first dead client to be reclaimed")
+        base_pss, base_sockets = private_pss_bytes(pids()), socket_fds(srv.pid)
+        for cycle in range(50):
+            doomed = start_doomed_client(srv.address, cycle, fastpath)
+            doomed.kill()
+            doomed.wait()
+
+        def reclaimed() -> bool:
+            s = server_report(srv.address)["server"]
+            return s["sessions"] == 1 and s["slots_leased"] <= 8  # the good client's, if any
+
+        wait_for(reclaimed, 30, "sessions and slots of 50 dead clients to be reclaimed")
+        wait_for(lambda: socket_fds(srv.pid) <= base_sockets, 30, "sockets back to baseline")
+        wait_for(lambda: private_pss_bytes(pids()) < base_pss + 4 * 2**20, 20,
+                 "memory back to baseline")
+    finally:
+        stop.set()
+        good.join(60)
+    assert not errors, errors
+
+
+def test_server_killed_and_restarted_costs_only_a_delay(dataset_path) -> None:
+    path = dataset_path(N)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    first = ServerProcess(["--data", str(path), "--workers", 2], bind=address).start()
+    second = None
+    try:
+        with Client(address, batch_size=64, seed=5, prefetch=8, reconnect_timeout=60) as c:
+            full = [b["id"].copy() for b in c.epoch(0)]
+            it = c.epoch(1)
+            seen = [next(it)["id"].copy() for _ in range(40)]
+            os.kill(first.pid, signal.SIGKILL)
+            first.proc.wait(10)
+            time.sleep(1.0)
+            second = ServerProcess(["--data", str(path), "--workers", 2], bind=address).start()
+            seen += [b["id"].copy() for b in it]  # no exception: only a delay
+            rows = np.sort(np.concatenate(seen))
+            assert np.array_equal(rows, np.arange(N))
+            # and it is the very same epoch 1 an uninterrupted run gives
+            again = [b["id"].copy() for b in c.epoch(1)]
+            assert all(np.array_equal(a, b) for a, b in zip(seen, again))
+            assert len(full) == len(again)
+        stale = [n for n in shm_segments() if n.startswith(f"bf_{first.pid}_")]
+        assert not stale  # removed by the second server at start
+    finally:
+        first.stop()
+        if second is not None:
+            assert second.stop() == 0
+
+
+def test_server_gone_past_reconnect_timeout_is_a_clear_error(dataset_path) -> None:
+    srv = ServerProcess(["--data", str(dataset_path(N)), "--workers", 1]).start()
+    try:
+        with Client(srv.address, batch_size=64, reconnect_timeout=2) as c:
+            it = c.epoch(0)
+            next(it)
+            os.kill(srv.pid, signal.SIGKILL)
+            srv.proc.wait(10)
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnavailable, match="did not come back within "
+                                                        "reconnect_timeout=2 s"):
+                for _ in it:
+                    pass
+            assert time.monotonic() - t0 < 15
+    finally:
+        srv.stop()
+        subprocess.run([sys.executable, "-c", "from batchfeed.shared.shm import "
+                        "remove_stale_segments as r; r()"], check=True)
+
+
+def test_sigkilled_server_leaves_no_workers_and_its_segments_go_at_next_start(
+        serve, dataset_path) -> None:
+    path = dataset_path(N)
+    srv = ServerProcess(["--data", str(path), "--workers", 2]).start()
+    workers = children(srv.pid)
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    srv.stop()
+    wait_for(lambda: not any(pid_alive(w) for w in workers), 10, "orphaned workers to exit")
+    left = [n for n in shm_segments() if n.startswith(f"bf_{srv.pid}_")]
+    assert left  # a SIGKILL leaves them ...
+    nxt = serve("--data", path, "--workers", 1, log_level="INFO")
+    assert not [n for n in shm_segments() if n.startswith(f"bf_{srv.pid}_")]  # ... until now
+    assert any("removed" in line and left[0] in line for line in nxt.output)
+
+
+def test_too_little_shared_memory_fails_before_workers_start(tmp_path) -> None:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c",
+                            "mount -t tmpfs -o size=8m tmpfs /dev/shm && echo ok"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "ok":
+        pytest.skip(f"cannot mount a small /dev/shm here: {probe.stderr.strip()}")
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=8m tmpfs /dev/shm && exec "
+         f"{sys.executable} -m batchfeed serve --synthetic-rows 1000000 "
+         "--bind tcp://127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "need 3" in out.stderr and "of shared memory but /dev/shm has only 8.0 MiB" in \
+        out.stderr
+    assert "shm_size" in out.stderr
+    assert "Traceback" not in out.stderr and "Bus error" not in out.stderr
+
+
+@pytest.mark.timeout(180)
+def test_stalled_consumer_keeps_server_memory_bounded(serve, dataset_path) -> None:
+    """A client stops consuming for 60 s while another keeps the server busy: the server's
+    memory stays flat (the stalled client's credit caps what it is owed)."""
+    n = 200_000
+    arrays = {"id": np.arange(n), "x": np.zeros((n, 256), np.float32)}
+    srv = serve("--data", dataset_path(arrays=arrays), "--workers", 2)
+    pids = [srv.pid, *children(srv.pid)]
+    batch_bytes = 256 * (256 * 4 + 8)
+    with Client(srv.address, batch_size=256, prefetch=16, name="stalled") as stalled, \
+            Client(srv.address, batch_size=256, prefetch=16, name="busy") as busy:
+        it = stalled.epoch(0)
+        next(it)
+        for epoch in range(2):  # warm up: every ring slot gets touched
+            for _ in busy.epoch(epoch):
+                pass
+        samples, epoch, t0 = [], 2, time.monotonic()
+        while time.monotonic() - t0 < 60:
+            for _ in busy.epoch(epoch):
+                pass
+            epoch += 1
+            samples.append((pss_bytes(pids), private_pss_bytes(pids)))
+        sessions = {s["name"]: s for s in server_report(srv.address)["sessions"]}
+    assert sessions["stalled"]["batches"] <= 16 + 1  # never more than its credit was sent
+    totals, private = zip(*samples)
+    half = len(samples) // 2
+    assert max(private[half:]) - max(private[:half]) < 2 * 2**20  # no upward trend
+    assert max(private) - min(private) < 8 * 2**20  # allocator noise, not a backlog
+    assert max(totals) - min(totals) < 16 * batch_bytes + 8 * 2**20
+
+
+def test_silent_peer_is_dropped_by_zeromq_heartbeats(serve, dataset_path) -> None:
+    """A client frozen with SIGSTOP answers no heartbeat: the server drops its connection
+    (TCP alone would keep it: the kernel still ACKs) and reclaims its session."""
+    srv = serve("--data", dataset_path(N), "--workers", 1, "--session-timeout", 30)
+    doomed = start_doomed_client(srv.address, 0, fastpath=False)
+    try:
+        base = socket_fds(srv.pid)
+        os.kill(doomed.pid, signal.SIGSTOP)
+        wait_for(lambda: socket_fds(srv.pid) < base, 20, "the heartbeat to drop the connection")
+    finally:
+        doomed.kill()
+        doomed.wait()
