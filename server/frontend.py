@@ -128,12 +128,11 @@ class Frontend:
     """Runs until ``stop()``; ``close()`` shuts every socket and worker down (idempotent)."""
 
     def __init__(self, config: ServerConfig, datasets: dict[str, DatasetSpec], ring: SlotRing,
-                 worker_endpoint: str, security: ServerSecurity | None = None):
+                 security: ServerSecurity | None = None):
         self.config = config
         self.security = security
         self.datasets = datasets
         self.ring = ring
-        self.worker_endpoint = worker_endpoint
         self.sessions: dict[int, Session] = {}
         self.runnable: deque[int] = deque()  # sessions that may have pending work
         self.inflight: dict[int, InFlight] = {}
@@ -148,7 +147,6 @@ class Frontend:
         self.started = time.monotonic()
         self.ctx: zmq.Context | None = None
         self.clients: zmq.Socket | None = None
-        self.worker_sock: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self.address = config.bind
 
@@ -162,7 +160,6 @@ class Frontend:
     def _spawn(self, index: int) -> WorkerHandle:
         spec = WorkerSpec(
             index=index,
-            endpoint=self.worker_endpoint,
             datasets=tuple(self.datasets.values()),
             ring_name=self.ring.name,
             ring_header=self.ring.offset(0),
@@ -175,10 +172,6 @@ class Frontend:
 
     def bind(self) -> None:
         self.ctx = zmq.Context()
-        self.worker_sock = self.ctx.socket(zmq.ROUTER)
-        self.worker_sock.linger = 0
-        self.worker_sock.router_mandatory = 1
-        self.worker_sock.bind(self.worker_endpoint)
         self.clients = self.ctx.socket(zmq.ROUTER)
         if self.security is not None:
             self.security.apply(self.ctx, self.clients)
@@ -191,9 +184,12 @@ class Frontend:
         self.clients.bind(self.config.bind)
         self.address = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller.register(self.clients, zmq.POLLIN)
-        self.poller.register(self.worker_sock, zmq.POLLIN)
         for w in self.workers:
-            self.poller.register(w.sentinel, zmq.POLLIN)
+            self._watch(w)
+
+    def _watch(self, w: WorkerHandle) -> None:
+        self.poller.register(w.fileno(), zmq.POLLIN)
+        self.poller.register(w.sentinel, zmq.POLLIN)
 
     def wait_workers_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -205,9 +201,10 @@ class Frontend:
                     raise RuntimeError(
                         f"worker {w.index} exited with code {w.process.exitcode} while starting"
                     )
-            assert self.worker_sock is not None
-            if self.worker_sock.poll(100):
-                self._drain_workers()
+            events = dict(self.poller.poll(100))
+            for w in list(self.workers):
+                if w.fileno() in events:
+                    self._drain_worker(w)
 
     def stop(self) -> None:
         self._stopping = True
@@ -215,16 +212,14 @@ class Frontend:
     def close(self) -> None:
         """Stop workers (STOP, join, terminate, kill), then close sockets and the context."""
         for w in self.workers:
-            if self.worker_sock is not None:
-                w.stop(self.worker_sock)
+            w.stop()
         deadline = time.monotonic() + 3.0
         for w in self.workers:
             w.finish(max(0.1, deadline - time.monotonic()))
         self.workers = []
-        for sock in (self.clients, self.worker_sock):
-            if sock is not None:
-                sock.close(linger=0)
-        self.clients = self.worker_sock = None
+        if self.clients is not None:
+            self.clients.close(linger=0)
+        self.clients = None
         self.sends.clear()
         if self.security is not None:
             self.security.close()
@@ -246,10 +241,10 @@ class Frontend:
         events = dict(self.poller.poll(self._poll_timeout_ms()))
         if self.clients in events:
             self._drain_clients()
-        if self.worker_sock in events:
-            self._drain_workers()
         for w in list(self.workers):
-            if w.sentinel in events:
+            if w.fileno() in events:
+                self._drain_worker(w)
+            if w.sentinel in events and w in self.workers:
                 self._on_worker_exit(w)
         self._reap_sends()
         self._dispatch()
@@ -273,16 +268,12 @@ class Frontend:
                 return
             self._on_client(frames[0], frames[1:])
 
-    def _drain_workers(self) -> None:
-        assert self.worker_sock is not None
-        for _ in range(DRAIN_MAX):
-            try:
-                identity, data = self.worker_sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            self._on_worker(identity, tasks.unpack(data))
+    def _drain_worker(self, w: WorkerHandle) -> None:
+        messages = w.receive()
+        for data in messages or ():
+            self._on_worker(w, tasks.unpack(data))
+        if messages is None and w in self.workers:
+            self._on_worker_exit(w)  # hung up: dead, or dying
 
     # ------------------------------------------------------------------ clients
 
@@ -503,12 +494,8 @@ class Frontend:
             assert slot is not None
             task = tasks.Task(self._next_task + 1, s.dataset.name, s.plan.params.to_wire(),
                               epoch, k0, take, slot)
-            assert self.worker_sock is not None
-            try:
-                self.worker_sock.send_multipart([worker.identity, tasks.task_message(task)],
-                                                zmq.NOBLOCK)
-            except zmq.ZMQError:
-                # Just died (its exit is handled when its sentinel fires): nothing was given.
+            if not worker.send(tasks.task_message(task)):
+                # Just died (its exit is handled when its channel or sentinel says so).
                 self.ring.release(slot)
                 worker.ready = False
                 continue
@@ -537,10 +524,7 @@ class Frontend:
 
     # ------------------------------------------------------------------ workers
 
-    def _on_worker(self, identity: bytes, body: dict) -> None:
-        worker = next((w for w in self.workers if w.identity == identity), None)
-        if worker is None:
-            return
+    def _on_worker(self, worker: WorkerHandle, body: dict) -> None:
         kind = body.get("kind")
         if kind == tasks.READY:
             worker.ready = True
@@ -618,10 +602,13 @@ class Frontend:
                 s.pending.appendleft((job.task.epoch, job.task.k0, job.task.count))
                 self.runnable.appendleft(s.id)
         self.poller.unregister(worker.sentinel)
+        self.poller.unregister(worker.fileno())
+        if worker.alive():
+            worker.process.kill()  # it hung up on us; make sure it is gone
         worker.finish(1.0)
         replacement = self._spawn(worker.index)
         self.workers[self.workers.index(worker)] = replacement
-        self.poller.register(replacement.sentinel, zmq.POLLIN)
+        self._watch(replacement)
 
     # ------------------------------------------------------------------ timers
 

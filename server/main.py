@@ -7,7 +7,7 @@ Start-up order matters and is written once here:
 4. fork the workers (before this process has a ZeroMQ context), bind, wait for them;
 5. print the ready line and run the event loop until SIGINT or SIGTERM.
 Shutdown runs in ``finally`` in reverse: workers stopped and joined, sockets closed, segments
-unlinked, the private ipc directory removed.  Exit code 0.
+unlinked.  Exit code 0.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ import ctypes
 import gc
 import logging
 import re
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -89,7 +87,6 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
     datasets: list[SharedDataset] = []
     ring: SlotRing | None = None
     frontend: Frontend | None = None
-    ipc_dir = tempfile.mkdtemp(prefix="batchfeed-")
     try:
         sources = dataset_sources(config)
         widest = max(s.field.row_nbytes for srcs in sources.values() for s in srcs)
@@ -103,7 +100,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
             datasets.append(SharedDataset.load(name, srcs, token))
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
-        frontend = Frontend(config, specs, ring, f"ipc://{ipc_dir}/workers", security)
+        frontend = Frontend(config, specs, ring, security)
         gc.collect()
         _trim_heap()  # give loading's temporaries back before the workers inherit them
         gc.freeze()  # keep the workers' copy-on-write pages shared
@@ -133,7 +130,6 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
             ring.close()
         for d in datasets:
             d.close()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.stdout.flush()

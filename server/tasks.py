@@ -1,7 +1,7 @@
 """The server's internal channel between the main process and its workers.
 
 Not the wire protocol (that is ``batchfeed.shared.protocol``): these messages only travel over
-an ipc socket in the server's private directory.  Each is one msgpack map with a ``kind``:
+each worker's private socketpair.  Each is one msgpack map with a ``kind``:
 
 - main -> worker: TASK (fill ``slot`` with batches ``k0 .. k0+count-1``), STOP;
 - worker -> main: READY, DONE (the layout it wrote), FAIL (a typed error for the client).
@@ -15,6 +15,7 @@ import msgpack
 
 TASK = "task"
 STOP = "stop"
+MAX_MESSAGE = 1 << 20  # a DONE for 1024 batches of 256 fields stays far below this
 READY = "ready"
 DONE = "done"
 FAIL = "fail"

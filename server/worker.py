@@ -4,11 +4,15 @@ A worker is stateless beyond caches: a task names the plan parameters, the epoch
 and the slot, so a task lost with its worker is simply given to another.  Workers are forked
 from the main process (so they share its imported modules' pages), then:
 
-- drop what they inherited but must not use: the parent's ZeroMQ sockets and signal handlers;
+- drop what they inherited but must not use: the parent's sockets and signal handlers;
 - ask the kernel to kill them when the parent dies (``PR_SET_PDEATHSIG``) and also check
   ``getppid`` whenever they are idle, so a SIGKILLed server leaves no workers behind;
-- make their own ZeroMQ context, attach the dataset (read-only) and the ring by name;
+- attach the dataset (read-only) and the ring by name;
 - loop: take a TASK, ``np.take(..., out=slot)`` per field, answer DONE or FAIL.
+
+Each worker talks to the main process over its own ``SOCK_SEQPACKET`` socketpair: one message
+per ``send``, no ZeroMQ context (and no I/O thread to wake) in the worker, and an end-of-file
+the moment either side dies.
 
 Shutdown: the main process sends STOP, joins with a timeout, then terminates, then kills.
 """
@@ -19,17 +23,18 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import select
 import signal
+import socket
 import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import zmq
 
 from batchfeed.shared.errors import BatchfeedError, WorkerError
-from batchfeed.shared.plan import BatchPlan, PlanParams
+from batchfeed.shared.plan import ORDERS, BatchPlan, PlanParams
 from batchfeed.shared.shm import SharedSegment
 
 from . import tasks
@@ -48,7 +53,6 @@ class WorkerSpec:
     """Everything a worker process needs, all of it names and numbers."""
 
     index: int
-    endpoint: str
     datasets: tuple[DatasetSpec, ...]
     ring_name: str
     ring_header: int
@@ -88,8 +92,9 @@ def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPl
     return dtypes, shapes, offsets, sizes
 
 
-def _forget_parent_state() -> None:
-    """In a freshly forked worker: drop the parent's handlers and sockets, follow its death."""
+def _forget_parent_state(keep: int) -> None:
+    """In a freshly forked worker: drop the parent's handlers and sockets (all but ``keep``,
+    the worker's channel), and follow the parent's death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; main decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -103,7 +108,7 @@ def _forget_parent_state() -> None:
         return
     for name in fds:
         fd = int(name)
-        if fd <= 2:
+        if fd <= 2 or fd == keep:
             continue
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
@@ -116,16 +121,11 @@ def _forget_parent_state() -> None:
                 pass
 
 
-def run_worker(spec: WorkerSpec) -> None:
+def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
     """Body of a worker process."""
-    _forget_parent_state()
+    _forget_parent_state(keep=channel.fileno())
     if os.getppid() != spec.parent_pid:
         return
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.setsockopt(zmq.ROUTING_ID, f"w{spec.index}".encode())
-    sock.connect(spec.endpoint)
     segments: list[SharedSegment] = []
     try:
         data = {}
@@ -138,21 +138,26 @@ def run_worker(spec: WorkerSpec) -> None:
         assert ring.buf is not None
         ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
         plans = PlanCache()
-        sock.send(tasks.pack(tasks.READY, pid=os.getpid(), index=spec.index))
+        channel.send(tasks.pack(tasks.READY, pid=os.getpid(), index=spec.index))
+        waiting = select.poll()
+        waiting.register(channel, select.POLLIN)
         while True:
-            if not sock.poll(1000):
+            if not waiting.poll(1000):
                 if os.getppid() != spec.parent_pid:
                     return
                 plans.evict_idle()
                 continue
-            body = tasks.unpack(sock.recv())
+            message = channel.recv(tasks.MAX_MESSAGE)
+            if not message:
+                return  # the main process is gone
+            body = tasks.unpack(message)
             if body["kind"] == tasks.STOP:
                 return
-            task = tasks.task_from(body)
-            sock.send(_run_task(task, data, plans, ring_u8, spec))
+            channel.send(_run_task(tasks.task_from(body), data, plans, ring_u8, spec))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the main process is gone
     finally:
-        sock.close(linger=0)
-        ctx.term()
+        channel.close()
         for seg in segments:
             seg.close()
 
@@ -182,6 +187,7 @@ class PlanCache:
         for key, (_, used) in list(self._plans.items()):
             if now - used > _PLAN_IDLE_S:
                 del self._plans[key]
+        ORDERS.evict_idle()
 
 
 def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarray,
@@ -206,21 +212,29 @@ def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarra
 
 
 class WorkerHandle:
-    """The main process's view of one worker: its process and the tasks it holds."""
+    """The main process's view of one worker: its process, its channel, the tasks it holds."""
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.index = spec.index
-        self.identity = f"w{spec.index}".encode()
         self.tasks: dict[int, float] = {}  # task id -> time it was sent
         self.progress_at = 0.0  # last time it finished a task, or got one while idle
         self.ready = False
+        self.channel, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._buffer = bytearray(tasks.MAX_MESSAGE)
+        self._view = memoryview(self._buffer)
         self.process = multiprocessing.get_context("fork").Process(
-            target=run_worker, args=(spec,), name=f"batchfeed-worker-{spec.index}", daemon=True
+            target=run_worker, args=(spec, self._child_end),
+            name=f"batchfeed-worker-{spec.index}", daemon=True,
         )
 
     def start(self) -> None:
         self.process.start()
+        self._child_end.close()
+        self.channel.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
 
     @property
     def sentinel(self) -> int:
@@ -229,24 +243,43 @@ class WorkerHandle:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def stop(self, sock: zmq.Socket) -> None:
-        """Ask nicely (the caller then joins with a timeout)."""
-        if self.ready and self.alive():
+    def send(self, message: bytes) -> bool:
+        """Hand the worker a message; False if it is gone (its exit is handled elsewhere)."""
+        try:
+            self.channel.send(message)
+            return True
+        except OSError:  # BlockingIOError cannot happen with <= 2 small tasks queued
+            return False
+
+    def receive(self) -> list[bytes] | None:
+        """Every message the worker has sent so far; None once it has hung up."""
+        out = []
+        while True:
             try:
-                sock.send_multipart([self.identity, tasks.pack(tasks.STOP)], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+                n = self.channel.recv_into(self._buffer)
+            except BlockingIOError:
+                return out
+            except OSError:
+                return None
+            if not n:
+                return None if not out else out
+            out.append(bytes(self._view[:n]))
+
+    def stop(self) -> None:
+        """Ask nicely (the caller then joins with a timeout)."""
+        if self.alive():
+            self.send(tasks.pack(tasks.STOP))
 
     def finish(self, deadline_s: float) -> None:
         """Join, then terminate, then kill: the shutdown sequence, written once."""
         p = self.process
-        if p.pid is None:
-            return
-        p.join(deadline_s)
-        if p.is_alive():
-            p.terminate()
-            p.join(1.0)
-        if p.is_alive():
-            p.kill()
-            p.join(1.0)
-        p.close()
+        if p.pid is not None:
+            p.join(deadline_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(1.0)
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+            p.close()
+        self.channel.close()

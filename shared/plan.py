@@ -14,6 +14,7 @@ order is reshuffled every epoch, different rows fall in that tail each epoch.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
@@ -23,7 +24,8 @@ from .errors import InvalidRequest
 
 SHUFFLE_MODES = ("full", "buffer", "none")
 MAX_SEED = 2**63 - 1
-_ORDER_CACHE_SIZE = 2  # the current epoch and the next (clients prefetch across the boundary)
+_ORDER_CACHE_SIZE = 4  # epoch orders kept per process (shared by ranks and batch sizes)
+_ORDER_IDLE_S = 5.0  # ... and dropped once unused this long
 
 # Tags keep the random streams of different modes apart for the same (seed, epoch).
 _TAG_FULL = 0x46554C4C
@@ -94,8 +96,9 @@ def index_dtype(n_rows: int) -> type:
 
 def full_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """A fresh permutation of ``range(n_rows)`` for each (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch, _TAG_FULL])
-    return rng.permutation(np.arange(n_rows, dtype=index_dtype(n_rows)))
+    # permutation(n) then a cast is faster than shuffling an int32 arange (same order).
+    order = np.random.default_rng([seed, epoch, _TAG_FULL]).permutation(n_rows)
+    return order.astype(index_dtype(n_rows), copy=False)
 
 
 def buffer_order(n_rows: int, buffer_size: int, seed: int, epoch: int) -> np.ndarray:
@@ -134,14 +137,53 @@ def buffer_order(n_rows: int, buffer_size: int, seed: int, epoch: int) -> np.nda
     return order
 
 
+class OrderCache:
+    """Recently used epoch orders, keyed by what decides them: rows, shuffle, seed, buffer and
+    epoch (not rank, batch size or drop_last, so all ranks of a job share one order)."""
+
+    def __init__(self, size: int = _ORDER_CACHE_SIZE, idle_s: float = _ORDER_IDLE_S):
+        self.size, self.idle_s = size, idle_s
+        self._orders: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
+
+    def get(self, n_rows: int, params: PlanParams, epoch: int) -> np.ndarray:
+        key = (n_rows, params.shuffle, params.seed, params.buffer_size, epoch)
+        now = time.monotonic()
+        hit = self._orders.pop(key, None)
+        order = hit[0] if hit is not None else make_order(n_rows, params, epoch)
+        self._orders[key] = (order, now)
+        while len(self._orders) > self.size:
+            self._orders.popitem(last=False)
+        return order
+
+    def evict_idle(self) -> None:
+        now = time.monotonic()
+        for key, (_, used) in list(self._orders.items()):
+            if now - used > self.idle_s:
+                del self._orders[key]
+
+
+ORDERS = OrderCache()  # this process's cache (each worker has its own)
+
+
+def make_order(n_rows: int, params: PlanParams, epoch: int) -> np.ndarray:
+    if params.shuffle == "full":
+        order = full_order(n_rows, params.seed, epoch)
+    elif params.shuffle == "buffer":
+        order = buffer_order(n_rows, params.buffer_size, params.seed, epoch)
+    else:
+        order = np.arange(n_rows, dtype=index_dtype(n_rows))
+    order.flags.writeable = False
+    return order
+
+
 class BatchPlan:
     """The batches of one client's parameters over a dataset of ``n_rows`` rows.
 
     Counting (``batches_per_epoch``, ``batch_rows``) is arithmetic.  ``indices`` computes the
-    epoch's order once and keeps the last few epochs cached.
+    epoch's order once, in an ``OrderCache`` shared by every plan of the process.
     """
 
-    def __init__(self, n_rows: int, params: PlanParams):
+    def __init__(self, n_rows: int, params: PlanParams, orders: OrderCache = ORDERS):
         if n_rows < 1:
             raise InvalidRequest("the dataset has no rows")
         self.n_rows = n_rows
@@ -156,7 +198,7 @@ class BatchPlan:
                 f"world_size {params.world_size} leave no batch for each rank; "
                 "use a smaller batch_size or world_size"
             )
-        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._orders = orders
 
     def global_batch(self, k: int) -> int:
         return k * self.params.world_size + self.params.rank
@@ -174,22 +216,7 @@ class BatchPlan:
         return min(self.params.batch_size, self.epoch_rows - start)
 
     def order(self, epoch: int) -> np.ndarray:
-        cached = self._orders.get(epoch)
-        if cached is not None:
-            self._orders.move_to_end(epoch)
-            return cached
-        p = self.params
-        if p.shuffle == "full":
-            order = full_order(self.n_rows, p.seed, epoch)
-        elif p.shuffle == "buffer":
-            order = buffer_order(self.n_rows, p.buffer_size, p.seed, epoch)
-        else:
-            order = np.arange(self.n_rows, dtype=index_dtype(self.n_rows))
-        order.flags.writeable = False
-        self._orders[epoch] = order
-        while len(self._orders) > _ORDER_CACHE_SIZE:
-            self._orders.popitem(last=False)
-        return order
+        return self._orders.get(self.n_rows, self.params, epoch)
 
     def indices(self, epoch: int, k: int) -> np.ndarray:
         """Row indices of local batch ``k`` of ``epoch``."""
