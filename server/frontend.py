@@ -140,6 +140,9 @@ class Frontend:
         self.orphans: list[tuple[int | None, int | None, set]] = []  # (pid, start, slots)
         self.workers: list[WorkerHandle] = []
         self.counters: Counter[str] = Counter()
+        self.worker_busy: Counter[int] = Counter()  # seconds each worker index spent on tasks
+        self.snapshot: dict = {}  # describe() with sessions, refreshed by the loop for readers
+        # in other threads (metrics): they read this reference, never the live state
         self.errors: Counter[str] = Counter()
         self._next_task = 0
         self._stopping = False
@@ -377,6 +380,7 @@ class Frontend:
             + sum(len(o[2]) for o in self.orphans),
             "sessions": len(self.sessions),
             "counters": dict(self.counters), "errors": dict(self.errors),
+            "worker_busy_s": {str(i): round(v, 3) for i, v in self.worker_busy.items()},
         }
 
     def _dataset(self, name: str | None) -> DatasetSpec:
@@ -535,6 +539,7 @@ class Frontend:
         del self.inflight[job.task.id]
         worker.tasks.pop(job.task.id, None)
         worker.progress_at = time.monotonic()
+        self.worker_busy[worker.index] += body.get("busy", 0.0)
         s = self.sessions.get(job.session)
         if s is None or job.stream != s.stream:
             self.ring.release(job.task.slot)
@@ -613,6 +618,8 @@ class Frontend:
     # ------------------------------------------------------------------ timers
 
     def _check_timers(self, now: float) -> None:
+        self.snapshot = {**self.describe(),
+                         "session_list": [s.describe(now) for s in self.sessions.values()]}
         for orphan in list(self.orphans):
             pid, started, slots = orphan
             if pid is None or started is None or not same_process_alive(pid, started):

@@ -4,7 +4,9 @@ Not the wire protocol (that is ``batchfeed.shared.protocol``): these messages on
 each worker's private socketpair.  Each is one msgpack map with a ``kind``:
 
 - main -> worker: TASK (fill ``slot`` with batches ``k0 .. k0+count-1``), STOP;
-- worker -> main: READY, DONE (the layout it wrote), FAIL (a typed error for the client).
+- worker -> main: READY, DONE (the layout it wrote: per field its dtype, region offset and
+  size, per batch each field's shape), FAIL (a typed error for the client).  Both carry
+  ``busy``, the seconds the task took, for the busy-fraction metric.
 """
 
 from __future__ import annotations
@@ -49,12 +51,3 @@ def task_message(task: Task) -> bytes:
 
 def task_from(body: dict) -> Task:
     return Task(**{k: v for k, v in body.items() if k != "kind"})
-
-
-def done_message(task_id: int, dtypes: list, shapes: list, offsets: list, nbytes: list) -> bytes:
-    """The layout a worker wrote: per field its dtype, region offset and size; per batch shapes."""
-    return pack(DONE, id=task_id, dtypes=dtypes, shapes=shapes, offsets=offsets, nbytes=nbytes)
-
-
-def fail_message(task_id: int, code: str, message: str) -> bytes:
-    return pack(FAIL, id=task_id, code=code, message=message)

@@ -153,7 +153,9 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
             body = tasks.unpack(message)
             if body["kind"] == tasks.STOP:
                 return
-            channel.send(_run_task(tasks.task_from(body), data, plans, ring_u8, spec))
+            started = time.perf_counter()
+            kind, reply = _run_task(tasks.task_from(body), data, plans, ring_u8, spec)
+            channel.send(tasks.pack(kind, busy=time.perf_counter() - started, **reply))
     except (BrokenPipeError, ConnectionResetError):
         return  # the main process is gone
     finally:
@@ -191,23 +193,26 @@ class PlanCache:
 
 
 def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarray,
-              spec: WorkerSpec) -> bytes:
+              spec: WorkerSpec) -> tuple[str, dict]:
+    """Run one task; returns the reply's kind (DONE or FAIL) and fields."""
     try:
         ds, arrays = data[task.dataset]
         plan = plans.get(task.dataset, ds.rows, task.params)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
-        layout = gather_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot)
-        return tasks.done_message(task.id, *layout)
+        dtypes, shapes, offsets, nbytes = gather_chunk(arrays, ds, plan, task.epoch, task.k0,
+                                                       task.count, slot)
+        return tasks.DONE, dict(id=task.id, dtypes=dtypes, shapes=shapes, offsets=offsets,
+                                nbytes=nbytes)
     except BatchfeedError as exc:
-        return tasks.fail_message(task.id, exc.code, str(exc))
+        return tasks.FAIL, dict(id=task.id, code=exc.code, message=str(exc))
     except Exception as exc:  # a bug or a bad transform: report it, keep serving
         where = traceback.format_exc(limit=-3)
         log.error("worker %d failed on task %d:\n%s", spec.index, task.id, where)
-        return tasks.fail_message(
-            task.id, WorkerError.code,
-            f"worker {spec.index} failed on epoch {task.epoch} batches {task.k0}.."
-            f"{task.k0 + task.count - 1}: {type(exc).__name__}: {exc}",
+        return tasks.FAIL, dict(
+            id=task.id, code=WorkerError.code,
+            message=f"worker {spec.index} failed on epoch {task.epoch} batches {task.k0}.."
+                    f"{task.k0 + task.count - 1}: {type(exc).__name__}: {exc}",
         )
 
 
