@@ -36,6 +36,11 @@ class Client:
         rank, world_size: data-parallel ranks get disjoint batches of the same epoch plan,
             each the same number (the last ``global_batches % world_size`` batches of the
             epoch are dropped for that).
+        sampling: ``"uniform"`` (every row once per epoch), ``"balanced"`` (every batch holds
+            each class of the integer field ``label`` within one of the others; minority
+            classes oversampled, majority ones undersampled) or ``"weighted"`` (rows drawn
+            with replacement with probability proportional to the field ``weights``).
+            ``epoch_rows`` sets the epoch's length for those two (default: the dataset's rows).
         prefetch: batches requested ahead of the trainer (default: the server picks about
             16 MiB worth, between 8 and 256 batches).
         dataset: which dataset, when the server serves several.
@@ -60,6 +65,10 @@ class Client:
         prefetch: int | None = None,
         *,
         buffer_size: int = 0,
+        sampling: str = "uniform",
+        label: str | None = None,
+        weights: str | None = None,
+        epoch_rows: int | None = None,
         dataset: str | None = None,
         fastpath: bool | None = None,
         connect_timeout: float = 10.0,
@@ -70,7 +79,8 @@ class Client:
     ):
         params = PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
                             buffer_size=buffer_size, drop_last=drop_last, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, sampling=sampling, label=label,
+                            weights=weights, epoch_rows=epoch_rows)
         if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
             raise InvalidRequest(f"address must be tcp://HOST:PORT or ipc://PATH, got {address!r}")
         if prefetch is not None and (type(prefetch) is not int or prefetch < 1):

@@ -34,13 +34,13 @@ from batchfeed.shared.errors import (
     ProtocolError,
     UnknownSession,
 )
-from batchfeed.shared.plan import BatchPlan, PlanParams
+from batchfeed.shared.plan import BatchPlan, PlanParams, check_label, check_weights, column
 from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.schema import schema_to_wire
 
 from . import tasks
 from .config import ServerConfig
-from .dataset import DatasetSpec
+from .dataset import DatasetSpec, attach_arrays
 from .ring import SlotRing
 from .security import ServerSecurity
 from .worker import ALIGN, WorkerHandle, WorkerSpec
@@ -141,6 +141,8 @@ class Frontend:
         self.workers: list[WorkerHandle] = []
         self.counters: Counter[str] = Counter()
         self.worker_busy: Counter[int] = Counter()  # seconds each worker index spent on tasks
+        self._columns: dict[str, tuple] = {}  # dataset -> (segments, arrays), read-only
+        self._checked_fields: set = set()
         self.snapshot: dict = {}  # describe() with sessions, refreshed by the loop for readers
         # in other threads (metrics): they read this reference, never the live state
         self.errors: Counter[str] = Counter()
@@ -226,6 +228,10 @@ class Frontend:
         self.sends.clear()
         if self.security is not None:
             self.security.close()
+        for segments, _ in self._columns.values():
+            for seg in segments:
+                seg.close()
+        self._columns.clear()
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
@@ -309,6 +315,7 @@ class Frontend:
         params = PlanParams.from_wire(h["params"])
         dataset = self._dataset(h["dataset"])
         plan = BatchPlan(dataset.rows, params)
+        self._check_sampling_fields(dataset, params)
         batch_bytes = params.batch_size * sum(f.row_nbytes for f in dataset.fields)
         batch_bytes += ALIGN * len(dataset.fields)
         prefetch = h["prefetch"] or auto_prefetch(batch_bytes)
@@ -382,6 +389,16 @@ class Frontend:
             "counters": dict(self.counters), "errors": dict(self.errors),
             "worker_busy_s": {str(i): round(v, 3) for i, v in self.worker_busy.items()},
         }
+
+    def _check_sampling_fields(self, dataset: DatasetSpec, params: PlanParams) -> None:
+        """Balanced and weighted sampling read a field: check it once per dataset and field."""
+        for name, check in ((params.label, check_label), (params.weights, check_weights)):
+            if name is None or (dataset.name, name, check) in self._checked_fields:
+                continue
+            if dataset.name not in self._columns:
+                self._columns[dataset.name] = attach_arrays(dataset)
+            check(column(self._columns[dataset.name][1], name), name)
+            self._checked_fields.add((dataset.name, name, check))
 
     def _dataset(self, name: str | None) -> DatasetSpec:
         if name is None:

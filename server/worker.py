@@ -171,11 +171,12 @@ class PlanCache:
         self._plans: OrderedDict[tuple, tuple[BatchPlan, float]] = OrderedDict()
         self._last_sweep = time.monotonic()
 
-    def get(self, dataset: str, rows: int, params: dict) -> BatchPlan:
+    def get(self, dataset: str, rows: int, params: dict, columns: dict) -> BatchPlan:
         key = (dataset, tuple(sorted(params.items())))
         now = time.monotonic()
         hit = self._plans.pop(key, None)
-        plan = hit[0] if hit is not None else BatchPlan(rows, PlanParams.from_wire(params))
+        plan = hit[0] if hit is not None else BatchPlan(
+            rows, PlanParams.from_wire(params), columns=columns, data_key=dataset)
         self._plans[key] = (plan, now)
         while len(self._plans) > _PLAN_CACHE:
             self._plans.popitem(last=False)
@@ -197,7 +198,7 @@ def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarra
     """Run one task; returns the reply's kind (DONE or FAIL) and fields."""
     try:
         ds, arrays = data[task.dataset]
-        plan = plans.get(task.dataset, ds.rows, task.params)
+        plan = plans.get(task.dataset, ds.rows, task.params, arrays)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
         dtypes, shapes, offsets, nbytes = gather_chunk(arrays, ds, plan, task.epoch, task.k0,

@@ -4,8 +4,16 @@
 parameters, never on workers, timing or restarts.  That is what lets workers re-run lost tasks,
 clients resume at any batch, and ranks split an epoch without a coordinator.
 
-An epoch is an *order* (a permutation of the rows for ``full``, the rows as they are for
-``none``, a simulated shuffle buffer for ``buffer``) cut into global batches of ``batch_size``.
+An epoch is an *order* of ``epoch_rows`` row indices, cut into global batches of ``batch_size``:
+- ``sampling="uniform"`` (the default): the rows themselves, each once, in the order ``shuffle``
+  says: a permutation (``full``), as they are (``none``), or a simulated shuffle buffer
+  (``buffer``);
+- ``sampling="balanced"``: classes of an integer ``label`` field laid out round-robin in one
+  random class order, so that every batch (any run of consecutive positions) holds each class
+  within one of the others; classes with fewer rows than their share are cycled through whole
+  permutations (every row appears), larger ones are cut; then each batch is shuffled;
+- ``sampling="weighted"``: ``epoch_rows`` draws with replacement, row i with probability
+  proportional to the float field ``weights``.
 Global batch ``g`` goes to rank ``g % world_size`` as its local batch ``g // world_size``.
 Every rank gets ``global_batches // world_size`` batches; the last ``global_batches %
 world_size`` global batches of the order are dropped so that ranks stay in step.  Because the
@@ -17,12 +25,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
+from typing import Mapping
 
 import numpy as np
 
 from .errors import InvalidRequest
 
 SHUFFLE_MODES = ("full", "buffer", "none")
+SAMPLING_MODES = ("uniform", "balanced", "weighted")
 MAX_SEED = 2**63 - 1
 _ORDER_CACHE_SIZE = 4  # epoch orders kept per process (shared by ranks and batch sizes)
 _ORDER_IDLE_S = 5.0  # ... and dropped once unused this long
@@ -30,6 +40,8 @@ _ORDER_IDLE_S = 5.0  # ... and dropped once unused this long
 # Tags keep the random streams of different modes apart for the same (seed, epoch).
 _TAG_FULL = 0x46554C4C
 _TAG_BUFFER = 0x42554646
+_TAG_BALANCED = 0x42414C41
+_TAG_WEIGHTED = 0x57454947
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -49,6 +61,10 @@ class PlanParams:
     drop_last: bool = False
     rank: int = 0
     world_size: int = 1
+    sampling: str = "uniform"
+    label: str | None = None
+    weights: str | None = None
+    epoch_rows: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -72,6 +88,31 @@ class PlanParams:
                 f"rank {self.rank!r} is out of range for world_size {self.world_size}: "
                 f"ranks go from 0 to {self.world_size - 1}"
             )
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        if self.sampling not in SAMPLING_MODES:
+            raise InvalidRequest(f"sampling must be one of "
+                                 f"{', '.join(map(repr, SAMPLING_MODES))}, got {self.sampling!r}")
+        needs = {"balanced": ("label", self.label), "weighted": ("weights", self.weights)}
+        for mode, (arg, value) in needs.items():
+            if self.sampling == mode and not (isinstance(value, str) and value):
+                raise InvalidRequest(f"sampling={mode!r} needs {arg}=FIELD, the name of the "
+                                     f"dataset field that holds the {arg}")
+        if self.label is not None and self.sampling != "balanced":
+            raise InvalidRequest("label= goes with sampling='balanced'")
+        if self.weights is not None and self.sampling != "weighted":
+            raise InvalidRequest("weights= goes with sampling='weighted'")
+        if self.sampling == "uniform":
+            if self.epoch_rows is not None:
+                raise InvalidRequest("epoch_rows= goes with sampling='balanced' or 'weighted'; "
+                                     "a uniform epoch is every row once")
+        else:
+            if self.shuffle != "full":
+                raise InvalidRequest(f"sampling={self.sampling!r} shuffles by itself; leave "
+                                     f"shuffle at 'full' (got {self.shuffle!r})")
+            if self.epoch_rows is not None:
+                _check_int("epoch_rows", self.epoch_rows, 1)
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -137,6 +178,80 @@ def buffer_order(n_rows: int, buffer_size: int, seed: int, epoch: int) -> np.nda
     return order
 
 
+Columns = Mapping[str, np.ndarray]
+
+
+def column(columns: Columns, name: str) -> np.ndarray:
+    try:
+        return columns[name]
+    except KeyError:
+        raise InvalidRequest(f"the dataset has no field {name!r}; it has "
+                             f"{', '.join(columns)}") from None
+
+
+def check_label(labels: np.ndarray, name: str) -> None:
+    if labels.ndim != 1 or labels.dtype.kind not in "biu":
+        raise InvalidRequest(f"label field {name!r} must hold one integer per row, not "
+                             f"{labels.dtype} of row shape {labels.shape[1:]}")
+
+
+def check_weights(weights: np.ndarray, name: str) -> None:
+    if weights.ndim != 1 or weights.dtype.kind not in "fiu":
+        raise InvalidRequest(f"weights field {name!r} must hold one number per row, not "
+                             f"{weights.dtype} of row shape {weights.shape[1:]}")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise InvalidRequest(f"weights field {name!r} must be finite and non-negative, with a "
+                             "positive sum")
+
+
+def class_members(labels: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each class (classes in sorted label order)."""
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    cuts = np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1
+    return np.split(by_class.astype(index_dtype(len(labels)), copy=False), cuts)
+
+
+def balanced_order(labels: np.ndarray, rows: int, batch_size: int, seed: int,
+                   epoch: int) -> np.ndarray:
+    """``rows`` positions, classes round-robin in one random class order, then each batch
+    shuffled: any batch holds every class within one of the others."""
+    rng = np.random.default_rng([seed, epoch, _TAG_BALANCED])
+    members = class_members(labels)
+    n_classes = len(members)
+    order = np.empty(rows, dtype=index_dtype(len(labels)))
+    for position, c in enumerate(rng.permutation(n_classes)):
+        need = len(range(position, rows, n_classes))
+        if need == 0:
+            continue
+        pool = members[c]
+        cycles, rest = divmod(need, len(pool))
+        parts = []
+        if cycles:  # whole permutations of the class: every one of its rows appears
+            parts.append(rng.permuted(np.tile(pool, (cycles, 1)), axis=1).ravel())
+        if rest:
+            parts.append(rng.permutation(pool)[:rest])
+        order[position::n_classes] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    full = rows // batch_size * batch_size
+    if full:
+        order[:full] = rng.permuted(order[:full].reshape(-1, batch_size), axis=1).ravel()
+    if rows > full:
+        order[full:] = rng.permutation(order[full:])
+    return order
+
+
+def weighted_order(weights: np.ndarray, rows: int, seed: int, epoch: int) -> np.ndarray:
+    """``rows`` draws with replacement, row i with probability weights[i] / sum(weights)."""
+    rng = np.random.default_rng([seed, epoch, _TAG_WEIGHTED])
+    p = np.asarray(weights, dtype=np.float64)
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    draws = np.searchsorted(cdf, rng.random(rows), side="right")
+    np.minimum(draws, len(p) - 1, out=draws)
+    return draws.astype(index_dtype(len(p)), copy=False)
+
+
 class OrderCache:
     """Recently used epoch orders, keyed by what decides them: rows, shuffle, seed, buffer and
     epoch (not rank, batch size or drop_last, so all ranks of a job share one order)."""
@@ -145,11 +260,14 @@ class OrderCache:
         self.size, self.idle_s = size, idle_s
         self._orders: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
 
-    def get(self, n_rows: int, params: PlanParams, epoch: int) -> np.ndarray:
-        key = (n_rows, params.shuffle, params.seed, params.buffer_size, epoch)
+    def get(self, n_rows: int, params: PlanParams, epoch: int, columns: Columns | None = None,
+            data_key: str = "") -> np.ndarray:
+        key = (data_key, n_rows, params.shuffle, params.seed, params.buffer_size,
+               params.sampling, params.label, params.weights, params.epoch_rows,
+               params.batch_size if params.sampling == "balanced" else 0, epoch)
         now = time.monotonic()
         hit = self._orders.pop(key, None)
-        order = hit[0] if hit is not None else make_order(n_rows, params, epoch)
+        order = hit[0] if hit is not None else make_order(n_rows, params, epoch, columns)
         self._orders[key] = (order, now)
         while len(self._orders) > self.size:
             self._orders.popitem(last=False)
@@ -165,8 +283,23 @@ class OrderCache:
 ORDERS = OrderCache()  # this process's cache (each worker has its own)
 
 
-def make_order(n_rows: int, params: PlanParams, epoch: int) -> np.ndarray:
-    if params.shuffle == "full":
+def make_order(n_rows: int, params: PlanParams, epoch: int,
+               columns: Columns | None = None) -> np.ndarray:
+    if params.sampling != "uniform":
+        if columns is None:
+            raise InvalidRequest(f"sampling={params.sampling!r} needs the dataset's columns")
+        rows = params.epoch_rows or n_rows
+        if params.sampling == "balanced":
+            assert params.label is not None
+            labels = column(columns, params.label)
+            check_label(labels, params.label)
+            order = balanced_order(labels, rows, params.batch_size, params.seed, epoch)
+        else:
+            assert params.weights is not None
+            weights = column(columns, params.weights)
+            check_weights(weights, params.weights)
+            order = weighted_order(weights, rows, params.seed, epoch)
+    elif params.shuffle == "full":
         order = full_order(n_rows, params.seed, epoch)
     elif params.shuffle == "buffer":
         order = buffer_order(n_rows, params.buffer_size, params.seed, epoch)
@@ -183,18 +316,22 @@ class BatchPlan:
     epoch's order once, in an ``OrderCache`` shared by every plan of the process.
     """
 
-    def __init__(self, n_rows: int, params: PlanParams, orders: OrderCache = ORDERS):
+    def __init__(self, n_rows: int, params: PlanParams, orders: OrderCache = ORDERS,
+                 columns: Columns | None = None, data_key: str = ""):
         if n_rows < 1:
             raise InvalidRequest("the dataset has no rows")
         self.n_rows = n_rows
         self.params = params
+        self.columns = columns
+        self.data_key = data_key
         bs = params.batch_size
-        self.epoch_rows = n_rows
-        self.global_batches = n_rows // bs if params.drop_last else -(-n_rows // bs)
+        self.epoch_rows = params.epoch_rows or n_rows
+        rows = self.epoch_rows
+        self.global_batches = rows // bs if params.drop_last else -(-rows // bs)
         self.batches_per_epoch = self.global_batches // params.world_size
         if self.batches_per_epoch == 0:
             raise InvalidRequest(
-                f"{n_rows} rows with batch_size {bs}, drop_last={params.drop_last} and "
+                f"{rows} rows per epoch with batch_size {bs}, drop_last={params.drop_last} and "
                 f"world_size {params.world_size} leave no batch for each rank; "
                 "use a smaller batch_size or world_size"
             )
@@ -216,7 +353,7 @@ class BatchPlan:
         return min(self.params.batch_size, self.epoch_rows - start)
 
     def order(self, epoch: int) -> np.ndarray:
-        return self._orders.get(self.n_rows, self.params, epoch)
+        return self._orders.get(self.n_rows, self.params, epoch, self.columns, self.data_key)
 
     def indices(self, epoch: int, k: int) -> np.ndarray:
         """Row indices of local batch ``k`` of ``epoch``."""
