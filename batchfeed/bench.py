@@ -52,12 +52,16 @@ ROW_TORCH2 = "torch DataLoader workers=2"
 ROW_TCP = "batchfeed tcp, {n} client{s}"
 ROW_IPC_SOCKET = "batchfeed ipc, socket (fastpath=False)"
 ROW_IPC_FAST = "batchfeed ipc, fast path"
+ROW_CURVE = "batchfeed tcp + CURVE, 1 client"
+ROW_TRANSFORM = "transform augment, {n} worker{s}"
 TCP_CLIENTS = (1, 2, 4)
+TRANSFORM = "batchfeed.transforms:augment"
+TRANSFORM_WORKERS = (1, 2)
 
 COLUMNS = ("samples/s", "GB/s", "vs raw", "vs torch w=2", "client CPU s/GB", "first batch ms",
            "server PSS/data")
 
-READY_RING_RE = re.compile(r"\((\d+) workers, (\d+) slots of ([0-9.]+) (B|KiB|MiB|GiB)\)")
+READY_RING_RE = re.compile(r"\((\d+) workers, (\d+) slots of ([0-9.]+) (B|KiB|MiB|GiB)[,)]")
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 CLIENT_START_TIMEOUT = 60.0  # spawning and connecting, on a loaded 2-core machine
@@ -313,6 +317,7 @@ class ClientJob:
     warmup_s: float
     seconds: float
     seed: int = 0
+    curve: tuple[str, str] | None = None  # (client secret key file, server public key file)
 
 
 def client_epochs(client: Any) -> Iterator[dict]:
@@ -332,7 +337,7 @@ def run_client(row: int, job: ClientJob, messages: Any, go: Any) -> None:
 
         start = time.perf_counter()  # the connect starts with the constructor
         with Client(job.address, batch_size=job.batch_size, seed=job.seed, rank=job.rank,
-                    world_size=job.world_size, fastpath=job.fastpath,
+                    world_size=job.world_size, fastpath=job.fastpath, curve=job.curve,
                     reconnect_timeout=10.0,  # a lost server fails the row, not the whole run
                     name=f"bench-rank{job.rank}") as client:
             told: list[bool] = []
@@ -583,6 +588,7 @@ class Row:
     server_cpu_s_per_gb: float | None = None
     client_wait_fraction: float | None = None
     server_pid: int | None = None
+    extra_ratio: float | None = None  # the transform rows: relative to 1 worker
 
     @classmethod
     def from_measurements(cls, name: str, ms: list[Measurement], **extra: Any) -> Row:
@@ -636,11 +642,12 @@ def in_process_rows(w: Workload, arrays: dict[str, np.ndarray], options: BenchOp
 
 
 def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
-                  fastpath: bool | None, options: BenchOptions, pool: ClientPool) -> Row:
+                  fastpath: bool | None, options: BenchOptions, pool: ClientPool,
+                  curve: tuple[str, str] | None = None) -> Row:
     """Aggregate throughput of ``n_clients`` ranks splitting each epoch (rank/world_size)."""
     assert server.address is not None
     jobs = [ClientJob(server.address, w.batch_size, r, n_clients, fastpath, options.warmup,
-                      options.seconds, options.seed) for r in range(n_clients)]
+                      options.seconds, options.seed, curve) for r in range(n_clients)]
     cpu0: list[float] = []
     ms = pool.run(jobs, on_go=lambda: cpu0.append(cpu_seconds(process_tree(server.pid))))
     cpu1 = cpu_seconds(process_tree(server.pid))
@@ -655,25 +662,38 @@ def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
 def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: BenchOptions,
                 pool: ClientPool, progress: Callable[[str], None],
                 problems: list[str]) -> tuple[list[Row], dict]:
-    """The batchfeed rows: a tcp server for 1, 2, 4 clients, then an ipc server for two rows."""
+    """The batchfeed rows: a tcp server for 1, 2, 4 clients, an ipc server for two rows, and
+    (tabular only) a tcp server with CURVE encryption."""
     base = ["--workers", str(options.server_workers)]
     base += ["--data", data_dir] if data_dir else ["--synthetic-rows", str(w.rows)]
-    plan = [("tcp://127.0.0.1:0",
-             [(ROW_TCP.format(n=n, s="" if n == 1 else "s"), n, None) for n in TCP_CLIENTS]),
-            (f"ipc://{work_dir}/bf.sock", [(ROW_IPC_SOCKET, 1, False), (ROW_IPC_FAST, 1, True)])]
+    plan: list[tuple[str, list, list[str], Any]] = [
+        ("tcp://127.0.0.1:0",
+         [(ROW_TCP.format(n=n, s="" if n == 1 else "s"), n, None) for n in TCP_CLIENTS], [], None),
+        (f"ipc://{work_dir}/bf.sock", [(ROW_IPC_SOCKET, 1, False), (ROW_IPC_FAST, 1, True)], [],
+         None)]
+    if w.name == "tabular":
+        from batchfeed.shared.security import make_keys
+
+        keys = os.path.join(work_dir, "keys")
+        make_keys(keys)
+        plan.append(("tcp://127.0.0.1:0", [(ROW_CURVE, 1, None)],
+                     ["--curve-secret-key", os.path.join(keys, "server.key_secret"),
+                      "--authorized-keys", os.path.join(keys, "authorized")],
+                     (os.path.join(keys, "client.key_secret"), os.path.join(keys, "server.key"))))
     rows: list[Row] = []
     servers: dict[str, Any] = {}
-    for bind, specs in plan:
+    for bind, specs, extra, curve in plan:
         progress(f"{w.name}: starting a server at {bind}")
         try:
-            with running_server(base, bind, problems) as server:
+            with running_server(base + extra, bind, problems) as server:
                 ring = ring_info(server.ready_line)
-                servers[bind.split(":")[0]] = {"ready_line": server.ready_line, "pid": server.pid,
-                                               "ring": asdict(ring) if ring else None}
+                kind = bind.split(":")[0] + (" + CURVE" if curve else "")
+                servers[kind] = {"ready_line": server.ready_line, "pid": server.pid,
+                                 "ring": asdict(ring) if ring else None}
                 for name, n, fastpath in specs:
                     progress(f"{w.name}: {name}")
                     rows.append(_guarded(name, lambda: batchfeed_row(
-                        name, server, w, n, fastpath, options, pool)))
+                        name, server, w, n, fastpath, options, pool, curve)))
         except (BenchError, RuntimeError, OSError) as exc:
             failed = f"failed: {exc}".splitlines()[0][:200]
             done = {r.name for r in rows}
@@ -740,6 +760,50 @@ def pss_by_workers(w: Workload, options: BenchOptions, pool: ClientPool,
             entry["status"] = f"failed: {exc}".splitlines()[0][:200]
         out.append(entry)
     return out
+
+
+def transform_scaling(w: Workload, options: BenchOptions, pool: ClientPool,
+                      progress: Callable[[str], None], problems: list[str]) -> list[Row]:
+    """A CPU-heavy server-side transform (crop, flip, normalise, jitter) on the image data,
+    with 1 and 2 workers: does worker parallelism pay off?  One client on the fast path."""
+    work_dir = tempfile.mkdtemp(prefix="batchfeed-bench-")
+    rows: list[Row] = []
+    try:
+        data_dir = os.path.join(work_dir, "data")
+        os.mkdir(data_dir)
+        for name, a in w.make_arrays(options.seed).items():
+            np.save(os.path.join(data_dir, f"{name}.npy"), a)
+        for workers in TRANSFORM_WORKERS:
+            name = ROW_TRANSFORM.format(n=workers, s="" if workers == 1 else "s")
+            progress(f"{w.name}: {name}")
+
+            def measure() -> Row:
+                args = ["--workers", str(workers), "--data", data_dir, "--transform", TRANSFORM]
+                with running_server(args, f"ipc://{work_dir}/t.sock", problems) as server:
+                    return batchfeed_row(name, server, w, 1, True, options, pool)
+
+            rows.append(_guarded(name, measure))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if rows and rows[0].samples_per_s:
+        for r in rows:
+            if r.samples_per_s:
+                r.vs_raw = None
+                r.extra_ratio = r.samples_per_s / rows[0].samples_per_s
+    return rows
+
+
+def format_transform(rows: list[dict]) -> list[str]:
+    lines = [f"server-side transform {TRANSFORM} on the image data (float32 out), "
+             "1 client on the fast path",
+             f"  {'row':<36} {'samples/s':>11} {'GB/s':>6} {'vs 1 worker':>11}"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"  {r['name']:<36} {r['status']}")
+            continue
+        lines.append(f"  {r['name']:<36} {r['samples_per_s']:>11,.0f} {r['gb_per_s']:>6.3f} "
+                     f"{r['extra_ratio']:>11.2f}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +928,13 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
             out("")
             for line in format_workload(result, options):
                 out(line)
+        if "image" in options.workloads:
+            problems = results["problems"]
+            trows = transform_scaling(all_workloads["image"], options, pool, progress, problems)
+            results["transform_scaling"] = [asdict(r) for r in trows]
+            out("")
+            for line in format_transform(results["transform_scaling"]):
+                out(line)
         if "tabular" in options.workloads:
             problems = results["problems"]
             entries = pss_by_workers(all_workloads["tabular"], options, pool, progress, problems)
@@ -885,6 +956,8 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
                   if r["status"].startswith("failed")]
         failed += [f"pss {e['workers']}" for e in results["pss_by_workers"] or []
                    if e["status"] != "ok"]
+        failed += [r["name"] for r in results.get("transform_scaling", [])
+                   if r["status"].startswith("failed")]
         failed += results["problems"]
         failed += [p for res in results["workloads"].values() for p in res["problems"]]
         return 1 if failed else 0

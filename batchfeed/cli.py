@@ -20,6 +20,9 @@ SERVE_EXAMPLES = """examples:
   batchfeed serve                                  # built-in synthetic dataset, 1,000,000 rows
   batchfeed serve --data train.npz --workers 4     # each array in the .npz is a field
   batchfeed serve --data features/ --bind ipc:///tmp/batchfeed.sock
+  batchfeed serve --metrics-port 9100              # Prometheus: curl 127.0.0.1:9100/metrics
+  batchfeed serve --data images.npz --transform myproject.augment:random_crop_flip
+  batchfeed serve --data train=train.npz --data val=val.npz   # Client(..., dataset="val")
 """
 
 DEMO_EXAMPLES = """examples:
@@ -58,8 +61,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the server's .key_secret file: encrypt with CURVE (see keygen)")
     p.add_argument("--authorized-keys", metavar="DIR",
                    help="directory of the clients' public .key files allowed to connect")
+    p.add_argument("--transform", action="append", default=[],
+                   metavar="[DATASET=]MODULE:FUNCTION",
+                   help="run fn(batch, rng) -> batch on every batch in the workers "
+                        "(repeatable; without DATASET= it applies to every dataset)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --bind without CURVE (trusted networks only)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--metrics-bind", default="127.0.0.1", metavar="HOST",
+                   help="interface of the metrics endpoint (default: %(default)s, loopback only)")
     p.set_defaults(func=_run_serve)
 
 
@@ -83,6 +94,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         curve_secret_key=args.curve_secret_key,
         authorized_keys=args.authorized_keys,
+        transforms=tuple(args.transform),
+        metrics_port=args.metrics_port,
+        metrics_bind=args.metrics_bind,
     )
     return serve(config)
 
@@ -182,6 +196,41 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+STATS_EXAMPLES = """examples:
+  batchfeed stats tcp://127.0.0.1:5555            # live table, refreshed every second
+  batchfeed stats ipc:///tmp/batchfeed.sock --once
+  batchfeed stats tcp://loader:5555 --interval 5 \\
+      --curve keys/client.key_secret keys/server.key
+"""
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="show a running server's sessions and counters (a live table)",
+        description="Print a loader server's sessions and counters, refreshed in place "
+                    "until Ctrl-C.",
+        epilog=STATS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("address", help="the server's address, tcp://HOST:PORT or ipc://PATH")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="seconds to wait for the server's answer (default: %(default)s)")
+    p.add_argument("--curve", nargs=2, metavar=("CLIENT_SECRET_FILE", "SERVER_PUBLIC_FILE"),
+                   help="CURVE keys for a server started with --curve-secret-key")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from batchfeed.stats import StatsOptions, run
+
+    return run(StatsOptions(address=args.address, interval=args.interval, once=args.once,
+                            timeout=args.timeout, curve=tuple(args.curve) if args.curve else None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfeed",
@@ -196,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_keygen(sub)
     _add_bench(sub)
+    _add_stats(sub)
     return parser
 
 

@@ -125,8 +125,12 @@ class Client:
 
     @property
     def fields(self) -> tuple[Field, ...]:
-        """The dataset's fields: name, dtype and per-row shape."""
-        return self._welcome.fields
+        """The fields batches carry: name, dtype and per-row shape.
+
+        With a server-side transform that declares no schema, they are known once the first
+        batch has arrived (``()`` before).
+        """
+        return self._welcome.fields or self._live.seen_fields
 
     @property
     def dataset(self) -> str:

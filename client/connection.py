@@ -121,6 +121,7 @@ class Connection:
         self.prefetch = config.prefetch  # 0 until the server chose one (see WELCOME)
         self.unit = 1  # request when this much credit is free
         self.welcome: Welcome | None = None
+        self.seen_fields: tuple[Field, ...] = ()  # from the first batch (for transforms)
         self.fatal: BaseException | None = None
         self._welcomed = threading.Event()
         self._commands: deque[tuple[str, Any]] = deque()
@@ -361,7 +362,7 @@ class Connection:
                 self._send(protocol.bye(h["session"]))
             return
         welcome = Welcome(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"],
-                          schema_from_wire(h["fields"]), h["server"])
+                          schema_from_wire(h["fields"]) if h["fields"] else (), h["server"])
         old = self.welcome
         if old is not None and (old.rows, old.batches_per_epoch, old.fields) != (
                 welcome.rows, welcome.batches_per_epoch, welcome.fields):
@@ -432,6 +433,9 @@ class Connection:
             buffers = self._ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
                                        layout, lambda: self._lease_freed(lease))
         batches = protocol.field_views(layout, buffers)
+        if not self.seen_fields:
+            self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
+                                     in zip(layout.names, layout.dtypes, layout.shapes[0]))
         for b, batch in enumerate(batches):
             k = k0 + b
             if k >= stream.next_deliver and k not in stream.received:

@@ -34,6 +34,9 @@ class ServerConfig:
     insecure: bool = False  # allow a non-loopback bind without CURVE
     curve_secret_key: str | None = None
     authorized_keys: str | None = None
+    transforms: tuple[str, ...] = ()  # "[DATASET=]package.module:function"
+    metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
+    metrics_bind: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -46,6 +49,8 @@ class ServerConfig:
             raise InvalidRequest("chunk_bytes must be positive")
         if self.task_timeout <= 0 or self.session_timeout <= 0:
             raise InvalidRequest("timeouts must be positive")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidRequest(f"--metrics-port must be 0..65535, got {self.metrics_port}")
         if not self.bind.startswith(("tcp://", "ipc://")):
             raise InvalidRequest(
                 f"--bind {self.bind!r} must be a tcp://HOST:PORT or ipc://PATH address"

@@ -43,6 +43,7 @@ from .config import ServerConfig
 from .dataset import DatasetSpec, attach_arrays
 from .ring import SlotRing
 from .security import ServerSecurity
+from .transform import Transform
 from .worker import ALIGN, WorkerHandle, WorkerSpec
 
 log = logging.getLogger("batchfeed.server")
@@ -128,8 +129,10 @@ class Frontend:
     """Runs until ``stop()``; ``close()`` shuts every socket and worker down (idempotent)."""
 
     def __init__(self, config: ServerConfig, datasets: dict[str, DatasetSpec], ring: SlotRing,
-                 security: ServerSecurity | None = None):
+                 security: ServerSecurity | None = None,
+                 transforms: dict[str, Transform] | None = None):
         self.config = config
+        self.transforms = transforms or {}
         self.security = security
         self.datasets = datasets
         self.ring = ring
@@ -170,6 +173,7 @@ class Frontend:
             ring_header=self.ring.offset(0),
             slot_bytes=self.ring.slot_bytes,
             parent_pid=os.getpid(),
+            transforms=self.transforms,
         )
         handle = WorkerHandle(spec)
         handle.start()
@@ -316,8 +320,12 @@ class Frontend:
         dataset = self._dataset(h["dataset"])
         plan = BatchPlan(dataset.rows, params)
         self._check_sampling_fields(dataset, params)
-        batch_bytes = params.batch_size * sum(f.row_nbytes for f in dataset.fields)
-        batch_bytes += ALIGN * len(dataset.fields)
+        fields = self._served_fields(dataset)
+        sized = fields or dataset.fields  # an undeclared transform: its input, times 4 below
+        batch_bytes = params.batch_size * sum(f.row_nbytes for f in sized) + ALIGN * len(sized)
+        # An undeclared transform's output size is a guess (uint8 -> float32 is 4x); workers
+        # cut chunks that outgrow their slot anyway.
+        chunk_batch_bytes = batch_bytes * (1 if fields else 4)
         prefetch = h["prefetch"] or auto_prefetch(batch_bytes)
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise InvalidRequest(f"prefetch must be in [1, {MAX_PREFETCH}], got {prefetch}")
@@ -343,7 +351,7 @@ class Frontend:
             fastpath=fastpath,
             name=h["name"] or "",
             batch_bytes=batch_bytes,
-            max_chunk=max(1, min(budget // batch_bytes, protocol.MAX_BATCHES_PER_MESSAGE)),
+            max_chunk=max(1, min(budget // chunk_batch_bytes, protocol.MAX_BATCHES_PER_MESSAGE)),
             last_seen=now,
             pid=h["pid"] if fastpath else None,
             pid_start=h["pid_start"] if fastpath else None,
@@ -365,7 +373,7 @@ class Frontend:
             rows=dataset.rows,
             batches_per_epoch=plan.batches_per_epoch,
             prefetch=prefetch,
-            fields=schema_to_wire(dataset.fields),
+            fields=schema_to_wire(fields),
             server=__version__,
             ring=self.ring.describe() if session.fastpath else None,
         ))
@@ -389,6 +397,14 @@ class Frontend:
             "counters": dict(self.counters), "errors": dict(self.errors),
             "worker_busy_s": {str(i): round(v, 3) for i, v in self.worker_busy.items()},
         }
+
+    def _served_fields(self, dataset: DatasetSpec) -> tuple:
+        """What clients receive: the dataset's fields, a transform's declared output, or ()
+        when a transform declares nothing (clients then learn it from the first batch)."""
+        transform = self.transforms.get(dataset.name)
+        if transform is None:
+            return dataset.fields
+        return transform.schema or ()
 
     def _check_sampling_fields(self, dataset: DatasetSpec, params: PlanParams) -> None:
         """Balanced and weighted sampling read a field: check it once per dataset and field."""
@@ -563,7 +579,15 @@ class Frontend:
             return
         s.gathering -= job.task.count
         if kind == tasks.DONE:
-            self._send_batch(s, job.task, body)
+            done = len(body["shapes"])
+            if done < job.task.count:  # a transform's output outgrew the slot: the rest again
+                t = job.task
+                self.counters["chunks_cut"] += 1
+                s.max_chunk = max(1, done)
+                s.queued += t.count - done
+                s.pending.appendleft((t.epoch, t.k0 + done, t.count - done))
+                self.runnable.appendleft(s.id)
+            self._send_batch(s, job.task, body, done)
         else:
             self.ring.release(job.task.slot)
             self.errors[body["code"]] += 1
@@ -571,14 +595,14 @@ class Frontend:
                                                stream=job.stream, epoch=job.task.epoch,
                                                k0=job.task.k0))
 
-    def _send_batch(self, s: Session, task: tasks.Task, done: dict) -> None:
+    def _send_batch(self, s: Session, task: tasks.Task, done: dict, count: int) -> None:
         slot = task.slot
         nbytes = done["nbytes"]
         where = dict(session=s.id, stream=s.stream, epoch=task.epoch, k0=task.k0,
                      dtypes=done["dtypes"], shapes=done["shapes"])
-        s.batches_sent += task.count
+        s.batches_sent += count
         s.bytes_sent += sum(nbytes)
-        self.counters["batches"] += task.count
+        self.counters["batches"] += count
         self.counters["bytes"] += sum(nbytes)
         if s.fastpath and len(s.leased) < self.ring.n_slots // 2:
             if self._send(s.route, protocol.batch(slot=slot, offsets=done["offsets"], **where)):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import zmq
 
-from batchfeed.shared.errors import ResourceError
+from batchfeed.shared.errors import DatasetError, ResourceError
 from batchfeed.shared.shm import check_shm_room, human_bytes, new_token, remove_stale_segments
 
 from .config import ServerConfig
@@ -31,10 +31,27 @@ from .dataset import SYNTHETIC_NAME, FieldSource, SharedDataset, inspect_source,
 from .frontend import Frontend
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
+from .transform import Transform, load_transform
 
 log = logging.getLogger("batchfeed.server")
 
 _NAMED = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+
+
+def load_transforms(config: ServerConfig, names: list[str]) -> dict[str, Transform]:
+    """Dataset name -> transform, from ``--transform [DATASET=]package.module:function``."""
+    out: dict[str, Transform] = {}
+    for entry in config.transforms:
+        target, sep, spec = entry.partition("=")
+        if not sep:
+            target, spec = "", entry
+        if target and target not in names:
+            raise DatasetError(f"--transform {entry}: no dataset is named {target!r} "
+                               f"(datasets: {', '.join(names)})")
+        transform = load_transform(spec)
+        for name in [target] if target else names:
+            out[name] = transform
+    return out
 
 
 def dataset_sources(config: ServerConfig) -> dict[str, list[FieldSource]]:
@@ -87,8 +104,10 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
     datasets: list[SharedDataset] = []
     ring: SlotRing | None = None
     frontend: Frontend | None = None
+    metrics = None
     try:
         sources = dataset_sources(config)
+        transforms = load_transforms(config, list(sources))
         widest = max(s.field.row_nbytes for srcs in sources.values() for s in srcs)
         slot_bytes = config.slot_size(widest)
         data_bytes = sum(s.nbytes for srcs in sources.values() for s in srcs)
@@ -100,7 +119,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
             datasets.append(SharedDataset.load(name, srcs, token))
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
-        frontend = Frontend(config, specs, ring, security)
+        frontend = Frontend(config, specs, ring, security, transforms)
         gc.collect()
         _trim_heap()  # give loading's temporaries back before the workers inherit them
         gc.freeze()  # keep the workers' copy-on-write pages shared
@@ -112,6 +131,10 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
                 f"cannot bind {config.bind}: {exc.strerror}; is another server using it? "
                 "Stop it or pick another --bind address"
             ) from None
+        if config.metrics_port is not None:
+            from .metrics import MetricsEndpoint  # prometheus_client only when asked for
+
+            metrics = MetricsEndpoint(frontend, config.metrics_port, config.metrics_bind).start()
         frontend.wait_workers_ready()
         signals.frontend = frontend
         if signals.received is not None:
@@ -124,6 +147,8 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if metrics is not None:
+            metrics.close()
         if frontend is not None:
             frontend.close()
         if ring is not None:
@@ -146,6 +171,7 @@ def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: Server
                slot_bytes: int) -> str:
     described = "; ".join(d.spec.describe() for d in datasets)
     secured = ", CURVE" if config.curve_secret_key else ""
+    secured += "".join(f", transform {t}" for t in config.transforms)
     return (f"batchfeed serve: ready: {described} at {frontend.address} "
             f"({config.n_workers} workers, {config.n_slots} slots of {human_bytes(slot_bytes)}"
             f"{secured})")

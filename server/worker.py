@@ -29,7 +29,7 @@ import socket
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from batchfeed.shared.shm import SharedSegment
 
 from . import tasks
 from .dataset import DatasetSpec, attach_arrays
+from .transform import Transform
 
 log = logging.getLogger("batchfeed.server.worker")
 
@@ -58,6 +59,7 @@ class WorkerSpec:
     ring_header: int
     slot_bytes: int
     parent_pid: int
+    transforms: dict = field(default_factory=dict)  # dataset name -> Transform
 
 
 def align(n: int) -> int:
@@ -74,22 +76,70 @@ def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPl
     idx = plan.chunk_indices(epoch, k0, count)
     rows = [plan.batch_rows(k) for k in range(k0, k0 + count)]
     offsets, sizes, dtypes, offset = [], [], [], 0
-    for field in spec.fields:
-        nbytes = len(idx) * field.row_nbytes
+    for f in spec.fields:
+        nbytes = len(idx) * f.row_nbytes
         if offset + nbytes > len(slot):
             raise WorkerError(
                 f"{count} batches of {plan.params.batch_size} rows need more than the server's "
                 f"slot size of {len(slot)} bytes; restart the server with a larger --slot-mb"
             )
-        out = slot[offset : offset + nbytes].view(field.dtype).reshape((len(idx), *field.shape))
+        out = slot[offset : offset + nbytes].view(f.dtype).reshape((len(idx), *f.shape))
         # mode="clip" avoids numpy's buffered out= path; the plan's indices are in range.
-        np.take(arrays[field.name], idx, axis=0, out=out, mode="clip")
+        np.take(arrays[f.name], idx, axis=0, out=out, mode="clip")
         offsets.append(offset)
         sizes.append(nbytes)
-        dtypes.append([field.name, field.dtype.str])
+        dtypes.append([f.name, f.dtype.str])
         offset = align(offset + nbytes)
     shapes = [[[r, *f.shape] for f in spec.fields] for r in rows]
     return dtypes, shapes, offsets, sizes
+
+
+def transform_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan,
+                    epoch: int, k0: int, count: int, slot: np.ndarray,
+                    transform: Transform) -> tuple[list, list, list, list]:
+    """Like ``gather_chunk``, with ``transform`` applied to each batch before it is written.
+
+    The outputs' sizes are known only once the transform has run, so they are gathered into
+    fresh arrays, transformed, then copied into the slot: one copy more than without.  When the
+    outputs outgrow the slot, only the batches that fit are written (the caller sees fewer
+    shapes than ``count`` and asks for the rest again); a single batch too big is an error.
+    """
+    outs: list[dict[str, np.ndarray]] = []
+    names: list[str] = []
+    field_bytes: list[int] = []
+    for k in range(k0, k0 + count):
+        idx = plan.indices(epoch, k)
+        batch = {f.name: np.take(arrays[f.name], idx, axis=0) for f in spec.fields}
+        rng = transform.rng(plan.params.seed, epoch, plan.global_batch(k))
+        out = transform.apply(batch, rng, f"epoch {epoch} batch {k}")
+        if not outs:
+            names, field_bytes = list(out), [0] * len(out)
+        elif list(out) != names or any(out[n].dtype != outs[0][n].dtype for n in names):
+            raise WorkerError(
+                f"transform {transform.name} returned different fields or dtypes for batches "
+                f"{k0} and {k} of epoch {epoch}; every batch must have the same field names and "
+                "dtypes (shapes may vary)")
+        grown = [size + out[n].nbytes for size, n in zip(field_bytes, names)]
+        if sum(align(size) for size in grown) > len(slot):
+            if not outs:
+                raise WorkerError(
+                    f"transform {transform.name} made batch {k} of epoch {epoch} "
+                    f"{sum(grown)} bytes, more than the server's {len(slot)}-byte slots; "
+                    "restart the server with a larger --slot-mb")
+            break
+        outs.append(out)
+        field_bytes = grown
+    offsets, dtypes, offset = [], [], 0
+    for name, size in zip(names, field_bytes):
+        offsets.append(offset)
+        dtypes.append([name, outs[0][name].dtype.str])
+        for out in outs:
+            arr = out[name]
+            slot[offset : offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+            offset += arr.nbytes
+        offset = align(offset)
+    shapes = [[list(out[name].shape) for name in names] for out in outs]
+    return dtypes, shapes, offsets, field_bytes
 
 
 def _forget_parent_state(keep: int) -> None:
@@ -201,8 +251,13 @@ def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarra
         plan = plans.get(task.dataset, ds.rows, task.params, arrays)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
-        dtypes, shapes, offsets, nbytes = gather_chunk(arrays, ds, plan, task.epoch, task.k0,
-                                                       task.count, slot)
+        transform = spec.transforms.get(task.dataset)
+        if transform is None:
+            layout = gather_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot)
+        else:
+            layout = transform_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot,
+                                     transform)
+        dtypes, shapes, offsets, nbytes = layout
         return tasks.DONE, dict(id=task.id, dtypes=dtypes, shapes=shapes, offsets=offsets,
                                 nbytes=nbytes)
     except BatchfeedError as exc:

@@ -1,0 +1,100 @@
+"""Server-side transforms: ``fn(batch, rng) -> batch``, run by the workers on every batch.
+
+``batchfeed serve --transform package.module:function`` imports the function once, in the main
+process before the workers are forked, so a wrong name fails at start.  Workers call it with a
+dict of freshly gathered arrays (the transform may modify them) and a ``numpy.random.Generator``
+seeded from (seed, epoch, global batch number): the output is as deterministic as the plan.
+
+The output may change dtypes and shapes (crops, normalisation, padding tokens to the batch's
+longest sequence).  A transform may declare what it returns with an ``output_schema``
+attribute, ``{"x": ("float32", (3, 28, 28)), ...}`` (per-row shapes); the server then announces
+it at HELLO and sizes messages from it.  Otherwise clients learn the schema from the first batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from batchfeed.shared.errors import DatasetError, WorkerError
+from batchfeed.shared.schema import Field, check_servable_dtype
+
+_TAG_TRANSFORM = 0x5452414E
+
+TransformFn = Callable[[dict, np.random.Generator], dict]
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str  # "package.module:function", for error messages
+    fn: TransformFn
+    schema: tuple[Field, ...] | None  # declared output fields, if any
+
+    def rng(self, seed: int, epoch: int, global_batch: int) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, global_batch, _TAG_TRANSFORM])
+
+    def apply(self, batch: dict[str, np.ndarray], rng: np.random.Generator,
+              where: str) -> dict[str, np.ndarray]:
+        """Run the transform and check what it returned; errors name it and the batch."""
+        try:
+            out = self.fn(batch, rng)
+        except Exception as exc:
+            raise WorkerError(f"transform {self.name} raised on {where}: "
+                              f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(out, dict) or not out:
+            raise WorkerError(f"transform {self.name} returned {type(out).__name__} on {where}; "
+                              "it must return a non-empty dict of field name -> numpy array")
+        rows = None
+        checked = {}
+        for name, arr in out.items():
+            if not isinstance(name, str) or not isinstance(arr, np.ndarray) or arr.ndim == 0:
+                raise WorkerError(f"transform {self.name} returned {name!r}: "
+                                  f"{type(arr).__name__} on {where}; every value must be a "
+                                  "numpy array with a batch dimension")
+            try:
+                check_servable_dtype(name, arr.dtype)
+            except ValueError as exc:
+                raise WorkerError(f"transform {self.name} on {where}: {exc}") from None
+            if rows is not None and len(arr) != rows:
+                raise WorkerError(f"transform {self.name} returned fields with different "
+                                  f"numbers of rows on {where}")
+            rows = len(arr)
+            checked[name] = np.ascontiguousarray(arr)
+        return checked
+
+
+def load_transform(spec: str) -> Transform:
+    """Import ``package.module:function`` (at server start: errors here stop the start)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise DatasetError(f"--transform {spec!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module itself failing
+        raise DatasetError(f"cannot import transform module {module_name!r} "
+                           f"({type(exc).__name__}: {exc}); is it installed or on PYTHONPATH?"
+                           ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise DatasetError(f"transform {spec!r}: module {module_name!r} has no function "
+                           f"{attr!r}")
+    return Transform(spec, fn, _declared_schema(spec, getattr(fn, "output_schema", None)))
+
+
+def _declared_schema(spec: str, declared: object) -> tuple[Field, ...] | None:
+    if declared is None:
+        return None
+    try:
+        assert isinstance(declared, dict) and declared
+        fields = []
+        for name, (dtype, shape) in declared.items():
+            field = Field(str(name), np.dtype(dtype), tuple(int(d) for d in shape))
+            check_servable_dtype(field.name, field.dtype)
+            fields.append(field)
+        return tuple(fields)
+    except (AssertionError, TypeError, ValueError) as exc:
+        raise DatasetError(f"transform {spec}: output_schema must map field names to "
+                           f"(dtype, per-row shape) ({exc})") from None

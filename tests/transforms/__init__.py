@@ -1,0 +1,1 @@
+"""Transforms the tests serve with ``--transform tests.transforms.<module>:<function>``."""

@@ -1,0 +1,58 @@
+"""Small transforms for tests: deterministic given rng, some changing dtypes and shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def scale_and_noise(batch: dict, rng: np.random.Generator) -> dict:
+    """x -> x * 2 + noise (float64), id kept, one new field."""
+    noise = rng.standard_normal(batch["x"].shape)
+    return {"id": batch["id"], "x": batch["x"] * 2.0 + noise,
+            "noise": noise.astype(np.float32)}
+
+
+def crop_flip(batch: dict, rng: np.random.Generator) -> dict:
+    """A random 3x3 crop and horizontal flip of (4, 5, 3) uint8 images: shape changes."""
+    img = batch["img"]
+    top, left = rng.integers(0, 2), rng.integers(0, 3)
+    out = img[:, top : top + 3, left : left + 3, :]
+    if rng.random() < 0.5:
+        out = out[:, :, ::-1, :]
+    return {"id": batch["id"], "img": np.ascontiguousarray(out)}
+
+
+crop_flip.output_schema = {"id": ("int64", ()), "img": ("uint8", (3, 3, 3))}
+
+
+def pad_tokens(batch: dict, rng: np.random.Generator) -> dict:
+    """Variable-length 'token' rows padded to the longest in the batch: shapes vary per batch."""
+    lengths = (batch["id"] % 7 + 1).astype(np.int64)
+    width = int(lengths.max())
+    tokens = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = batch["id"][i] % 100 + np.arange(n)
+    return {"id": batch["id"], "tokens": tokens, "length": lengths}
+
+
+def explode(batch: dict, rng: np.random.Generator) -> dict:
+    if (batch["id"] == 96).any():
+        raise ValueError("row 96 is cursed")
+    return batch
+
+
+def not_a_dict(batch: dict, rng: np.random.Generator) -> list:
+    return [batch["id"]]
+
+
+def burn_cpu(batch: dict, rng: np.random.Generator) -> dict:
+    """CPU-heavy on purpose (a stand-in for decoding or augmentation)."""
+    x = batch["x"].astype(np.float64)
+    for _ in range(20):
+        x = np.tanh(x @ np.eye(x.shape[1]) * 0.9 + 0.01)
+    return {"id": batch["id"], "x": x.astype(np.float32)}
+
+
+def expand(batch: dict, rng: np.random.Generator) -> dict:
+    """uint8 images to float64: 8x the bytes, more than the server's size guess."""
+    return {"id": batch["id"], "img": batch["img"].astype(np.float64)}
