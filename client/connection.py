@@ -407,7 +407,13 @@ class Connection:
         stream = self._stream
         if h.get("session") not in (None, self._session):
             return  # about a session we have left
-        if stream is not None and h.get("stream") in (None, stream.id):
+        if stream is None or h.get("stream") not in (None, stream.id):
+            return
+        k0 = h.get("k0")
+        if k0 is not None and k0 >= stream.next_deliver:
+            stream.received.setdefault(k0, (err, 0))  # raised when the trainer gets there
+            self._deliver(stream)
+        else:
             stream.ready.put(err)
 
     def _on_batch(self, h: dict, buffers: list) -> None:
@@ -442,9 +448,21 @@ class Connection:
                 nbytes = sum(layout.nbytes[f][b] for f in range(len(layout.names)))
                 stream.received[k] = (batch, nbytes)
         del batches, buffers
+        self._deliver(stream)
+
+    def _deliver(self, stream: Stream) -> None:
+        """Hand the trainer every batch that is next in plan order (an error in its place
+        stops the stream there: the trainer gets it when it reaches that batch)."""
         out = []
         while stream.next_deliver in stream.received:
-            out.append(stream.received.pop(stream.next_deliver))
+            item = stream.received.pop(stream.next_deliver)
+            if isinstance(item[0], BaseException):
+                if out:
+                    stream.ready.put(out)
+                stream.ready.put(item[0])
+                stream.next_deliver = stream.end  # nothing after it is delivered
+                return
+            out.append(item)
             stream.next_deliver += 1
         if out:
             stream.ready.put(out)
