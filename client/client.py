@@ -12,6 +12,7 @@ start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from `
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,8 @@ from batchfeed.shared.schema import Field
 
 from .adapters import converter
 from .connection import ClientConfig, Connection, Stream
+
+STATE_FORMAT = "batchfeed-client-1"
 
 
 class Client:
@@ -96,6 +99,7 @@ class Client:
                                  heartbeat_timeout=heartbeat_timeout,
                                  name=name or f"rank{rank}")
         self.params = params
+        self._dataset_name = dataset
         keys = None
         if curve is not None:
             check_libzmq()
@@ -108,6 +112,7 @@ class Client:
             heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}", curve=keys,
         )
         self._stats = _Stats()
+        self._position = (0, 0)  # (epoch last iterated, first batch not yet handed out)
         self._conn: Connection | None = Connection(config)
         self._conn.start()
 
@@ -173,8 +178,32 @@ class Client:
             raise InvalidRequest(
                 f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), got {start_batch!r}"
             )
-        return EpochIterator(self._live, self._live.start_stream(epoch, start_batch, bpe),
-                             self._stats, convert)
+        self._position = (epoch, start_batch)
+        return EpochIterator(self, self._live.start_stream(epoch, start_batch, bpe), convert)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small, JSON-serialisable checkpoint: the parameters, plus ``epoch`` (the epoch
+        last iterated) and ``next_batch`` (the first batch not yet handed to the trainer).
+
+        Save it with the model; ``Client.from_state_dict(address, state)`` and then
+        ``client.epoch(state["epoch"], start_batch=state["next_batch"])`` continue with
+        exactly the batches the uninterrupted run would have given.
+        """
+        epoch, next_batch = self._position
+        return {**self.params.to_wire(), "dataset": self._dataset_name, "epoch": epoch,
+                "next_batch": next_batch, "format": STATE_FORMAT}
+
+    @classmethod
+    def from_state_dict(cls, address: str, state: dict[str, Any], **kwargs: Any) -> Client:
+        """A client with the parameters of ``state`` (connection options may be passed)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise InvalidRequest(f"not a batchfeed client state (expected format "
+                                 f"{STATE_FORMAT}); pass what Client.state_dict() returned")
+        known = {f.name for f in dataclasses.fields(PlanParams)}
+        params = PlanParams.from_wire({k: v for k, v in state.items() if k in known})
+        return cls(address, **params.to_wire(), dataset=state.get("dataset"), **kwargs)
 
     def stats(self) -> dict[str, float]:
         """Batches and bytes received, time spent waiting on data, and their rates."""
@@ -222,12 +251,13 @@ class _Stats:
 class EpochIterator:
     """Batches of one epoch in plan order; ``len()`` is the number still to come."""
 
-    def __init__(self, conn: Connection, stream: Stream, stats: _Stats,
+    def __init__(self, client: Client, stream: Stream,
                  convert: Callable[[dict], dict] | None = None):
-        self._conn = conn
+        self._client = client
+        self._conn = client._live
         self._convert = convert
         self._stream = stream
-        self._stats = stats
+        self._stats = client._stats
         self._items: list = []
         self._pos = 0
         self._next = stream.start
@@ -256,6 +286,7 @@ class EpochIterator:
         self._pos += 1
         self._next += 1
         stream.consumed = self._next
+        self._client._position = (stream.epoch, self._next)
         if self._next - self._notified >= self._conn.unit:
             self._notified = self._next
             self._conn.poke()
