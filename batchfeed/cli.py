@@ -61,6 +61,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the server's .key_secret file: encrypt with CURVE (see keygen)")
     p.add_argument("--authorized-keys", metavar="DIR",
                    help="directory of the clients' public .key files allowed to connect")
+    p.add_argument("--mmap", action="store_true",
+                   help="memory-map .npy files instead of copying them into shared memory "
+                        "(for data larger than RAM; pairs well with shuffle='buffer')")
     p.add_argument("--transform", action="append", default=[],
                    metavar="[DATASET=]MODULE:FUNCTION",
                    help="run fn(batch, rng) -> batch on every batch in the workers "
@@ -95,6 +98,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         curve_secret_key=args.curve_secret_key,
         authorized_keys=args.authorized_keys,
         transforms=tuple(args.transform),
+        mmap=args.mmap,
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
     )

@@ -35,6 +35,7 @@ class ServerConfig:
     curve_secret_key: str | None = None
     authorized_keys: str | None = None
     transforms: tuple[str, ...] = ()  # "[DATASET=]package.module:function"
+    mmap: bool = False  # map .npy files instead of copying them into shared memory
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
     metrics_bind: str = "127.0.0.1"
 

@@ -5,6 +5,10 @@ dtype, fields of different lengths, too little shared memory) is reported before
 allocated.  ``SharedDataset.load`` then reads each field straight into its own segment: one copy
 from the page cache, no temporary array.  Workers ``attach_arrays`` by segment name, read-only.
 
+With ``--mmap``, ``.npy`` fields are not copied at all: the server and its workers map the
+files read-only (``np.load(mmap_mode="r")``), so the page cache holds the data once for every
+process and a dataset larger than RAM can be served (pages come and go as the kernel sees fit).
+
 The built-in default is a learnable synthetic classification task (``x``: 64 float32 features,
 ``y``: int64 label in 10 classes, the arg-max of a fixed random linear map plus noise).
 """
@@ -37,6 +41,7 @@ class FieldSource:
     field: Field
     rows: int
     fill: Callable[[np.ndarray], None]
+    path: str | None = None  # a plain .npy file that could be memory-mapped instead
 
     @property
     def nbytes(self) -> int:
@@ -50,14 +55,16 @@ class DatasetSpec:
     name: str
     rows: int
     fields: tuple[Field, ...]
-    segments: tuple[str, ...]  # one per field, same order
+    segments: tuple[str, ...]  # one per field, same order: a segment name, or
+    files: tuple[str | None, ...] = ()  # ... a .npy file path where the field is memory-mapped
 
     @property
     def row_nbytes(self) -> int:
         return sum(f.row_nbytes for f in self.fields)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.rows:,} rows [{describe_schema(self.fields)}]"
+        mapped = " (memory-mapped)" if any(self.files) else ""
+        return f"{self.name}: {self.rows:,} rows [{describe_schema(self.fields)}]{mapped}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +130,7 @@ def _npy_source(path: Path, name: str) -> FieldSource:
         fill = _copy_array(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
     else:
         fill = _copy_stream(lambda: open(path, "rb"), where)
-    return FieldSource(field, int(shape[0]), fill)
+    return FieldSource(field, int(shape[0]), fill, str(path))
 
 
 def _npz_sources(path: Path) -> list[FieldSource]:
@@ -248,19 +255,29 @@ class SharedDataset:
         self._segments = segments
 
     @classmethod
-    def load(cls, name: str, sources: list[FieldSource], token: str) -> SharedDataset:
+    def load(cls, name: str, sources: list[FieldSource], token: str,
+             mmap: bool = False) -> SharedDataset:
+        """Copy every field into its own segment (``mmap``: map the .npy files instead)."""
         segments: list[SharedSegment] = []
+        names, files = [], []
         try:
             for i, src in enumerate(sources):
+                if mmap:
+                    assert src.path is not None
+                    names.append("")
+                    files.append(src.path)
+                    continue
                 seg = SharedSegment.create(segment_name(token, f"{_safe(name)}{i}"), src.nbytes)
                 segments.append(seg)
+                names.append(seg.name)
+                files.append(None)
                 src.fill(_as_array(seg, src.field, src.rows))
         except BaseException:
             for seg in segments:
                 seg.close()
             raise
         spec = DatasetSpec(name, sources[0].rows, tuple(s.field for s in sources),
-                           tuple(seg.name for seg in segments))
+                           tuple(names), tuple(files))
         return cls(spec, segments)
 
     def close(self) -> None:
@@ -281,13 +298,27 @@ def _as_array(seg: SharedSegment, field: Field, rows: int) -> np.ndarray:
 
 
 def attach_arrays(spec: DatasetSpec) -> tuple[list[SharedSegment], dict[str, np.ndarray]]:
-    """Map a dataset's segments read-only (in a worker) and view them as arrays."""
+    """Map a dataset read-only (in a worker) and view it as arrays."""
     segments, arrays = [], {}
-    for field, seg_name in zip(spec.fields, spec.segments):
+    files = spec.files or (None,) * len(spec.fields)
+    for field, seg_name, path in zip(spec.fields, spec.segments, files):
+        if path is not None:
+            arrays[field.name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            continue
         seg = SharedSegment.attach(seg_name)
         segments.append(seg)
         arrays[field.name] = _as_array(seg, field, spec.rows)
     return segments, arrays
+
+
+def check_mappable(name: str, sources: list[FieldSource]) -> None:
+    """--mmap serves .npy files as they are; anything else must be converted first."""
+    bad = [s.field.name for s in sources if s.path is None]
+    if bad:
+        raise DatasetError(
+            f"--mmap maps .npy files, but dataset {name!r} has fields {bad} inside a .npz "
+            "archive (or generated); save each array as its own .npy file (np.save) in a "
+            "directory and serve that directory")
 
 
 def total_nbytes(sources: list[FieldSource]) -> int:

@@ -27,7 +27,14 @@ from batchfeed.shared.errors import DatasetError, ResourceError
 from batchfeed.shared.shm import check_shm_room, human_bytes, new_token, remove_stale_segments
 
 from .config import ServerConfig
-from .dataset import SYNTHETIC_NAME, FieldSource, SharedDataset, inspect_source, synthetic_sources
+from .dataset import (
+    SYNTHETIC_NAME,
+    FieldSource,
+    SharedDataset,
+    check_mappable,
+    inspect_source,
+    synthetic_sources,
+)
 from .frontend import Frontend
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
@@ -110,13 +117,16 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
         transforms = load_transforms(config, list(sources))
         widest = max(s.field.row_nbytes for srcs in sources.values() for s in srcs)
         slot_bytes = config.slot_size(widest)
-        data_bytes = sum(s.nbytes for srcs in sources.values() for s in srcs)
+        if config.mmap:
+            for name, srcs in sources.items():
+                check_mappable(name, srcs)
+        data_bytes = 0 if config.mmap else sum(s.nbytes for srcs in sources.values() for s in srcs)
         ring_bytes = HEADER_BYTES + config.n_slots * slot_bytes
         check_shm_room(data_bytes + ring_bytes,
                        f"the data ({human_bytes(data_bytes)}) and the slot ring "
                        f"({config.n_slots} x {human_bytes(slot_bytes)})")
         for name, srcs in sources.items():
-            datasets.append(SharedDataset.load(name, srcs, token))
+            datasets.append(SharedDataset.load(name, srcs, token, mmap=config.mmap))
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
         frontend = Frontend(config, specs, ring, security, transforms)
