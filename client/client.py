@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from batchfeed.shared.errors import InvalidRequest
 from batchfeed.shared.plan import PlanParams
@@ -31,7 +31,10 @@ class Client:
     """A connection to one loader server, for one set of plan parameters.
 
     Args:
-        address: the server's address, e.g. ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/bf.sock``.
+        address: the server's address, e.g. ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/bf.sock``;
+            or a list of addresses of servers that serve the same dataset: the client spreads
+            its batches over them (faster servers get more), yields them in the same plan order
+            as one server would, and moves a lost server's batches to the others.
         batch_size: rows per batch.  The last batch of an epoch is short unless ``drop_last``.
         shuffle: ``"full"`` (a fresh permutation per seed and epoch), ``"buffer"`` (a shuffle
             buffer of ``buffer_size`` over the dataset order) or ``"none"``.
@@ -58,7 +61,7 @@ class Client:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         batch_size: int,
         shuffle: str = "full",
         seed: int = 0,
@@ -84,8 +87,11 @@ class Client:
                             buffer_size=buffer_size, drop_last=drop_last, rank=rank,
                             world_size=world_size, sampling=sampling, label=label,
                             weights=weights, epoch_rows=epoch_rows)
-        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-            raise InvalidRequest(f"address must be tcp://HOST:PORT or ipc://PATH, got {address!r}")
+        addresses = (address,) if isinstance(address, str) else tuple(address)
+        if not addresses or len(set(addresses)) != len(addresses) or not all(
+                isinstance(a, str) and a.startswith(("tcp://", "ipc://")) for a in addresses):
+            raise InvalidRequest(f"address must be tcp://HOST:PORT or ipc://PATH (or a list of "
+                                 f"distinct ones), got {address!r}")
         if prefetch is not None and (type(prefetch) is not int or prefetch < 1):
             raise InvalidRequest(f"prefetch must be a positive int, got {prefetch!r}")
         for what, value in (("connect_timeout", connect_timeout),
@@ -106,8 +112,8 @@ class Client:
             client_secret, server_public = curve
             keys = (*load_secret(str(client_secret)), load_public(str(server_public)))
         config = ClientConfig(
-            address=address, params=params, prefetch=prefetch or 0, dataset=dataset,
-            fastpath=address.startswith("ipc://") if fastpath is None else bool(fastpath),
+            addresses=addresses, params=params, prefetch=prefetch or 0, dataset=dataset,
+            fastpath=None if fastpath is None else bool(fastpath),
             connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
             heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}", curve=keys,
         )
@@ -224,7 +230,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._conn is None else self._conn.config.address
+        state = "closed" if self._conn is None else ", ".join(self._conn.config.addresses)
         return f"Client({state}, {self.params})"
 
 

@@ -1,18 +1,21 @@
-"""The client's I/O thread: the only user of the client's ZeroMQ socket.
+"""The client's I/O thread: it owns every socket of the client (one ``Link`` per server).
 
-It says HELLO, keeps the trainer's prefetch window full with REQUESTs (credit: never more than
+It keeps the trainer's prefetch window full with REQUESTs (credit: never more than
 ``prefetch`` batches requested and not yet consumed), receives BATCH messages, puts their
-batches back in plan order (workers finish out of order), drops duplicates, and hands lists of
-in-order batches to the trainer through the stream's queue.  Batches are zero-copy views over
-the received frames, or over the server's ring on the same-host fast path.
+batches back in plan order (workers and servers finish out of order), drops duplicates, and
+hands lists of in-order batches to the trainer through the stream's queue.  Batches are
+zero-copy views over the received frames, or over a server's ring on the same-host fast path.
 
-Liveness: it PINGs every second; if the server stays silent for ``heartbeat_timeout`` it opens
-a fresh socket, says HELLO again (with backoff) and re-requests every batch not yet delivered,
-so a server restart costs the trainer a delay, not data.  Past ``reconnect_timeout`` the trainer
-gets ServerUnavailable.
+Several servers (scale-out): the batches of the plan are spread over the links, each with a
+share of the credit, so a faster server frees its share sooner and is asked for more.  When a
+link is lost, the batches it owed go back to a retry pool that the other links serve; if it
+comes back it resumes its session and takes new work.  The order the trainer sees is the plan's,
+whatever the number of servers.  With one server, a loss costs a delay: the link says HELLO
+again (with backoff) and the batches are asked for again.  When no server has been reachable for
+``reconnect_timeout``, the trainer gets ServerUnavailable.
 
 The trainer talks to this thread through a command deque and a wake-up pipe; ``close`` sends
-BYE, closes the socket and joins the thread.
+BYE on every link, closes the sockets and joins the thread.
 """
 
 from __future__ import annotations
@@ -23,16 +26,13 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from batchfeed.shared import protocol
-from batchfeed.shared import procs
 from batchfeed.shared.errors import (
-    AuthenticationError,
     BatchfeedError,
     ProtocolError,
     ServerUnavailable,
@@ -40,54 +40,27 @@ from batchfeed.shared.errors import (
     error_from_code,
 )
 from batchfeed.shared.plan import PlanParams
-from batchfeed.shared.schema import Field, schema_from_wire
-from batchfeed.shared.version import __version__
+from batchfeed.shared.schema import Field
 
-from .fastpath import RingMap
+from .link import Link, LinkConfig, Welcome
 
 log = logging.getLogger("batchfeed.client")
-
-PING_INTERVAL = 1.0
-HELLO_RETRY_MAX = 4.0
-
-_HANDSHAKE_FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
-        "it does not accept this client's CURVE key; add the client's public key file to the "
-        "server's --authorized-keys directory"),
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
-        "the security handshake failed: the server public key given to the client is not the "
-        "server's, or the server does not use CURVE"),
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
-        "the security handshake failed: the server public key given to the client is not the "
-        "server's, or the server does not use CURVE"),
-}
-_WATCHED_EVENTS = zmq.EVENT_DISCONNECTED | sum(_HANDSHAKE_FAILURES)
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Validated client settings (the plan parameters plus how to talk to the server)."""
+    """Validated client settings (the plan parameters plus how to talk to the servers)."""
 
-    address: str
+    addresses: tuple[str, ...]
     params: PlanParams
-    prefetch: int
+    prefetch: int  # 0: the server chooses
     dataset: str | None
-    fastpath: bool
+    fastpath: bool | None  # None: on for ipc:// addresses
     connect_timeout: float
     reconnect_timeout: float
     heartbeat_timeout: float
     name: str
     curve: tuple[bytes, bytes, bytes] | None = None  # (public, secret, server public)
-
-
-@dataclass(frozen=True)
-class Welcome:
-    session: int
-    dataset: str
-    rows: int
-    batches_per_epoch: int
-    fields: tuple[Field, ...]
-    server_version: str
 
 
 class Stream:
@@ -103,63 +76,54 @@ class Stream:
         self.end = end
         self.ready: queue.SimpleQueue = queue.SimpleQueue()  # lists of (batch, nbytes) or errors
         self.consumed = start  # next batch the trainer will be handed (trainer writes)
-        self.requested = start  # first batch not yet requested
+        self.requested = start  # first batch never requested
+        self.retry: set[int] = set()  # batches a lost link owed: to be asked of another
         self.next_deliver = start  # first batch not yet handed to ``ready``
-        self.received: dict[int, tuple[dict, int]] = {}  # out-of-order arrivals
+        self.received: dict[int, tuple[Any, int]] = {}  # out-of-order arrivals (or errors)
         self.cancelled = False
-
-    @property
-    def done(self) -> bool:
-        return self.next_deliver >= self.end
 
 
 class Connection:
-    """Owns the I/O thread and its socket."""
+    """Owns the I/O thread, its links and the current stream."""
 
     def __init__(self, config: ClientConfig):
         self.config = config
-        self.prefetch = config.prefetch  # 0 until the server chose one (see WELCOME)
-        self.unit = 1  # request when this much credit is free
+        self.prefetch = config.prefetch  # set from the first WELCOME when 0
+        self.unit = 1  # the trainer pokes the I/O thread after this many batches
         self.welcome: Welcome | None = None
         self.seen_fields: tuple[Field, ...] = ()  # from the first batch (for transforms)
         self.fatal: BaseException | None = None
         self._welcomed = threading.Event()
+        self._unwelcomed = set(config.addresses)
         self._commands: deque[tuple[str, Any]] = deque()
         # Fast-path slots, keyed by the ring they belong to: those whose views are all gone
         # (to RELEASE), and those still in use (named in BYE so the server keeps them).
         self._released: deque[tuple[str, int]] = deque()
         self._live_leases: set[tuple[str, int]] = set()
-        self._previous_session: int | None = None
-        self._monitor: zmq.Socket | None = None
-        self._handshake_error: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stream: Stream | None = None
         self._next_stream = 0
-        self._ring: RingMap | None = None
-        self._session: int | None = None
+        self._links: list[Link] = []
+        self._link_cap = 1
+        self._link_unit = 1
+        self._all_down_since: float | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="batchfeed-io", daemon=True)
-        # I/O-thread state
-        self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
-        self._last_sent = 0.0
-        self._last_heard = 0.0
-        self._lost_since: float | None = None
-        self._hello_at = 0.0
-        self._hello_wait = 0.25
 
     # ------------------------------------------------------------------ trainer side
 
     def start(self) -> Welcome:
         self._thread.start()
-        if not self._welcomed.wait(self.config.connect_timeout):
+        if not self._welcomed.wait(self.config.connect_timeout) and self.fatal is None:
+            missing = sorted(self._unwelcomed)
             self.close()
+            where = " and ".join(missing)
             raise ServerUnavailable(
-                f"no batchfeed server answered at {self.config.address} within "
+                f"no batchfeed server answered at {where} within "
                 f"{self.config.connect_timeout:g} s; start one there with `batchfeed serve "
-                f"--bind {self.config.address}`, or check the address and the firewall"
+                f"--bind {missing[0]}`, or check the address and the firewall"
             )
         if self.fatal is not None:
             self.close()
@@ -216,103 +180,43 @@ class Connection:
     # ------------------------------------------------------------------ I/O thread
 
     def _run(self) -> None:
-        self._ctx = zmq.Context()
+        ctx = zmq.Context()
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
+        cfg = self.config
+        link_config = LinkConfig(cfg.params, cfg.prefetch, cfg.dataset, cfg.heartbeat_timeout,
+                                 cfg.name, cfg.curve)
         try:
-            self._open_socket(poller)
-            self._say_hello()
+            for address in cfg.addresses:
+                fastpath = address.startswith("ipc://") if cfg.fastpath is None else cfg.fastpath
+                link = Link(address, fastpath, link_config, ctx, poller)
+                self._links.append(link)
+                link.open()
             while True:
                 events = dict(poller.poll(100))
                 if self._wake_r in events:
                     self._drain_wake()
                 if not self._run_commands():
                     return
-                if self._monitor is not None and self._monitor in events:
-                    self._on_monitor()
-                if self._sock in events:
-                    self._drain_socket()
+                for link in self._links:
+                    if link.monitor is not None and link.monitor in events and link.on_monitor():
+                        self._lose(link, fresh_socket=False)
+                    if link.sock is not None and link.sock in events:
+                        for msg in link.receive():
+                            self._on_message(link, msg)
                 self._request_more()
-                self._keep_alive(poller)
+                now = time.monotonic()
+                for link in self._links:
+                    link.tick(now, lambda lost: self._lose(lost, fresh_socket=True))
+                self._check_reachable(now)
         except BaseException as exc:  # hand every failure to the trainer, never die silently
             log.debug("I/O thread failed", exc_info=True)
             self._fail(exc)
         finally:
-            self._shutdown()
-
-    def _open_socket(self, poller: zmq.Poller) -> None:
-        assert self._ctx is not None
-        self._close_socket(poller)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.rcvhwm = 0  # credit bounds what the server sends
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        if self.config.curve is not None:
-            public, secret, server = self.config.curve
-            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
-        self._monitor = sock.get_monitor_socket(_WATCHED_EVENTS)
-        sock.connect(self.config.address)
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        self._sock = sock
-
-    def _close_socket(self, poller: zmq.Poller | None) -> None:
-        if self._sock is None:
-            return
-        if poller is not None:
-            poller.unregister(self._sock)
-            if self._monitor is not None:
-                poller.unregister(self._monitor)
-        if self._monitor is not None:
-            self._sock.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None
-        self._sock.close(linger=0)
-        self._sock = None
-
-    def _on_monitor(self) -> None:
-        """Connection events: a lost connection (reconnect now), or a refused handshake."""
-        assert self._monitor is not None
-        while True:
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind = event["event"]
-            if kind == zmq.EVENT_DISCONNECTED and self._session is not None:
-                log.info("connection to %s lost; reconnecting", self.config.address)
-                self._reconnect()
-            elif kind in _HANDSHAKE_FAILURES:
-                self._handshake_error = _HANDSHAKE_FAILURES[kind]
-                if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.config.curve is None:
-                    self._handshake_error = (
-                        "it requires CURVE encryption; pass curve=(client_secret_key_file, "
-                        "server_public_key_file) to Client (batchfeed keygen makes the keys)")
-                if self._session is None:
-                    raise AuthenticationError(
-                        f"the server at {self.config.address} refused the connection: "
-                        f"{self._handshake_error}"
-                    )
-
-    def _send(self, frames: list) -> None:
-        assert self._sock is not None
-        try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
-            self._last_sent = time.monotonic()
-        except zmq.Again:
-            pass  # not connected yet; liveness handling re-sends what matters
-
-    def _say_hello(self) -> None:
-        cfg = self.config
-        pid = os.getpid() if cfg.fastpath else None
-        self._send(protocol.hello(cfg.params.to_wire(), client=__version__, dataset=cfg.dataset,
-                                  prefetch=cfg.prefetch, fastpath=cfg.fastpath, name=cfg.name,
-                                  pid=pid, pid_start=procs.start_time() if pid else None,
-                                  resume=self._previous_session))
-        self._hello_at = time.monotonic()
+            for link in self._links:
+                key = link.ring.key if link.ring is not None else None
+                link.close([slot for k, slot in list(self._live_leases) if k == key])
+            ctx.term()
 
     def _drain_wake(self) -> None:
         try:
@@ -330,82 +234,57 @@ class Connection:
                 if self._stream is not None:
                     self._stream.cancelled = True
                 self._stream = arg
+                for link in self._links:
+                    link.pending.clear()
             elif cmd == "cancel" and arg is self._stream:
                 arg.cancelled = True
                 self._stream = None
         return True
 
-    def _drain_socket(self) -> None:
-        assert self._sock is not None
-        for _ in range(256):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._last_heard = time.monotonic()
-            self._on_message(protocol.decode(frames))
-
-    def _on_message(self, msg: protocol.Message) -> None:
+    def _on_message(self, link: Link, msg: protocol.Message) -> None:
         h = msg.header
         if msg.kind == protocol.BATCH:
-            self._on_batch(h, msg.buffers)
+            self._on_batch(link, h, msg.buffers)
         elif msg.kind == protocol.WELCOME:
-            self._on_welcome(h)
+            self._on_welcome(link, h)
         elif msg.kind == protocol.ERROR:
-            self._on_error(h)
+            self._on_error(link, h)
         elif msg.kind != protocol.PONG:
             raise ProtocolError(f"a client does not accept {msg.kind} messages")
 
-    def _on_welcome(self, h: dict) -> None:
-        if self._session is not None:
-            if h["session"] != self._session:  # a late answer to a repeated HELLO
-                self._send(protocol.bye(h["session"]))
+    def _on_welcome(self, link: Link, h: dict) -> None:
+        welcome = link.accept(h)
+        if welcome is None:
             return
-        welcome = Welcome(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"],
-                          schema_from_wire(h["fields"]) if h["fields"] else (), h["server"])
-        old = self.welcome
-        if old is not None and (old.rows, old.batches_per_epoch, old.fields) != (
-                welcome.rows, welcome.batches_per_epoch, welcome.fields):
+        first = self.welcome
+        if first is None:
+            self.welcome = welcome
+            self.prefetch = self.config.prefetch or welcome.prefetch
+            self.unit = max(1, self.prefetch // 4)
+            self._link_cap = max(1, -(-self.prefetch // len(self.config.addresses)))
+            self._link_unit = max(1, self._link_cap // 4)
+        elif not welcome.same_data(first):
             raise ServerUnavailable(
-                f"the server at {self.config.address} came back with a different dataset "
-                f"({old.rows} rows before, {welcome.rows} now); the epoch cannot be continued"
+                f"the server at {link.address} serves {welcome.dataset!r} with {welcome.rows} "
+                f"rows and {welcome.batches_per_epoch} batches per epoch, but this client "
+                f"started with {first.dataset!r}: {first.rows} rows, {first.batches_per_epoch} "
+                "batches; every server of a client must serve the same dataset"
             )
-        ring = self._ring
-        self._ring = None
-        if h["ring"] is not None:
-            try:
-                self._ring = ring if ring is not None and ring.same(h["ring"]) \
-                    else RingMap(h["ring"])
-            except (OSError, ProtocolError) as exc:
-                # Not on the server's host after all: ask again for a normal session.
-                log.info("fast path unavailable (%s); using the socket", exc)
-                self._send(protocol.bye(welcome.session))
-                self.config = replace(self.config, fastpath=False)
-                self._say_hello()
-                return
-        self._session = welcome.session
-        self._previous_session = None
-        self._handshake_error = None
-        self.welcome = welcome
-        self.prefetch = h["prefetch"]
-        self.unit = max(1, self.prefetch // 4)
-        self._lost_since = None
-        self._hello_wait = 0.25
-        stream = self._stream
-        if stream is not None and not stream.cancelled:
-            stream.requested = stream.next_deliver  # re-request all that has not arrived
-        self._welcomed.set()
+        self._all_down_since = None
+        self._unwelcomed.discard(link.address)
+        if not self._unwelcomed:
+            self._welcomed.set()
 
-    def _on_error(self, h: dict) -> None:
+    def _on_error(self, link: Link, h: dict) -> None:
         err = error_from_code(h["code"], h["message"])
         if isinstance(err, UnknownSession):
-            if self._session is not None and h.get("session") == self._session:
-                self._reconnect()
+            if link.session is not None and h.get("session") == link.session:
+                self._lose(link, fresh_socket=False)
             return
-        if self._session is None:
+        if link.session is None:
             raise err  # the server refused our HELLO: fatal, whether first contact or not
         stream = self._stream
-        if h.get("session") not in (None, self._session):
+        if h.get("session") not in (None, link.session):
             return  # about a session we have left
         if stream is None or h.get("stream") not in (None, stream.id):
             return
@@ -416,14 +295,14 @@ class Connection:
         else:
             stream.ready.put(err)
 
-    def _on_batch(self, h: dict, buffers: list) -> None:
+    def _on_batch(self, link: Link, h: dict, buffers: list) -> None:
         stream = self._stream
         slot = h["slot"]
-        current = (stream is not None and h["session"] == self._session
+        current = (stream is not None and h["session"] == link.session
                    and h["stream"] == stream.id and h["epoch"] == stream.epoch)
         if not current:
-            if slot is not None and h["session"] == self._session and self._ring is not None:
-                self._released.append((self._ring.key, slot))
+            if slot is not None and h["session"] == link.session and link.ring is not None:
+                self._released.append((link.ring.key, slot))
             return
         assert stream is not None
         layout = protocol.chunk_layout(h)
@@ -432,18 +311,20 @@ class Connection:
             raise ProtocolError(f"server sent batches {k0}..{k0 + layout.count - 1}, outside "
                                 f"the requested range {stream.start}..{stream.end - 1}")
         if slot is not None:
-            if self._ring is None:
+            if link.ring is None:
                 raise ProtocolError("server sent a ring slot to a client without the fast path")
-            lease = (self._ring.key, slot)
+            lease = (link.ring.key, slot)
             self._live_leases.add(lease)
-            buffers = self._ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
-                                       layout, lambda: self._lease_freed(lease))
+            buffers = link.ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
+                                      layout, lambda: self._lease_freed(lease))
         batches = protocol.field_views(layout, buffers)
         if not self.seen_fields:
             self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
                                      in zip(layout.names, layout.dtypes, layout.shapes[0]))
         for b, batch in enumerate(batches):
             k = k0 + b
+            link.pending.discard(k)
+            stream.retry.discard(k)
             if k >= stream.next_deliver and k not in stream.received:
                 nbytes = sum(layout.nbytes[f][b] for f in range(len(layout.names)))
                 stream.received[k] = (batch, nbytes)
@@ -473,64 +354,93 @@ class Connection:
         self._released.append(lease)
         self.poke()
 
-    def _request_more(self) -> None:
-        stream, session = self._stream, self._session
-        if session is None:
-            return
-        release = self._take_releases()
-        if stream is not None and not stream.cancelled:
-            room = self.prefetch - (stream.requested - stream.consumed)
-            remaining = stream.end - stream.requested
-            if remaining > 0 and room >= min(self.unit, remaining):
-                count = min(room, remaining)
-                self._send(protocol.request(session=session, stream=stream.id,
-                                            epoch=stream.epoch, k0=stream.requested,
-                                            count=count, release=release or None))
-                stream.requested += count
-                return
-        if release:
-            self._send(protocol.release(session=session, slots=release))
+    # ------------------------------------------------------------------ credit
 
-    def _take_releases(self) -> list[int]:
-        out: list[int] = []
-        ring = self._ring.key if self._ring is not None else None
-        while self._released and len(out) < protocol.MAX_RELEASE:
-            owner, slot = self._released.popleft()
-            if owner == ring:  # slots of a former server's ring mean nothing to this one
-                out.append(slot)
+    def _request_more(self) -> None:
+        """Give the links work: first what lost links owed, then new batches, while the
+        credit lasts; each link takes at most its share, so faster servers are asked more."""
+        stream = self._stream
+        releases = self._take_releases()
+        asked: set[int] = set()
+        if stream is not None and not stream.cancelled:
+            while True:
+                link = max((lk for lk in self._links if lk.up),
+                           key=lambda lk: -len(lk.pending), default=None)
+                if link is None:
+                    break
+                free = self._link_cap - len(link.pending)
+                k0, count = self._next_run(stream, free)
+                if count == 0:
+                    break
+                assert link.session is not None
+                release = releases.pop(id(link), None)
+                link.send(protocol.request(session=link.session, stream=stream.id,
+                                           epoch=stream.epoch, k0=k0, count=count,
+                                           release=release))
+                link.pending.update(range(k0, k0 + count))
+                asked.add(id(link))
+        for link in self._links:
+            release = releases.get(id(link))
+            if release and link.up:
+                assert link.session is not None
+                link.send(protocol.release(session=link.session, slots=release))
+
+    def _next_run(self, stream: Stream, free: int) -> tuple[int, int]:
+        """The next batches to ask one link for: (first, count), count 0 for none now."""
+        if free <= 0:
+            return 0, 0
+        if stream.retry:  # already inside the credit window: ask again at once
+            ks = sorted(stream.retry)
+            run = 1
+            while run < min(free, len(ks)) and ks[run] == ks[0] + run:
+                run += 1
+            stream.retry.difference_update(range(ks[0], ks[0] + run))
+            return ks[0], run
+        remaining = stream.end - stream.requested
+        room = self.prefetch - (stream.requested - stream.consumed)
+        count = min(room, free, remaining)
+        if remaining <= 0 or count < min(self._link_unit, remaining):
+            return 0, 0
+        k0 = stream.requested
+        stream.requested += count
+        return k0, count
+
+    def _take_releases(self) -> dict[int, list[int]]:
+        """Released fast-path slots, per link (by the ring they belong to)."""
+        by_ring = {lk.ring.key: lk for lk in self._links if lk.ring is not None and lk.up}
+        out: dict[int, list[int]] = {}
+        while self._released:
+            key, slot = self._released.popleft()
+            link = by_ring.get(key)  # a former server's ring means nothing to the new one
+            if link is not None:
+                slots = out.setdefault(id(link), [])
+                if len(slots) < protocol.MAX_RELEASE:
+                    slots.append(slot)
         return out
 
-    def _keep_alive(self, poller: zmq.Poller) -> None:
-        now = time.monotonic()
-        if self._session is None:
-            # First contact: the constructor's connect_timeout applies; the queued HELLO goes
-            # out when the socket connects.  After losing the server: retry with backoff.
-            if self._lost_since is not None:
-                if now - self._lost_since > self.config.reconnect_timeout:
-                    raise ServerUnavailable(
-                        f"lost the batchfeed server at {self.config.address} and it did not "
-                        f"come back within reconnect_timeout={self.config.reconnect_timeout:g} s"
-                    )
-                if now - self._hello_at > self._hello_wait:
-                    self._hello_wait = min(self._hello_wait * 2, HELLO_RETRY_MAX)
-                    self._say_hello()
-            return
-        if now - self._last_sent > PING_INTERVAL:
-            self._send(protocol.ping(self._session))
-        if now - self._last_heard > self.config.heartbeat_timeout:
-            log.warning("no word from %s for %.1f s; reconnecting", self.config.address,
-                        now - self._last_heard)
-            self._open_socket(poller)  # a fresh connection, without stale queued messages
-            self._reconnect()
+    # ------------------------------------------------------------------ liveness
 
-    def _reconnect(self) -> None:
-        """Start over with a new session; ``_on_welcome`` re-requests what has not arrived."""
-        if self._session is not None:
-            self._previous_session = self._session
-        self._session = None
-        self._lost_since = time.monotonic()
-        self._last_heard = self._lost_since
-        self._say_hello()
+    def _lose(self, link: Link, fresh_socket: bool) -> None:
+        """A server is gone: what it owed goes to the other links (or to it, once back)."""
+        stream = self._stream
+        if stream is not None:
+            stream.retry.update(k for k in link.pending
+                                if k >= stream.next_deliver and k not in stream.received)
+        link.pending.clear()
+        link.lose(fresh_socket)
+
+    def _check_reachable(self, now: float) -> None:
+        if any(link.up for link in self._links) or self.welcome is None:
+            self._all_down_since = None
+            return
+        if self._all_down_since is None:
+            self._all_down_since = now
+        elif now - self._all_down_since > self.config.reconnect_timeout:
+            where = ", ".join(link.address for link in self._links)
+            raise ServerUnavailable(
+                f"lost the batchfeed server at {where} and it did not come back within "
+                f"reconnect_timeout={self.config.reconnect_timeout:g} s"
+            )
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, BatchfeedError):
@@ -539,20 +449,3 @@ class Connection:
         if self._stream is not None:
             self._stream.ready.put(exc)
         self._welcomed.set()
-
-    def _shutdown(self) -> None:
-        if self._sock is not None:
-            if self._session is not None:
-                ring = self._ring.key if self._ring is not None else None
-                held = [slot for key, slot in list(self._live_leases) if key == ring]
-                try:
-                    self._sock.send_multipart(protocol.bye(self._session, held or None),
-                                              zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                time.sleep(0.05)  # let the io thread flush BYE before the socket goes
-            self._close_socket(None)
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
-

@@ -56,3 +56,11 @@ def burn_cpu(batch: dict, rng: np.random.Generator) -> dict:
 def expand(batch: dict, rng: np.random.Generator) -> dict:
     """uint8 images to float64: 8x the bytes, more than the server's size guess."""
     return {"id": batch["id"], "img": batch["img"].astype(np.float64)}
+
+
+def sleepy(batch: dict, rng: np.random.Generator) -> dict:
+    """A slow server: 20 ms per batch."""
+    import time
+
+    time.sleep(0.02)
+    return batch

@@ -1,0 +1,265 @@
+"""A link: the client's connection to one server, owned by the client's I/O thread.
+
+A link owns one DEALER socket and its monitor, the session the server gave it, the server's
+fast-path ring if it maps one, and its liveness: it says HELLO (again, with backoff, after a
+loss, naming the session to resume), PINGs every second, and declares itself *lost* when the
+connection drops or the server stays silent for ``heartbeat_timeout``.  What a loss means for
+the batches it was asked for is the Connection's business (``pending`` says which those are).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from batchfeed.shared import procs, protocol
+from batchfeed.shared.errors import AuthenticationError, ProtocolError
+from batchfeed.shared.plan import PlanParams
+from batchfeed.shared.schema import Field, schema_from_wire
+from batchfeed.shared.version import __version__
+
+from .fastpath import RingMap
+
+log = logging.getLogger("batchfeed.client")
+
+PING_INTERVAL = 1.0
+HELLO_RETRY_MAX = 4.0
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
+        "it does not accept this client's CURVE key; add the client's public key file to the "
+        "server's --authorized-keys directory"),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "the security handshake failed: the server public key given to the client is not the "
+        "server's, or the server does not use CURVE"),
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "the security handshake failed: the server public key given to the client is not the "
+        "server's, or the server does not use CURVE"),
+}
+_WATCHED_EVENTS = zmq.EVENT_DISCONNECTED | sum(_HANDSHAKE_FAILURES)
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How to talk to the servers (the same for every link of a client)."""
+
+    params: PlanParams
+    prefetch: int  # 0: let the server choose
+    dataset: str | None
+    heartbeat_timeout: float
+    name: str
+    curve: tuple[bytes, bytes, bytes] | None  # (public, secret, server public)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    session: int
+    dataset: str
+    rows: int
+    batches_per_epoch: int
+    prefetch: int
+    fields: tuple[Field, ...]
+    server_version: str
+
+    @classmethod
+    def from_header(cls, h: dict) -> Welcome:
+        return cls(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"], h["prefetch"],
+                   schema_from_wire(h["fields"]) if h["fields"] else (), h["server"])
+
+    def same_data(self, other: Welcome) -> bool:
+        """Same rows, batches and fields (the dataset's name may differ between servers, and
+        the fields of an undeclared transform are not known yet)."""
+        same_fields = not self.fields or not other.fields or self.fields == other.fields
+        return same_fields and (self.rows, self.batches_per_epoch) == (
+            other.rows, other.batches_per_epoch)
+
+
+class Link:
+    def __init__(self, address: str, fastpath: bool, config: LinkConfig, ctx: zmq.Context,
+                 poller: zmq.Poller):
+        self.address = address
+        self.fastpath = fastpath
+        self.config = config
+        self._ctx = ctx
+        self._poller = poller
+        self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.session: int | None = None
+        self.welcome: Welcome | None = None
+        self.ring: RingMap | None = None
+        self.pending: set[int] = set()  # batches of the current stream asked of this link
+        self.handshake_error: str | None = None
+        self.lost_since: float | None = None
+        self._previous_session: int | None = None
+        self._hello_at = 0.0
+        self._hello_wait = 0.25
+        self._last_sent = 0.0
+        self._last_heard = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self.session is not None
+
+    # ------------------------------------------------------------------ socket
+
+    def open(self) -> None:
+        """A fresh socket (and monitor) connected to the server; then HELLO."""
+        self._close_socket()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.rcvhwm = 0  # credit bounds what the server sends
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        if self.config.curve is not None:
+            public, secret, server = self.config.curve
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
+        self.monitor = sock.get_monitor_socket(_WATCHED_EVENTS)
+        sock.connect(self.address)
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
+        self.sock = sock
+        self.hello()
+
+    def _close_socket(self) -> None:
+        if self.sock is None:
+            return
+        self._poller.unregister(self.sock)
+        if self.monitor is not None:
+            self._poller.unregister(self.monitor)
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.sock.close(linger=0)
+        self.sock = None
+
+    def send(self, frames: list) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self._last_sent = time.monotonic()
+        except zmq.Again:
+            pass  # not connected yet; liveness handling re-sends what matters
+
+    def hello(self) -> None:
+        cfg = self.config
+        pid = os.getpid() if self.fastpath else None
+        self.send(protocol.hello(cfg.params.to_wire(), client=__version__, dataset=cfg.dataset,
+                                 prefetch=cfg.prefetch, fastpath=self.fastpath, name=cfg.name,
+                                 pid=pid, pid_start=procs.start_time() if pid else None,
+                                 resume=self._previous_session))
+        self._hello_at = time.monotonic()
+
+    def receive(self) -> list[protocol.Message]:
+        """The messages that have arrived (decoded: a ProtocolError is fatal for the client)."""
+        assert self.sock is not None
+        out = []
+        for _ in range(256):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._last_heard = time.monotonic()
+            out.append(protocol.decode(frames))
+        return out
+
+    def close(self, held: list[int]) -> None:
+        """BYE (naming fast-path slots still in use), then close the socket."""
+        if self.sock is not None and self.session is not None:
+            try:
+                self.sock.send_multipart(protocol.bye(self.session, held or None), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            time.sleep(0.05)  # let the io thread flush BYE before the socket goes
+        self._close_socket()
+
+    # ------------------------------------------------------------------ session
+
+    def accept(self, h: dict) -> Welcome | None:
+        """A WELCOME: take the session (None when it is stale, or the fast path failed and a
+        plain session was asked for instead)."""
+        if self.session is not None:
+            if h["session"] != self.session:  # a late answer to a repeated HELLO
+                self.send(protocol.bye(h["session"]))
+            return None
+        welcome = Welcome.from_header(h)
+        ring, self.ring = self.ring, None
+        if h["ring"] is not None:
+            try:
+                self.ring = ring if ring is not None and ring.same(h["ring"]) \
+                    else RingMap(h["ring"])
+            except (OSError, ProtocolError) as exc:
+                # Not on the server's host after all: ask again for a plain session.
+                log.info("fast path to %s unavailable (%s); using the socket", self.address, exc)
+                self.send(protocol.bye(welcome.session))
+                self.fastpath = False
+                self.hello()
+                return None
+        self.session = welcome.session
+        self.welcome = welcome
+        self._previous_session = None
+        self.handshake_error = None
+        self.lost_since = None
+        self._hello_wait = 0.25
+        return welcome
+
+    def lose(self, fresh_socket: bool) -> None:
+        """The server is gone (or silent): start over, resuming the session if it comes back."""
+        if self.session is not None:
+            self._previous_session = self.session
+        self.session = None
+        now = time.monotonic()
+        if self.lost_since is None:
+            self.lost_since = now
+        self._last_heard = now
+        if fresh_socket:
+            self.open()  # a fresh connection, without stale queued messages
+        else:
+            self.hello()
+
+    def on_monitor(self) -> bool:
+        """Connection events; True if the connection was lost.  A refused handshake raises
+        AuthenticationError while the link has no session."""
+        assert self.monitor is not None
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            kind = event["event"]
+            if kind == zmq.EVENT_DISCONNECTED and self.session is not None:
+                log.info("connection to %s lost; reconnecting", self.address)
+                lost = True
+            elif kind in _HANDSHAKE_FAILURES:
+                self.handshake_error = _HANDSHAKE_FAILURES[kind]
+                if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.config.curve is None:
+                    self.handshake_error = (
+                        "it requires CURVE encryption; pass curve=(client_secret_key_file, "
+                        "server_public_key_file) to Client (batchfeed keygen makes the keys)")
+                if self.session is None:
+                    raise AuthenticationError(f"the server at {self.address} refused the "
+                                              f"connection: {self.handshake_error}")
+
+    def tick(self, now: float, on_lost: Callable[[Link], None]) -> None:
+        """Ping a live server; notice a silent one; re-HELLO (with backoff) a lost one."""
+        if self.session is None:
+            # First contact: the queued HELLO goes out when the socket connects.  After a
+            # loss: say it again now and then.
+            if self.lost_since is not None and now - self._hello_at > self._hello_wait:
+                self._hello_wait = min(self._hello_wait * 2, HELLO_RETRY_MAX)
+                self.hello()
+            return
+        if now - self._last_sent > PING_INTERVAL:
+            self.send(protocol.ping(self.session))
+        if now - self._last_heard > self.config.heartbeat_timeout:
+            log.warning("no word from %s for %.1f s; reconnecting", self.address,
+                        now - self._last_heard)
+            on_lost(self)
