@@ -1,5 +1,6 @@
 """The trainer-side client library."""
 
 from .client import Client, EpochIterator
+from .discovery import resolve_all
 
-__all__ = ["Client", "EpochIterator"]
+__all__ = ["Client", "EpochIterator", "resolve_all"]

@@ -83,3 +83,15 @@ def test_servers_with_different_data_are_refused(serve, dataset_path, tmp_path) 
     b = serve("--data", tmp_path / "other.npz", "--workers", 1)
     with pytest.raises(ServerUnavailable, match="every server of a client must serve the same"):
         Client([a.address, b.address], batch_size=64)
+
+
+def test_a_name_with_several_records_resolves_to_every_server() -> None:
+    from batchfeed.client import resolve_all
+    from batchfeed.shared.errors import InvalidRequest
+
+    assert "tcp://127.0.0.1:5555" in resolve_all("tcp://localhost:5555")
+    assert resolve_all("tcp://127.0.0.1:9") == ["tcp://127.0.0.1:9"]
+    with pytest.raises(InvalidRequest, match="tcp://NAME:PORT"):
+        resolve_all("ipc:///tmp/x")
+    with pytest.raises(ServerUnavailable, match="cannot resolve"):
+        resolve_all("tcp://no-such-host.invalid:5555")
