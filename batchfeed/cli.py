@@ -52,6 +52,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="slots in the shared ring (default: 4 per worker + 8)")
     p.add_argument("--slot-mb", type=float, default=0,
                    help="size of a slot in MiB (default: 4, or 128 of the widest rows)")
+    p.add_argument("--chunk-mb", type=float, default=2.0,
+                   help="target size of one streamed message, in MiB (default: %(default)s)")
     p.add_argument("--task-timeout", type=float, default=30.0,
                    help="seconds a worker may take on a task before it is replaced")
     p.add_argument("--session-timeout", type=float, default=10.0,
@@ -92,6 +94,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         synthetic_rows=args.synthetic_rows,
         slots=args.slots,
         slot_bytes=int(args.slot_mb * MIB),
+        chunk_bytes=max(1, int(args.chunk_mb * MIB)),
         task_timeout=args.task_timeout,
         session_timeout=args.session_timeout,
         insecure=args.insecure,

@@ -47,7 +47,9 @@ class SlotRing:
         return len(self._free)
 
     def acquire(self) -> int | None:
-        return self._free.popleft() if self._free else None
+        """The slot released last: its pages are the likeliest to still be in the CPU's
+        caches (handing slots out round robin would stream through the whole ring)."""
+        return self._free.pop() if self._free else None
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
