@@ -1,6 +1,7 @@
 """Stock server-side transforms for ``batchfeed serve --transform batchfeed.transforms:NAME``.
 
-Each is ``fn(batch, rng) -> batch`` and works on the field ``x`` (other fields pass through):
+Each is ``fn(batch, rng) -> batch``; the image ones work on the field ``x`` (other fields pass
+through):
 
 - ``random_crop_flip``: images (N, C, H, W) of any dtype: pad by 4 with zeros, take a random
   H x W crop per image, flip half of the images left-right (the CIFAR recipe).  Same dtype.
@@ -9,6 +10,10 @@ Each is ``fn(batch, rng) -> batch`` and works on the field ``x`` (other fields p
 - ``augment``: ``random_crop_flip``, then ``normalize``, then a random brightness and contrast
   jitter per image: a realistic, CPU-heavy pipeline (the benchmark uses it to show that
   worker processes scale).
+- ``trim_padding``: token sequences padded to the dataset's longest, field ``tokens`` (N, L) with
+  the valid lengths in ``length`` (N,): cuts ``tokens`` to the longest length in the batch
+  (dynamic padding), so a batch of short sentences costs the trainer short sequences.  Batch
+  shapes then vary; clients take them as they come.
 
 Write your own the same way: a module on the server's PYTHONPATH with a function of
 ``(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]``.
@@ -54,3 +59,19 @@ def augment(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
     mean = x.mean(axis=(1, 2, 3), keepdims=True)
     out["x"] = ((x - mean) * contrast + mean + brightness).astype(np.float32)
     return out
+
+
+def trim_padding(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
+    """Cut ``tokens`` (N, L) to the batch's longest ``length``; every other field passes through.
+
+    Keeps at least one column, so a batch of empty sequences still has a ``tokens`` array.
+    """
+    tokens, length = batch["tokens"], batch["length"]
+    if tokens.ndim != 2 or length.shape != tokens.shape[:1]:
+        raise ValueError(f"trim_padding needs tokens (N, L) and length (N,), got tokens "
+                         f"{tokens.shape} and length {length.shape}")
+    longest = int(length.max()) if len(length) else 0
+    if longest > tokens.shape[1] or (len(length) and int(length.min()) < 0):
+        raise ValueError(f"lengths must be in [0, {tokens.shape[1]}] (the padded width), got "
+                         f"[{int(length.min())}, {longest}]")
+    return {**batch, "tokens": tokens[:, : max(longest, 1)]}
