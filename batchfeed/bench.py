@@ -53,6 +53,7 @@ ROW_TCP = "batchfeed tcp, {n} client{s}"
 ROW_IPC_SOCKET = "batchfeed ipc, socket (fastpath=False)"
 ROW_IPC_FAST = "batchfeed ipc, fast path"
 ROW_CURVE = "batchfeed tcp + CURVE, 1 client"
+ROW_STALL = "batchfeed tcp, trainer at half rate"
 ROW_TRANSFORM = "transform augment, {n} worker{s}"
 TCP_CLIENTS = (1, 2, 4)
 TRANSFORM = "batchfeed.transforms:augment"
@@ -195,9 +196,10 @@ def _count(batch: Any) -> tuple[int, int]:
 
 
 def consume(batches: Iterator, warmup_s: float, seconds: float, start: float,
-            ready: Callable[[], bool] | None = None) -> Measurement:
+            ready: Callable[[], bool] | None = None, step_s: float = 0.0) -> Measurement:
     """Iterate: warm up for ``warmup_s`` after the first batch (and until ``ready()``), then
-    count rows and bytes for ``seconds``."""
+    count rows and bytes for ``seconds``.  ``step_s`` simulates a training step per batch that
+    leaves the CPU free, as a step waiting on a GPU does (slept in pieces of >= 1 ms)."""
     m = Measurement()
     warm_until = None
     for batch in batches:
@@ -214,10 +216,16 @@ def consume(batches: Iterator, warmup_s: float, seconds: float, start: float,
     cpu0, t0 = time.process_time(), time.perf_counter()
     end = t0 + seconds
     samples = nbytes = 0
+    debt = 0.0
     for batch in batches:
         rows, size = _count(batch)
         samples += rows
         nbytes += size
+        if step_s:
+            debt += step_s
+            if debt >= 0.001:
+                time.sleep(debt)
+                debt = 0.0
         if time.perf_counter() >= end:
             break
     m.seconds = time.perf_counter() - t0
@@ -318,6 +326,7 @@ class ClientJob:
     seconds: float
     seed: int = 0
     curve: tuple[str, str] | None = None  # (client secret key file, server public key file)
+    step_s: float = 0.0  # a simulated training step per batch
 
 
 def client_epochs(client: Any) -> Iterator[dict]:
@@ -354,7 +363,7 @@ def run_client(row: int, job: ClientJob, messages: Any, go: Any) -> None:
 
             batches = client_epochs(client)
             try:
-                m = consume(batches, job.warmup_s, job.seconds, start, ready)
+                m = consume(batches, job.warmup_s, job.seconds, start, ready, job.step_s)
             finally:
                 batches.close()
             if m.seconds > 0:
@@ -643,11 +652,11 @@ def in_process_rows(w: Workload, arrays: dict[str, np.ndarray], options: BenchOp
 
 def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
                   fastpath: bool | None, options: BenchOptions, pool: ClientPool,
-                  curve: tuple[str, str] | None = None) -> Row:
+                  curve: tuple[str, str] | None = None, step_s: float = 0.0) -> Row:
     """Aggregate throughput of ``n_clients`` ranks splitting each epoch (rank/world_size)."""
     assert server.address is not None
     jobs = [ClientJob(server.address, w.batch_size, r, n_clients, fastpath, options.warmup,
-                      options.seconds, options.seed, curve) for r in range(n_clients)]
+                      options.seconds, options.seed, curve, step_s) for r in range(n_clients)]
     cpu0: list[float] = []
     ms = pool.run(jobs, on_go=lambda: cpu0.append(cpu_seconds(process_tree(server.pid))))
     cpu1 = cpu_seconds(process_tree(server.pid))
@@ -694,6 +703,12 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
                     progress(f"{w.name}: {name}")
                     rows.append(_guarded(name, lambda: batchfeed_row(
                         name, server, w, n, fastpath, options, pool, curve)))
+                    if name == ROW_TCP.format(n=1, s="") and rows[-1].samples_per_s:
+                        # The same service, for a trainer that takes twice as long per batch.
+                        step = 2 * w.batch_size / rows[-1].samples_per_s
+                        progress(f"{w.name}: {ROW_STALL}")
+                        rows.append(_guarded(ROW_STALL, lambda: batchfeed_row(
+                            ROW_STALL, server, w, 1, None, options, pool, step_s=step)))
         except (BenchError, RuntimeError, OSError) as exc:
             failed = f"failed: {exc}".splitlines()[0][:200]
             done = {r.name for r in rows}
@@ -865,6 +880,11 @@ def format_workload(result: dict, options: BenchOptions) -> list[str]:
         ring = RingInfo(**info["ring"]) if info["ring"] else None
         lines.append(f"  {kind} server: {ring.describe() if ring else info['ready_line']}")
     lines += format_table(result["rows"])
+    stall = next((r for r in result["rows"] if r["name"] == ROW_STALL and r["status"] == "ok"),
+                 None)
+    if stall is not None and stall["client_wait_fraction"] is not None:
+        lines.append(f"  a trainer taking twice as long per batch as the service needs waits "
+                     f"{stall['client_wait_fraction']:.2%} of its wall time on data")
     return lines + [f"  problem: {p}" for p in result["problems"]]
 
 
