@@ -185,7 +185,8 @@ class Client:
                 f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), got {start_batch!r}"
             )
         self._position = (epoch, start_batch)
-        return EpochIterator(self, self._live.start_stream(epoch, start_batch, bpe), convert)
+        stream = self._live.stream_at(epoch, start_batch, bpe)
+        return EpochIterator(self, stream, epoch, start_batch, convert)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -255,58 +256,60 @@ class _Stats:
 
 
 class EpochIterator:
-    """Batches of one epoch in plan order; ``len()`` is the number still to come."""
+    """Batches of one epoch in plan order; ``len()`` is the number still to come.
 
-    def __init__(self, client: Client, stream: Stream,
+    When it is read to the end, the client goes on prefetching the next epoch, which the next
+    ``client.epoch(e + 1)`` picks up; stopping early (``close()``, or dropping the iterator)
+    stops the prefetching.
+    """
+
+    def __init__(self, client: Client, stream: Stream, epoch: int, start: int,
                  convert: Callable[[dict], dict] | None = None):
         self._client = client
         self._conn = client._live
         self._convert = convert
         self._stream = stream
         self._stats = client._stats
-        self._items: list = []
-        self._pos = 0
-        self._next = stream.start
-        self._notified = stream.start
+        self._epoch = epoch
+        self._k = start
+        self._next = stream.position(epoch, start)
+        self._end = stream.position(epoch + 1, 0)
+        self._notified = self._next
 
     def __len__(self) -> int:
-        return self._stream.end - self._next
+        return self._end - self._next
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        stream = self._stream
-        if self._pos >= len(self._items):
-            if self._next >= stream.end:
-                raise StopIteration
-            stats = self._stats
-            if stats.started is None:
-                stats.started = time.perf_counter()
-            t0 = time.perf_counter()
-            self._items = self._conn.next_items(stream)
-            stats.wait_s += time.perf_counter() - t0
-            self._pos = 0
-        batch, nbytes = self._items[self._pos]
-        self._items[self._pos] = None  # hold no reference the trainer has dropped
-        self._pos += 1
+        if self._next >= self._end:
+            raise StopIteration
+        stats, stream = self._stats, self._stream
+        if stats.started is None:
+            stats.started = time.perf_counter()
+        (batch, nbytes), waited = self._conn.take(stream)
+        stats.wait_s += waited
         self._next += 1
+        self._k += 1
         stream.consumed = self._next
-        self._client._position = (stream.epoch, self._next)
+        self._client._position = (self._epoch, self._k)
         if self._next - self._notified >= self._conn.unit:
             self._notified = self._next
             self._conn.poke()
-        self._stats.batches += 1
-        self._stats.bytes += nbytes
+        stats.batches += 1
+        stats.bytes += nbytes
         return batch if self._convert is None else self._convert(batch)
 
     def close(self) -> None:
-        """Stop early: the client stops requesting this epoch."""
-        if self._next < self._stream.end:
-            self._next = self._stream.end
+        """Stop early: the client stops requesting."""
+        if self._next < self._end:
+            self._next = self._end
+            self._stream.abandoned = True
             self._conn.cancel(self._stream)
 
     def __del__(self) -> None:
         # Best effort: an abandoned iterator stops asking the server for more batches.
-        if getattr(self, "_next", None) is not None and self._next < self._stream.end:
+        if getattr(self, "_end", None) is not None and self._next < self._end:
+            self._stream.abandoned = True
             self._conn.cancel(self._stream)

@@ -64,23 +64,47 @@ class ClientConfig:
 
 
 class Stream:
-    """One pass over batches ``start .. end-1`` of an epoch, shared with the trainer thread.
+    """The trainer's batches from (epoch, start) on, in plan order, running on across epochs.
 
-    The trainer reads ``ready`` and writes ``consumed``; everything else is the I/O thread's.
+    Position ``p`` is local batch ``(start + p) % bpe`` of epoch ``epoch0 + (start + p) // bpe``.
+    Running on means the next epoch is prefetched while the trainer finishes this one, so an
+    epoch boundary costs no wait; requests stay within the epoch after the trainer's.
+    The trainer reads ``ready`` and writes ``consumed`` (and ``abandoned``); the rest is the
+    I/O thread's, but for ``items``, the trainer's unread batches.
     """
 
-    def __init__(self, stream_id: int, epoch: int, start: int, end: int):
+    def __init__(self, stream_id: int, epoch: int, start: int, bpe: int):
         self.id = stream_id
-        self.epoch = epoch
+        self.epoch0 = epoch
         self.start = start
-        self.end = end
+        self.bpe = bpe
         self.ready: queue.SimpleQueue = queue.SimpleQueue()  # lists of (batch, nbytes) or errors
-        self.consumed = start  # next batch the trainer will be handed (trainer writes)
-        self.requested = start  # first batch never requested
-        self.retry: set[int] = set()  # batches a lost link owed: to be asked of another
-        self.next_deliver = start  # first batch not yet handed to ``ready``
+        self.consumed = 0  # positions handed to the trainer (trainer writes)
+        self.abandoned = False  # the trainer left it (trainer writes)
+        self.requested = 0  # first position never requested
+        self.retry: set[int] = set()  # positions a lost link owed: to be asked of another
+        self.next_deliver = 0  # first position not yet handed to ``ready``
         self.received: dict[int, tuple[Any, int]] = {}  # out-of-order arrivals (or errors)
         self.cancelled = False
+        self.broken = False  # an error was delivered: nothing after it is
+        self.items: list = []  # trainer side: the list being read, and where
+        self.read = 0
+
+    def where(self, p: int) -> tuple[int, int]:
+        """(epoch, local batch) of position ``p``."""
+        q = self.start + p
+        return self.epoch0 + q // self.bpe, q % self.bpe
+
+    def position(self, epoch: int, k: int) -> int:
+        return (epoch - self.epoch0) * self.bpe + k - self.start
+
+    def epoch_end(self, p: int) -> int:
+        """The first position of the epoch after ``p``'s."""
+        return self.position(self.where(p)[0] + 1, 0)
+
+    def horizon(self) -> int:
+        """How far to request: to the end of the epoch after the one the trainer is in."""
+        return self.position(self.where(self.consumed)[0] + 2, 0)
 
 
 class Connection:
@@ -103,7 +127,8 @@ class Connection:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._stream: Stream | None = None
+        self._stream: Stream | None = None  # the I/O thread's
+        self._trainer_stream: Stream | None = None  # the trainer's (the same, once it is seen)
         self._next_stream = 0
         self._links: list[Link] = []
         self._link_cap = 1
@@ -131,9 +156,16 @@ class Connection:
         assert self.welcome is not None
         return self.welcome
 
-    def start_stream(self, epoch: int, start: int, end: int) -> Stream:
+    def stream_at(self, epoch: int, start: int, bpe: int) -> Stream:
+        """The running stream if the trainer is exactly there (epoch e+1 after epoch e), so
+        that what was prefetched is kept; otherwise a new stream (cancelling the last)."""
+        current = self._trainer_stream
+        if (current is not None and not current.abandoned and not current.broken
+                and current.where(current.consumed) == (epoch, start)):
+            return current
         self._next_stream += 1
-        stream = Stream(self._next_stream, epoch, start, end)
+        stream = Stream(self._next_stream, epoch, start, bpe)
+        self._trainer_stream = stream
         self._commands.append(("stream", stream))
         self.poke()
         return stream
@@ -141,6 +173,19 @@ class Connection:
     def cancel(self, stream: Stream) -> None:
         self._commands.append(("cancel", stream))
         self.poke()
+
+    def take(self, stream: Stream) -> tuple[tuple[Any, int], float]:
+        """The trainer's next (batch, nbytes), and the seconds it waited for it."""
+        waited = 0.0
+        if stream.read >= len(stream.items):
+            t0 = time.perf_counter()
+            stream.items = self.next_items(stream)
+            stream.read = 0
+            waited = time.perf_counter() - t0
+        item = stream.items[stream.read]
+        stream.items[stream.read] = None  # hold no reference the trainer has dropped
+        stream.read += 1
+        return item, waited
 
     def next_items(self, stream: Stream) -> list:
         """Block until the next in-order batches arrive; raise what went wrong otherwise."""
@@ -288,18 +333,20 @@ class Connection:
             return  # about a session we have left
         if stream is None or h.get("stream") not in (None, stream.id):
             return
-        k0 = h.get("k0")
-        if k0 is not None and k0 >= stream.next_deliver:
-            stream.received.setdefault(k0, (err, 0))  # raised when the trainer gets there
+        k0, epoch = h.get("k0"), h.get("epoch")
+        p = stream.position(epoch, k0) if k0 is not None and epoch is not None else None
+        if p is not None and p >= stream.next_deliver:
+            stream.received.setdefault(p, (err, 0))  # raised when the trainer gets there
             self._deliver(stream)
         else:
+            stream.broken = True
             stream.ready.put(err)
 
     def _on_batch(self, link: Link, h: dict, buffers: list) -> None:
         stream = self._stream
         slot = h["slot"]
         current = (stream is not None and h["session"] == link.session
-                   and h["stream"] == stream.id and h["epoch"] == stream.epoch)
+                   and h["stream"] == stream.id)
         if not current:
             if slot is not None and h["session"] == link.session and link.ring is not None:
                 self._released.append((link.ring.key, slot))
@@ -307,9 +354,10 @@ class Connection:
         assert stream is not None
         layout = protocol.chunk_layout(h)
         k0 = h["k0"]
-        if k0 < stream.start or k0 + layout.count > stream.end:
-            raise ProtocolError(f"server sent batches {k0}..{k0 + layout.count - 1}, outside "
-                                f"the requested range {stream.start}..{stream.end - 1}")
+        p0 = stream.position(h["epoch"], k0)
+        if p0 < 0 or k0 < 0 or k0 + layout.count > stream.bpe:
+            raise ProtocolError(f"server sent batches {k0}..{k0 + layout.count - 1} of epoch "
+                                f"{h['epoch']}, which this client did not ask for")
         if slot is not None:
             if link.ring is None:
                 raise ProtocolError("server sent a ring slot to a client without the fast path")
@@ -322,12 +370,12 @@ class Connection:
             self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
                                      in zip(layout.names, layout.dtypes, layout.shapes[0]))
         for b, batch in enumerate(batches):
-            k = k0 + b
-            link.pending.discard(k)
-            stream.retry.discard(k)
-            if k >= stream.next_deliver and k not in stream.received:
+            p = p0 + b
+            link.pending.discard(p)
+            stream.retry.discard(p)
+            if p >= stream.next_deliver and p not in stream.received:
                 nbytes = sum(layout.nbytes[f][b] for f in range(len(layout.names)))
-                stream.received[k] = (batch, nbytes)
+                stream.received[p] = (batch, nbytes)
         del batches, buffers
         self._deliver(stream)
 
@@ -341,7 +389,8 @@ class Connection:
                 if out:
                     stream.ready.put(out)
                 stream.ready.put(item[0])
-                stream.next_deliver = stream.end  # nothing after it is delivered
+                stream.broken = True  # nothing after it is delivered, or asked for
+                stream.received.clear()
                 return
             out.append(item)
             stream.next_deliver += 1
@@ -362,7 +411,7 @@ class Connection:
         stream = self._stream
         releases = self._take_releases()
         asked: set[int] = set()
-        if stream is not None and not stream.cancelled:
+        if stream is not None and not stream.cancelled and not stream.broken:
             while True:
                 link = max((lk for lk in self._links if lk.up),
                            key=lambda lk: -len(lk.pending), default=None)
@@ -374,9 +423,9 @@ class Connection:
                     break
                 assert link.session is not None
                 release = releases.pop(id(link), None)
+                epoch, k = stream.where(k0)
                 link.send(protocol.request(session=link.session, stream=stream.id,
-                                           epoch=stream.epoch, k0=k0, count=count,
-                                           release=release))
+                                           epoch=epoch, k0=k, count=count, release=release))
                 link.pending.update(range(k0, k0 + count))
                 asked.add(id(link))
         for link in self._links:
@@ -386,24 +435,27 @@ class Connection:
                 link.send(protocol.release(session=link.session, slots=release))
 
     def _next_run(self, stream: Stream, free: int) -> tuple[int, int]:
-        """The next batches to ask one link for: (first, count), count 0 for none now."""
+        """The next positions to ask one link for: (first, count), count 0 for none now.
+        A run never crosses an epoch boundary (a request names one epoch)."""
         if free <= 0:
             return 0, 0
         if stream.retry:  # already inside the credit window: ask again at once
-            ks = sorted(stream.retry)
+            ps = sorted(stream.retry)
+            limit = min(free, len(ps), stream.epoch_end(ps[0]) - ps[0])
             run = 1
-            while run < min(free, len(ks)) and ks[run] == ks[0] + run:
+            while run < limit and ps[run] == ps[0] + run:
                 run += 1
-            stream.retry.difference_update(range(ks[0], ks[0] + run))
-            return ks[0], run
-        remaining = stream.end - stream.requested
-        room = self.prefetch - (stream.requested - stream.consumed)
-        count = min(room, free, remaining)
-        if remaining <= 0 or count < min(self._link_unit, remaining):
+            stream.retry.difference_update(range(ps[0], ps[0] + run))
+            return ps[0], run
+        p0 = stream.requested
+        remaining = stream.horizon() - p0
+        in_epoch = stream.epoch_end(p0) - p0
+        room = self.prefetch - (p0 - stream.consumed)
+        count = min(room, free, remaining, in_epoch)
+        if count <= 0 or count < min(self._link_unit, remaining, in_epoch):
             return 0, 0
-        k0 = stream.requested
         stream.requested += count
-        return k0, count
+        return p0, count
 
     def _take_releases(self) -> dict[int, list[int]]:
         """Released fast-path slots, per link (by the ring they belong to)."""

@@ -354,3 +354,19 @@ def test_fast_path_views_are_never_rewritten(serve, dataset_path, ipc_address) -
                     for k in copy:
                         assert np.array_equal(view[k], copy[k]), "a live view was rewritten"
         assert fast > 0
+
+
+def test_the_next_epoch_is_prefetched_across_the_boundary(server) -> None:
+    """Reading an epoch to its end keeps the stream going: epoch e+1 is already on its way
+    (its batches identical to a fresh request), and a different call starts afresh."""
+    with Client(server.address, batch_size=64, seed=8, prefetch=32) as c:
+        first = ids(collect(c, 0))
+        it = c.epoch(1)
+        stream = it._stream
+        time.sleep(0.3)
+        assert stream.next_deliver > stream.position(1, 0)  # epoch 1 arrived before asked for
+        second = ids([{k: v.copy() for k, v in b.items()} for b in it])
+        assert c.epoch(2)._stream is stream  # the same stream runs on
+    with Client(server.address, batch_size=64, seed=8) as fresh:
+        assert ids(collect(fresh, 0)) == first and ids(collect(fresh, 1)) == second
+        assert ids(collect(fresh, 3)) != ids(collect(fresh, 1))
