@@ -34,13 +34,21 @@ from batchfeed.shared.errors import (
     ProtocolError,
     UnknownSession,
 )
-from batchfeed.shared.plan import BatchPlan, PlanParams, check_label, check_weights, column
+from batchfeed.shared.plan import (
+    BatchPlan,
+    PlanParams,
+    check_label,
+    check_weights,
+    column,
+    order_key,
+)
 from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.schema import schema_to_wire
 
 from . import tasks
 from .config import ServerConfig
 from .dataset import DatasetSpec, attach_arrays
+from .orders import EMPTY, FILLED, FILLING, OrderBoard
 from .ring import SlotRing
 from .security import ServerSecurity
 from .transform import Transform
@@ -139,6 +147,7 @@ class Frontend:
         self.sessions: dict[int, Session] = {}
         self.runnable: deque[int] = deque()  # sessions that may have pending work
         self.inflight: dict[int, InFlight] = {}
+        self.orders = OrderBoard(ring.token)
         self.sends: list[tuple[zmq.MessageTracker, int]] = []  # zero-copy sends holding a slot
         self.orphans: list[tuple[int | None, int | None, set]] = []  # (pid, start, slots)
         self.workers: list[WorkerHandle] = []
@@ -232,6 +241,7 @@ class Frontend:
         self.sends.clear()
         if self.security is not None:
             self.security.close()
+        self.orders.close()
         for segments, _ in self._columns.values():
             for seg in segments:
                 seg.close()
@@ -318,7 +328,7 @@ class Frontend:
     def _on_hello(self, route: bytes, h: dict) -> None:
         params = PlanParams.from_wire(h["params"])
         dataset = self._dataset(h["dataset"])
-        plan = BatchPlan(dataset.rows, params)
+        plan = BatchPlan(dataset.rows, params, data_key=dataset.name)
         self._check_sampling_fields(dataset, params)
         fields = self._served_fields(dataset)
         sized = fields or dataset.fields  # an undeclared transform: its input, times 4 below
@@ -516,25 +526,39 @@ class Frontend:
     # ------------------------------------------------------------------ scheduling
 
     def _dispatch(self) -> None:
+        waiting: set[int] = set()  # sessions whose next task waits for an order being filled
         while self.runnable and self.ring.free_count:
-            worker = self._idle_worker()
-            if worker is None:
-                return
             s = self.sessions.get(self.runnable[0])
             if s is None or not s.pending:
                 self.runnable.popleft()
                 continue
-            self.runnable.rotate(-1)  # round robin between sessions
+            if s.id in waiting:
+                if waiting.issuperset(self.runnable):
+                    return
+                self.runnable.rotate(-1)
+                continue
+            worker = self._idle_worker()
+            if worker is None:
+                return
             epoch, k0, count = s.pending[0]
+            placed = self._place_order(s, epoch, worker)
+            if placed is None:
+                waiting.add(s.id)
+                self.runnable.rotate(-1)
+                continue
+            worker, order, fill = placed
+            self.runnable.rotate(-1)  # round robin between sessions
             take = s.next_chunk(count)
             slot = self.ring.acquire()
             assert slot is not None
             task = tasks.Task(self._next_task + 1, s.dataset.name, s.plan.params.to_wire(),
-                              epoch, k0, take, slot)
+                              epoch, k0, take, slot, order, fill)
             if not worker.send(tasks.task_message(task)):
                 # Just died (its exit is handled when its channel or sentinel says so).
                 self.ring.release(slot)
                 worker.ready = False
+                if fill:
+                    self.orders.finished(s.plan.order_key(epoch), ok=False)
                 continue
             self._next_task += 1
             if take == count:
@@ -550,6 +574,26 @@ class Frontend:
             worker.tasks[task.id] = time.monotonic()
             if s.pending:
                 self.runnable.append(s.id)
+
+    def _place_order(self, s: Session, epoch: int,
+                     worker: WorkerHandle) -> tuple[WorkerHandle, str | None, bool] | None:
+        """Which worker takes the session's next task, and the shared order it reads (or
+        fills); None when the order is being filled by a worker that has no room yet."""
+        params = s.plan.params
+        if params.shuffle == "none" and params.sampling == "uniform":
+            return worker, None, False  # the dataset order: nothing to compute or share
+        entry = self.orders.entry(s.plan.order_key(epoch), s.plan)
+        if entry is None:
+            return worker, None, False
+        if entry.state == FILLED:
+            return worker, entry.segment.name, False
+        if entry.state == EMPTY:
+            entry.state, entry.filler = FILLING, worker.index
+            return worker, entry.segment.name, True
+        filler = next((w for w in self.workers if w.index == entry.filler), None)
+        if filler is not None and filler.ready and len(filler.tasks) < TASKS_PER_WORKER:
+            return filler, entry.segment.name, False  # queued behind the fill
+        return None
 
     def _idle_worker(self) -> WorkerHandle | None:
         best = None
@@ -571,6 +615,9 @@ class Frontend:
             return  # a task already given to another worker
         del self.inflight[job.task.id]
         worker.tasks.pop(job.task.id, None)
+        if job.task.fill:
+            self.orders.finished(self._order_key_of(job.task), ok=kind == tasks.DONE)
+            self.counters["orders_computed"] += kind == tasks.DONE
         worker.progress_at = time.monotonic()
         self.worker_busy[worker.index] += body.get("busy", 0.0)
         s = self.sessions.get(job.session)
@@ -594,6 +641,10 @@ class Frontend:
             self._send(s.route, protocol.error(body["code"], body["message"], session=s.id,
                                                stream=job.stream, epoch=job.task.epoch,
                                                k0=job.task.k0))
+
+    def _order_key_of(self, task: tasks.Task) -> tuple:
+        dataset = self.datasets[task.dataset]
+        return order_key(dataset.name, dataset.rows, PlanParams.from_wire(task.params), task.epoch)
 
     def _send_batch(self, s: Session, task: tasks.Task, done: dict, count: int) -> None:
         slot = task.slot
@@ -636,6 +687,7 @@ class Frontend:
         log.warning("worker %d (pid %s) exited with code %s; restarting it", worker.index,
                     worker.process.pid, code)
         self.counters["worker_restarts"] += 1
+        self.orders.worker_died(worker.index)
         for task_id in list(worker.tasks):
             job = self.inflight.pop(task_id, None)
             if job is None:

@@ -29,6 +29,7 @@ class SlotRing:
     """Owns the ring segment and the free list.  ``close`` unlinks it; safe to call twice."""
 
     def __init__(self, token: str, n_slots: int, slot_bytes: int):
+        self.token = token  # the server's segment name token (other segments use it too)
         self.n_slots = n_slots
         self.slot_bytes = round_up(slot_bytes, PAGE)
         self.proof = secrets.token_bytes(16)

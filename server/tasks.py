@@ -34,6 +34,8 @@ class Task:
     k0: int
     count: int
     slot: int
+    order: str | None = None  # the shared segment holding the epoch's order, if any
+    fill: bool = False  # compute the order into that segment first
 
 
 def pack(kind: str, **body: object) -> bytes:

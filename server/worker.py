@@ -39,6 +39,7 @@ from batchfeed.shared.shm import SharedSegment
 
 from . import tasks
 from .dataset import DatasetSpec, attach_arrays
+from .orders import WorkerOrders
 from .transform import Transform
 
 log = logging.getLogger("batchfeed.server.worker")
@@ -67,13 +68,14 @@ def align(n: int) -> int:
 
 
 def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan, epoch: int,
-                 k0: int, count: int, slot: np.ndarray) -> tuple[list, list, list, list]:
+                 k0: int, count: int, slot: np.ndarray,
+                 order: np.ndarray | None = None) -> tuple[list, list, list, list]:
     """Write batches ``k0 .. k0+count-1`` into ``slot`` (a uint8 array); return their layout.
 
     Each field gets one region (64-byte aligned) holding its rows for all the batches, in batch
     order.  Returns (dtypes, shapes per batch per field, region offsets, region sizes).
     """
-    idx = plan.chunk_indices(epoch, k0, count)
+    idx = plan.chunk_indices(epoch, k0, count, order)
     rows = [plan.batch_rows(k) for k in range(k0, k0 + count)]
     offsets, sizes, dtypes, offset = [], [], [], 0
     for f in spec.fields:
@@ -95,8 +97,8 @@ def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPl
 
 
 def transform_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan,
-                    epoch: int, k0: int, count: int, slot: np.ndarray,
-                    transform: Transform) -> tuple[list, list, list, list]:
+                    epoch: int, k0: int, count: int, slot: np.ndarray, transform: Transform,
+                    order: np.ndarray | None = None) -> tuple[list, list, list, list]:
     """Like ``gather_chunk``, with ``transform`` applied to each batch before it is written.
 
     The outputs' sizes are known only once the transform has run, so they are gathered into
@@ -108,7 +110,7 @@ def transform_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: Batc
     names: list[str] = []
     field_bytes: list[int] = []
     for k in range(k0, k0 + count):
-        idx = plan.indices(epoch, k)
+        idx = plan.indices(epoch, k, order)
         batch = {f.name: np.take(arrays[f.name], idx, axis=0) for f in spec.fields}
         rng = transform.rng(plan.params.seed, epoch, plan.global_batch(k))
         out = transform.apply(batch, rng, f"epoch {epoch} batch {k}")
@@ -188,6 +190,7 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
         assert ring.buf is not None
         ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
         plans = PlanCache()
+        orders = WorkerOrders()
         channel.send(tasks.pack(tasks.READY, pid=os.getpid(), index=spec.index))
         waiting = select.poll()
         waiting.register(channel, select.POLLIN)
@@ -204,7 +207,7 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
             if body["kind"] == tasks.STOP:
                 return
             started = time.perf_counter()
-            kind, reply = _run_task(tasks.task_from(body), data, plans, ring_u8, spec)
+            kind, reply = _run_task(tasks.task_from(body), data, plans, orders, ring_u8, spec)
             channel.send(tasks.pack(kind, busy=time.perf_counter() - started, **reply))
     except (BrokenPipeError, ConnectionResetError):
         return  # the main process is gone
@@ -243,20 +246,21 @@ class PlanCache:
         ORDERS.evict_idle()
 
 
-def _run_task(task: tasks.Task, data: dict, plans: PlanCache, ring_u8: np.ndarray,
-              spec: WorkerSpec) -> tuple[str, dict]:
+def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrders,
+              ring_u8: np.ndarray, spec: WorkerSpec) -> tuple[str, dict]:
     """Run one task; returns the reply's kind (DONE or FAIL) and fields."""
     try:
         ds, arrays = data[task.dataset]
         plan = plans.get(task.dataset, ds.rows, task.params, arrays)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
+        order = orders.get(task.order, task.fill, plan, task.epoch) if task.order else None
         transform = spec.transforms.get(task.dataset)
         if transform is None:
-            layout = gather_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot)
+            layout = gather_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot, order)
         else:
             layout = transform_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot,
-                                     transform)
+                                     transform, order)
         dtypes, shapes, offsets, nbytes = layout
         return tasks.DONE, dict(id=task.id, dtypes=dtypes, shapes=shapes, offsets=offsets,
                                 nbytes=nbytes)

@@ -252,6 +252,14 @@ def weighted_order(weights: np.ndarray, rows: int, seed: int, epoch: int) -> np.
     return draws.astype(index_dtype(len(p)), copy=False)
 
 
+def order_key(data_key: str, n_rows: int, params: PlanParams, epoch: int) -> tuple:
+    """What decides an epoch's order: not the rank, nor (but for balanced sampling) the batch
+    size or drop_last, so every rank of a job shares one order."""
+    return (data_key, n_rows, params.shuffle, params.seed, params.buffer_size, params.sampling,
+            params.label, params.weights, params.epoch_rows,
+            params.batch_size if params.sampling == "balanced" else 0, epoch)
+
+
 class OrderCache:
     """Recently used epoch orders, keyed by what decides them: rows, shuffle, seed, buffer and
     epoch (not rank, batch size or drop_last, so all ranks of a job share one order)."""
@@ -262,9 +270,7 @@ class OrderCache:
 
     def get(self, n_rows: int, params: PlanParams, epoch: int, columns: Columns | None = None,
             data_key: str = "") -> np.ndarray:
-        key = (data_key, n_rows, params.shuffle, params.seed, params.buffer_size,
-               params.sampling, params.label, params.weights, params.epoch_rows,
-               params.batch_size if params.sampling == "balanced" else 0, epoch)
+        key = order_key(data_key, n_rows, params, epoch)
         now = time.monotonic()
         hit = self._orders.pop(key, None)
         order = hit[0] if hit is not None else make_order(n_rows, params, epoch, columns)
@@ -355,18 +361,23 @@ class BatchPlan:
     def order(self, epoch: int) -> np.ndarray:
         return self._orders.get(self.n_rows, self.params, epoch, self.columns, self.data_key)
 
-    def indices(self, epoch: int, k: int) -> np.ndarray:
-        """Row indices of local batch ``k`` of ``epoch``."""
+    def indices(self, epoch: int, k: int, order: np.ndarray | None = None) -> np.ndarray:
+        """Row indices of local batch ``k`` of ``epoch`` (``order``: that epoch's, if known)."""
         self.check_batch(k)
         start = self.global_batch(k) * self.params.batch_size
-        return self.order(epoch)[start : start + self.params.batch_size]
+        order = self.order(epoch) if order is None else order
+        return order[start : start + self.params.batch_size]
 
-    def chunk_indices(self, epoch: int, k0: int, count: int) -> np.ndarray:
+    def chunk_indices(self, epoch: int, k0: int, count: int,
+                      order: np.ndarray | None = None) -> np.ndarray:
         """Row indices of local batches ``k0 .. k0+count-1``, concatenated."""
         self.check_batch(k0)
         self.check_batch(k0 + count - 1)
         bs, world = self.params.batch_size, self.params.world_size
-        order = self.order(epoch)
+        order = self.order(epoch) if order is None else order
         if world == 1:
             return order[k0 * bs : (k0 + count) * bs]
-        return np.concatenate([self.indices(epoch, k) for k in range(k0, k0 + count)])
+        return np.concatenate([self.indices(epoch, k, order) for k in range(k0, k0 + count)])
+
+    def order_key(self, epoch: int) -> tuple:
+        return order_key(self.data_key, self.n_rows, self.params, epoch)

@@ -16,7 +16,7 @@ from batchfeed.launch import ServerProcess
 from batchfeed.shared import protocol
 from batchfeed.shared.plan import BatchPlan, PlanParams
 
-from conftest import make_rows, pid_alive, shm_segments
+from conftest import make_rows, pid_alive, server_report, shm_segments
 
 N = 1003  # not a multiple of any batch size used here
 
@@ -370,3 +370,16 @@ def test_the_next_epoch_is_prefetched_across_the_boundary(server) -> None:
     with Client(server.address, batch_size=64, seed=8) as fresh:
         assert ids(collect(fresh, 0)) == first and ids(collect(fresh, 1)) == second
         assert ids(collect(fresh, 3)) != ids(collect(fresh, 1))
+
+
+def test_each_epoch_order_is_computed_once_for_all_workers_and_ranks(serve, dataset_path) -> None:
+    srv = serve("--data", dataset_path(N), "--workers", 3)
+    with Client(srv.address, batch_size=16, seed=5, rank=0, world_size=2, prefetch=8) as a, \
+            Client(srv.address, batch_size=16, seed=5, rank=1, world_size=2, prefetch=8) as b:
+        for epoch in range(3):
+            rows = sorted(sum(ids(collect(a, epoch)) + ids(collect(b, epoch)), []))
+            assert len(rows) == len(set(rows)) and len(rows) >= N - 16
+        a.epoch(3).close()
+        b.epoch(3).close()
+    computed = server_report(srv.address)["server"]["counters"]["orders_computed"]
+    assert 3 <= computed <= 4  # epochs 0-2, and 3 if prefetched: once each, not per worker
