@@ -148,6 +148,7 @@ class Frontend:
         self.runnable: deque[int] = deque()  # sessions that may have pending work
         self.inflight: dict[int, InFlight] = {}
         self.orders = OrderBoard(ring.token)
+        self.orders_ahead: deque[tuple[str, dict, int]] = deque()  # (dataset, params, epoch)
         self.sends: list[tuple[zmq.MessageTracker, int]] = []  # zero-copy sends holding a slot
         self.orphans: list[tuple[int | None, int | None, set]] = []  # (pid, start, slots)
         self.workers: list[WorkerHandle] = []
@@ -271,6 +272,7 @@ class Frontend:
                 self._on_worker_exit(w)
         self._reap_sends()
         self._dispatch()
+        self._order_ahead()
         now = time.monotonic()
         if now - self._last_timer >= TIMER_PERIOD:
             self._last_timer = now
@@ -575,6 +577,29 @@ class Frontend:
             if s.pending:
                 self.runnable.append(s.id)
 
+    def _order_ahead(self) -> None:
+        """Give an idle worker the next epoch's order to compute, before anyone asks for it."""
+        while self.orders_ahead:
+            worker = next((w for w in self.workers if w.ready and not w.tasks), None)
+            if worker is None:
+                return
+            dataset, params, epoch = self.orders_ahead.popleft()
+            spec = self.datasets[dataset]
+            plan = BatchPlan(spec.rows, PlanParams.from_wire(params), data_key=dataset)
+            key = plan.order_key(epoch)
+            entry = self.orders.entry(key, plan)
+            if entry is None or entry.state != EMPTY:
+                continue
+            self._next_task += 1
+            message = tasks.pack(tasks.ORDER, id=self._next_task, dataset=dataset,
+                                 params=params, epoch=epoch, order=entry.segment.name)
+            if not worker.send(message):
+                worker.ready = False
+                continue
+            entry.state, entry.filler = FILLING, worker.index
+            worker.ordering[self._next_task] = key
+            worker.tasks[self._next_task] = worker.progress_at = time.monotonic()
+
     def _place_order(self, s: Session, epoch: int,
                      worker: WorkerHandle) -> tuple[WorkerHandle, str | None, bool] | None:
         """Which worker takes the session's next task, and the shared order it reads (or
@@ -610,6 +635,14 @@ class Frontend:
         if kind == tasks.READY:
             worker.ready = True
             return
+        if kind == tasks.ORDERED:
+            key = worker.ordering.pop(body["id"], None)
+            worker.tasks.pop(body["id"], None)
+            worker.progress_at = time.monotonic()
+            if key is not None:
+                self.orders.finished(key, ok=body["ok"])
+                self.counters["orders_computed"] += bool(body["ok"])
+            return
         job = self.inflight.get(body.get("id"))
         if job is None or job.worker is not worker:
             return  # a task already given to another worker
@@ -618,6 +651,8 @@ class Frontend:
         if job.task.fill:
             self.orders.finished(self._order_key_of(job.task), ok=kind == tasks.DONE)
             self.counters["orders_computed"] += kind == tasks.DONE
+            if kind == tasks.DONE:  # the next epoch's order is predictable: make it early
+                self.orders_ahead.append((job.task.dataset, job.task.params, job.task.epoch + 1))
         worker.progress_at = time.monotonic()
         self.worker_busy[worker.index] += body.get("busy", 0.0)
         s = self.sessions.get(job.session)

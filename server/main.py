@@ -39,6 +39,7 @@ from .frontend import Frontend
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
 from .transform import Transform, load_transform
+from .worker import keep_big_allocations_out_of_the_heap
 
 log = logging.getLogger("batchfeed.server")
 
@@ -103,6 +104,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
     security.check()
     signals = _Signals()
     signals.install()
+    keep_big_allocations_out_of_the_heap()
     stale = remove_stale_segments()
     if stale:
         log.warning("removed %d shared-memory segments left by dead servers: %s", len(stale),

@@ -3,10 +3,11 @@
 Not the wire protocol (that is ``batchfeed.shared.protocol``): these messages only travel over
 each worker's private socketpair.  Each is one msgpack map with a ``kind``:
 
-- main -> worker: TASK (fill ``slot`` with batches ``k0 .. k0+count-1``), STOP;
+- main -> worker: TASK (fill ``slot`` with batches ``k0 .. k0+count-1``), ORDER (compute an
+  epoch's order into a shared segment ahead of time, when the worker is idle), STOP;
 - worker -> main: READY, DONE (the layout it wrote: per field its dtype, region offset and
   size, per batch each field's shape), FAIL (a typed error for the client).  Both carry
-  ``busy``, the seconds the task took, for the busy-fraction metric.
+  ``busy``, the seconds the task took, for the busy-fraction metric; ORDERED answers ORDER.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import asdict, dataclass
 import msgpack
 
 TASK = "task"
+ORDER = "order"
+ORDERED = "ordered"
 STOP = "stop"
 MAX_MESSAGE = 1 << 20  # a DONE for 1024 batches of 256 fields stays far below this
 READY = "ready"

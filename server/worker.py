@@ -144,6 +144,21 @@ def transform_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: Batc
     return dtypes, shapes, offsets, field_bytes
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_big_allocations_out_of_the_heap() -> None:
+    """glibc raises its mmap threshold after a big block is freed, so later big temporaries
+    (an epoch's permutation, a transform's arrays) land in the heap and stay there once freed.
+    A fixed 1 MiB threshold keeps them as mappings that go back to the kernel when freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 4 << 20)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def _forget_parent_state(keep: int) -> None:
     """In a freshly forked worker: drop the parent's handlers and sockets (all but ``keep``,
     the worker's channel), and follow the parent's death."""
@@ -176,6 +191,7 @@ def _forget_parent_state(keep: int) -> None:
 def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
     """Body of a worker process."""
     _forget_parent_state(keep=channel.fileno())
+    keep_big_allocations_out_of_the_heap()
     if os.getppid() != spec.parent_pid:
         return
     segments: list[SharedSegment] = []
@@ -206,6 +222,10 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
             body = tasks.unpack(message)
             if body["kind"] == tasks.STOP:
                 return
+            if body["kind"] == tasks.ORDER:
+                channel.send(tasks.pack(tasks.ORDERED, id=body["id"],
+                                        ok=_fill_order(body, data, plans, orders)))
+                continue
             started = time.perf_counter()
             kind, reply = _run_task(tasks.task_from(body), data, plans, orders, ring_u8, spec)
             channel.send(tasks.pack(kind, busy=time.perf_counter() - started, **reply))
@@ -246,6 +266,18 @@ class PlanCache:
         ORDERS.evict_idle()
 
 
+def _fill_order(body: dict, data: dict, plans: PlanCache, orders: WorkerOrders) -> bool:
+    """Compute an epoch's order into its shared segment ahead of time."""
+    try:
+        ds, arrays = data[body["dataset"]]
+        plan = plans.get(body["dataset"], ds.rows, body["params"], arrays)
+        orders.get(body["order"], True, plan, body["epoch"])
+        return True
+    except Exception:  # the order is recomputed when a task needs it; nothing is lost
+        log.exception("computing an epoch order ahead of time failed")
+        return False
+
+
 def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrders,
               ring_u8: np.ndarray, spec: WorkerSpec) -> tuple[str, dict]:
     """Run one task; returns the reply's kind (DONE or FAIL) and fields."""
@@ -283,6 +315,7 @@ class WorkerHandle:
         self.spec = spec
         self.index = spec.index
         self.tasks: dict[int, float] = {}  # task id -> time it was sent
+        self.ordering: dict[int, tuple] = {}  # ORDER id -> order key, while it computes one
         self.progress_at = 0.0  # last time it finished a task, or got one while idle
         self.ready = False
         self.channel, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

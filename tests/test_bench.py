@@ -17,12 +17,13 @@ from typing import Callable, Iterator
 import pytest
 
 from batchfeed.bench import (COLUMNS, ROW_CURVE, ROW_IPC_FAST, ROW_IPC_SOCKET, ROW_NAIVE,
-                             ROW_RAW, ROW_TCP, ROW_TORCH0, ROW_TORCH2, TCP_CLIENTS, BenchOptions)
+                             ROW_RAW, ROW_STALL, ROW_TCP, ROW_TORCH0, ROW_TORCH2, TCP_CLIENTS,
+                             BenchOptions)
 
 from conftest import pid_alive
 
-ROWS = [ROW_RAW, ROW_NAIVE, ROW_TORCH0, ROW_TORCH2,
-        *(ROW_TCP.format(n=n, s="" if n == 1 else "s") for n in TCP_CLIENTS),
+ROWS = [ROW_RAW, ROW_NAIVE, ROW_TORCH0, ROW_TORCH2, ROW_TCP.format(n=1, s=""), ROW_STALL,
+        *(ROW_TCP.format(n=n, s="s") for n in TCP_CLIENTS if n > 1),
         ROW_IPC_SOCKET, ROW_IPC_FAST, ROW_CURVE]
 RUN_TIMEOUT = 90
 
