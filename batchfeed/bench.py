@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import glob
 import importlib
@@ -32,8 +33,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -284,7 +286,7 @@ def torch_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
                         persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))
 
-    def epochs() -> Iterator[list]:
+    def epochs() -> Generator[list, None, None]:
         while True:
             yield from loader
 
@@ -329,7 +331,7 @@ class ClientJob:
     step_s: float = 0.0  # a simulated training step per batch
 
 
-def client_epochs(client: Any) -> Iterator[dict]:
+def client_epochs(client: Any) -> Generator[dict, None, None]:
     """Epoch after epoch of the client's batches (as a training loop would read them)."""
     for epoch in itertools.count():
         it = client.epoch(epoch)
@@ -385,7 +387,8 @@ def client_loop(jobs: Any, messages: Any, go: Any, parent: int) -> None:
             continue
         if item is None:
             return
-        run_client(*item, messages, go)
+        row, job = item
+        run_client(row, job, messages, go)
         gc.collect()  # unmap the server's ring now, so that it counts in the server's PSS only
 
 
@@ -449,7 +452,8 @@ class ClientPool:
                                      f"{timeout:.0f} s") from None
                 dead = [p for p in self.procs if not p.is_alive()]
                 if dead:
-                    raise BenchError(f"client process exited with code {dead[0].exitcode}")
+                    raise BenchError(
+                        f"client process exited with code {dead[0].exitcode}") from None
                 continue
             if row != self._row:
                 continue
@@ -643,11 +647,15 @@ def in_process_rows(w: Workload, arrays: dict[str, np.ndarray], options: BenchOp
     rows = []
     for name, make, first_batch in makers:
         progress(f"{w.name}: {name}")
-        rows.append(_guarded(name, lambda: Row.from_measurements(
-            name, [measure_in_process(make, options, first_batch)])))
+        rows.append(_guarded(name, functools.partial(_in_process_row, name, make, options,
+                                                     first_batch)))
     if not torch_ok:
         rows += [Row(ROW_TORCH0, status="not installed"), Row(ROW_TORCH2, status="not installed")]
     return rows
+
+
+def _in_process_row(name: str, make: Callable, options: BenchOptions, first_batch: bool) -> Row:
+    return Row.from_measurements(name, [measure_in_process(make, options, first_batch)])
 
 
 def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
@@ -701,14 +709,15 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
                                  "ring": asdict(ring) if ring else None}
                 for name, n, fastpath in specs:
                     progress(f"{w.name}: {name}")
-                    rows.append(_guarded(name, lambda: batchfeed_row(
-                        name, server, w, n, fastpath, options, pool, curve)))
+                    rows.append(_guarded(name, functools.partial(
+                        batchfeed_row, name, server, w, n, fastpath, options, pool, curve)))
                     if name == ROW_TCP.format(n=1, s="") and rows[-1].samples_per_s:
                         # The same service, for a trainer that takes twice as long per batch.
                         step = 2 * w.batch_size / rows[-1].samples_per_s
                         progress(f"{w.name}: {ROW_STALL}")
-                        rows.append(_guarded(ROW_STALL, lambda: batchfeed_row(
-                            ROW_STALL, server, w, 1, None, options, pool, step_s=step)))
+                        rows.append(_guarded(ROW_STALL, functools.partial(
+                            batchfeed_row, ROW_STALL, server, w, 1, None, options, pool,
+                            step_s=step)))
         except (BenchError, RuntimeError, OSError) as exc:
             failed = f"failed: {exc}".splitlines()[0][:200]
             done = {r.name for r in rows}
@@ -792,12 +801,10 @@ def transform_scaling(w: Workload, options: BenchOptions, pool: ClientPool,
             name = ROW_TRANSFORM.format(n=workers, s="" if workers == 1 else "s")
             progress(f"{w.name}: {name}")
 
-            def measure() -> Row:
-                args = ["--workers", str(workers), "--data", data_dir, "--transform", TRANSFORM]
-                with running_server(args, f"ipc://{work_dir}/t.sock", problems) as server:
-                    return batchfeed_row(name, server, w, 1, True, options, pool)
-
-            rows.append(_guarded(name, measure))
+            args = ["--workers", str(workers), "--data", data_dir, "--transform", TRANSFORM]
+            rows.append(_guarded(name, functools.partial(
+                _transform_row, name, args, f"ipc://{work_dir}/t.sock", w, options, pool,
+                problems)))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     if rows and rows[0].samples_per_s:
@@ -806,6 +813,12 @@ def transform_scaling(w: Workload, options: BenchOptions, pool: ClientPool,
                 r.vs_raw = None
                 r.extra_ratio = r.samples_per_s / rows[0].samples_per_s
     return rows
+
+
+def _transform_row(name: str, args: list[str], bind: str, w: Workload, options: BenchOptions,
+                   pool: ClientPool, problems: list[str]) -> Row:
+    with running_server(args, bind, problems) as server:
+        return batchfeed_row(name, server, w, 1, True, options, pool)
 
 
 def format_transform(rows: list[dict]) -> list[str]:
@@ -831,7 +844,7 @@ def header_lines() -> list[str]:
     try:
         import torch
 
-        torch_version = torch.__version__
+        torch_version = str(torch.__version__)
     except ImportError:
         torch_version = "not installed"
     try:

@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from batchfeed.shared.errors import BatchfeedError
 from batchfeed.shared.version import __version__
@@ -117,7 +117,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         epilog=DEMO_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--rows", type=int, default=1_000_000, help="dataset rows (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=1_000_000,
+                   help="dataset rows (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--trainers", type=int, default=2, help="data-parallel ranks (processes)")
     p.add_argument("--batch-size", type=int, default=256)

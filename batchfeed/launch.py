@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 READY_RE = re.compile(r"^batchfeed serve: ready: .* at (\S+) \(")
 

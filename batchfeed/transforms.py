@@ -27,14 +27,14 @@ PAD = 4
 
 
 def random_crop_flip(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
-    x = batch["x"]
+    x: np.ndarray = batch["x"]
     n, _, h, w = x.shape
     padded = np.pad(x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))
-    tops = rng.integers(0, 2 * PAD + 1, n)
-    lefts = rng.integers(0, 2 * PAD + 1, n)
-    flips = rng.random(n) < 0.5
-    rows = tops[:, None] + np.arange(h)  # (n, h)
-    cols = lefts[:, None] + np.arange(w)  # (n, w)
+    tops = rng.integers(0, 2 * PAD + 1, size=(n,))
+    lefts = rng.integers(0, 2 * PAD + 1, size=(n,))
+    flips = rng.random(size=(n,)) < 0.5
+    rows: np.ndarray = tops[:, None] + np.arange(h)  # (n, h)
+    cols: np.ndarray = lefts[:, None] + np.arange(w)  # (n, w)
     cols = np.where(flips[:, None], cols[:, ::-1], cols)
     out = padded[np.arange(n)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]

@@ -13,7 +13,8 @@ tensor would crash.  ``format="torch"`` therefore copies read-only fields (and o
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def converter(format: str, *, pin_memory: bool = False, device: Any = None,
               zero_copy_readonly: bool = False) -> Callable[[dict[str, np.ndarray]], Batch] | None:
     """The per-batch conversion for ``format`` (None for numpy: batches pass through)."""
     if format not in FORMATS:
-        raise InvalidRequest(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+        raise InvalidRequest(
+            f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     if format == "numpy":
         if pin_memory or device is not None:
             raise InvalidRequest("pin_memory and device need format='torch' or 'jax'")
@@ -45,7 +47,8 @@ def _torch_converter(pin_memory: bool, device: Any,
     try:
         import torch
     except ImportError:
-        raise InvalidRequest("format='torch' needs PyTorch: pip install 'batchfeed[torch]'") from None
+        raise InvalidRequest(
+            "format='torch' needs PyTorch: pip install 'batchfeed[torch]'") from None
     if pin_memory and not torch.cuda.is_available():
         warnings.warn("pin_memory=True has no effect without CUDA; ignoring it", stacklevel=3)
         pin_memory = False

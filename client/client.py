@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from batchfeed.shared.errors import InvalidRequest
 from batchfeed.shared.plan import PlanParams
-from batchfeed.shared.security import check_libzmq, load_public, load_secret
 from batchfeed.shared.schema import Field
+from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
 from .adapters import converter
 from .connection import ClientConfig, Connection, Stream
@@ -153,7 +154,7 @@ class Client:
         return self._live.prefetch
 
     @property
-    def _welcome(self):  # noqa: ANN202 - internal
+    def _welcome(self):
         welcome = self._live.welcome
         assert welcome is not None
         return welcome
@@ -182,7 +183,8 @@ class Client:
         bpe = self.batches_per_epoch
         if type(start_batch) is not int or not 0 <= start_batch <= bpe:
             raise InvalidRequest(
-                f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), got {start_batch!r}"
+                f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), "
+                f"got {start_batch!r}"
             )
         self._position = (epoch, start_batch)
         stream = self._live.stream_at(epoch, start_batch, bpe)

@@ -194,9 +194,10 @@ class Connection:
                 item = stream.ready.get(timeout=0.25)
             except queue.Empty:
                 if self.fatal is not None:
-                    raise self.fatal
+                    raise self.fatal from None
                 if not self._thread.is_alive():
-                    raise ServerUnavailable("the client's I/O thread has stopped (closed?)")
+                    raise ServerUnavailable(
+                        "the client's I/O thread has stopped (closed?)") from None
                 continue
             if isinstance(item, BaseException):
                 raise item
@@ -281,8 +282,8 @@ class Connection:
                 self._stream = arg
                 for link in self._links:
                     link.pending.clear()
-            elif cmd == "cancel" and arg is self._stream:
-                arg.cancelled = True
+            elif cmd == "cancel" and self._stream is not None and arg is self._stream:
+                self._stream.cancelled = True
                 self._stream = None
         return True
 
@@ -382,7 +383,7 @@ class Connection:
     def _deliver(self, stream: Stream) -> None:
         """Hand the trainer every batch that is next in plan order (an error in its place
         stops the stream there: the trainer gets it when it reaches that batch)."""
-        out = []
+        out: list[tuple[Any, int]] = []
         while stream.next_deliver in stream.received:
             item = stream.received.pop(stream.next_deliver)
             if isinstance(item[0], BaseException):

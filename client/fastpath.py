@@ -10,7 +10,7 @@ gives the slot back, so no view can ever see a slot rewritten under it.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

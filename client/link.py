@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -31,7 +31,7 @@ log = logging.getLogger("batchfeed.client")
 PING_INTERVAL = 1.0
 HELLO_RETRY_MAX = 4.0
 
-_HANDSHAKE_FAILURES = {
+_HANDSHAKE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: (
         "it does not accept this client's CURVE key; add the client's public key file to the "
         "server's --authorized-keys directory"),
@@ -119,8 +119,7 @@ class Link:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if self.config.curve is not None:
-            public, secret, server = self.config.curve
-            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.config.curve
         self.monitor = sock.get_monitor_socket(_WATCHED_EVENTS)
         sock.connect(self.address)
         self._poller.register(sock, zmq.POLLIN)
@@ -234,7 +233,7 @@ class Link:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return lost
-            kind = event["event"]
+            kind = int(event["event"])
             if kind == zmq.EVENT_DISCONNECTED and self.session is not None:
                 log.info("connection to %s lost; reconnecting", self.address)
                 lost = True

@@ -12,7 +12,8 @@ loading happen on the server, so keep ``num_workers=0``.  This module imports to
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info

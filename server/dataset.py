@@ -16,10 +16,11 @@ The built-in default is a learnable synthetic classification task (``x``: 64 flo
 from __future__ import annotations
 
 import contextlib
+import functools
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def _copy_stream(open_fp: Callable, where: str) -> Callable[[np.ndarray], None]:
     def fill(out: np.ndarray) -> None:
         with open_fp() as fp:
             _npy_header(fp, where)
-            view = memoryview(out.reshape(-1).view(np.uint8))
+            view = memoryview(out.reshape(-1).view(np.uint8).data)
             pos = 0
             while pos < len(view):
                 got = fp.readinto(view[pos : pos + _READ_CHUNK])
@@ -129,7 +130,7 @@ def _npy_source(path: Path, name: str) -> FieldSource:
     if fortran:
         fill = _copy_array(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
     else:
-        fill = _copy_stream(lambda: open(path, "rb"), where)
+        fill = _copy_stream(functools.partial(open, path, "rb"), where)
     return FieldSource(field, int(shape[0]), fill, str(path))
 
 
@@ -156,11 +157,16 @@ def _npz_sources(path: Path) -> list[FieldSource]:
                     yield fp
 
             if fortran:
-                fill = _copy_array(lambda name=name: np.load(path, allow_pickle=False)[name])
+                fill = _copy_array(functools.partial(_npz_member, path, name))
             else:
                 fill = _copy_stream(open_member, where)
             sources.append(FieldSource(field, int(shape[0]), fill))
     return sources
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as archive:
+        return archive[name]
 
 
 def inspect_source(path: str) -> list[FieldSource]:
@@ -219,8 +225,11 @@ def synthetic_sources(rows: int, seed: int = 0) -> list[FieldSource]:
     return [FieldSource(x_field, rows, fill_x), FieldSource(y_field, rows, fill_y)]
 
 
-def _synthetic_chunks(rows: int, seed: int) -> Callable[[], Iterator[tuple[int, np.ndarray, np.ndarray]]]:
-    def chunks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+Chunk = tuple[int, np.ndarray, np.ndarray]  # (first row, x, y)
+
+
+def _synthetic_chunks(rows: int, seed: int) -> Callable[[], Iterator[Chunk]]:
+    def chunks() -> Iterator[Chunk]:
         rng = np.random.default_rng(seed)
         weights = rng.standard_normal((SYNTHETIC_FEATURES, SYNTHETIC_CLASSES)).astype(np.float32)
         for start in range(0, rows, _SYNTHETIC_CHUNK):
@@ -259,7 +268,8 @@ class SharedDataset:
              mmap: bool = False) -> SharedDataset:
         """Copy every field into its own segment (``mmap``: map the .npy files instead)."""
         segments: list[SharedSegment] = []
-        names, files = [], []
+        names: list[str] = []
+        files: list[str | None] = []
         try:
             for i, src in enumerate(sources):
                 if mmap:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from batchfeed.shared.version import __version__
 from batchfeed.shared import protocol
 from batchfeed.shared.errors import (
     BatchfeedError,
@@ -44,6 +43,7 @@ from batchfeed.shared.plan import (
 )
 from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.schema import schema_to_wire
+from batchfeed.shared.version import __version__
 
 from . import tasks
 from .config import ServerConfig
@@ -214,7 +214,7 @@ class Frontend:
         deadline = time.monotonic() + timeout
         while not all(w.ready for w in self.workers):
             if time.monotonic() > deadline:
-                raise RuntimeError("workers did not start within %.0f s" % timeout)
+                raise RuntimeError(f"workers did not start within {timeout:.0f} s")
             for w in self.workers:
                 if not w.alive():
                     raise RuntimeError(
@@ -262,7 +262,7 @@ class Frontend:
                 self.errors["internal"] += 1
 
     def _iterate(self) -> None:
-        events = dict(self.poller.poll(self._poll_timeout_ms()))
+        events = dict(self.poller.poll(self._poll_timeout_ms()))  # type: ignore[arg-type]
         if self.clients in events:
             self._drain_clients()
         for w in list(self.workers):
@@ -278,7 +278,7 @@ class Frontend:
             self._last_timer = now
             self._check_timers(now)
 
-    def _poll_timeout_ms(self) -> float:
+    def _poll_timeout_ms(self) -> int | float:
         if self.sends:
             # Tracker completion has no file descriptor; look again soon, sooner if starved.
             return 0.2 if self.runnable and not self.ring.free_count else 2
@@ -315,8 +315,8 @@ class Frontend:
         except BatchfeedError as exc:
             self.errors[exc.code] += 1
             log.debug("client error (%s): %s", exc.code, exc)
-            self._send(route, protocol.error(exc.code, str(exc),
-                                             session=session_id if type(session_id) is int else None))
+            session = session_id if type(session_id) is int else None
+            self._send(route, protocol.error(exc.code, str(exc), session=session))
 
     def _send(self, route: bytes, frames: list, copy: bool = True) -> bool:
         assert self.clients is not None
@@ -623,9 +623,9 @@ class Frontend:
     def _idle_worker(self) -> WorkerHandle | None:
         best = None
         for w in self.workers:
-            if w.ready and len(w.tasks) < TASKS_PER_WORKER:
-                if best is None or len(w.tasks) < len(best.tasks):
-                    best = w
+            if w.ready and len(w.tasks) < TASKS_PER_WORKER and (
+                    best is None or len(w.tasks) < len(best.tasks)):
+                best = w
         return best
 
     # ------------------------------------------------------------------ workers
@@ -643,7 +643,7 @@ class Frontend:
                 self.orders.finished(key, ok=body["ok"])
                 self.counters["orders_computed"] += bool(body["ok"])
             return
-        job = self.inflight.get(body.get("id"))
+        job = self.inflight.get(body.get("id", -1))
         if job is None or job.worker is not worker:
             return  # a task already given to another worker
         del self.inflight[job.task.id]

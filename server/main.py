@@ -18,8 +18,8 @@ import logging
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 

@@ -14,8 +14,9 @@ import errno
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from socketserver import ThreadingMixIn
-from typing import Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -39,7 +40,7 @@ class SnapshotCollector(Collector):
     returns no batchfeed metrics.
     """
 
-    def __init__(self, source: object):
+    def __init__(self, source: Any):
         self.source = source
         self._lock = threading.Lock()  # guards the busy marks below (scrapes may overlap)
         self._busy_mark: dict[str, tuple[float, float]] = {}  # worker -> (uptime, busy seconds)
@@ -171,7 +172,7 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsEndpoint:
     """``/metrics`` over HTTP on ``host:port`` for one Frontend; ``start()``/``close()``."""
 
-    def __init__(self, frontend: object, port: int, host: str = DEFAULT_HOST):
+    def __init__(self, frontend: Any, port: int, host: str = DEFAULT_HOST):
         self.port = port
         self.host = host
         self.registry = CollectorRegistry(auto_describe=False)

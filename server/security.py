@@ -57,7 +57,7 @@ class ServerSecurity:
         check_libzmq()
         if bool(self.curve_secret_key) != bool(self.authorized_keys):
             raise InvalidRequest("--curve-secret-key and --authorized-keys go together")
-        if self.curve:
+        if self.curve_secret_key is not None and self.authorized_keys is not None:
             load_secret(self.curve_secret_key)  # fail now, not at bind
             keys = Path(self.authorized_keys)
             if not keys.is_dir() or not any(keys.glob("*.key")):

@@ -14,8 +14,8 @@ it at HELLO and sizes messages from it.  Otherwise clients learn the schema from
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -132,7 +132,7 @@ def transform_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: Batc
         outs.append(out)
         field_bytes = grown
     offsets, dtypes, offset = [], [], 0
-    for name, size in zip(names, field_bytes):
+    for name in names:
         offsets.append(offset)
         dtypes.append([name, outs[0][name].dtype.str])
         for out in outs:
@@ -351,7 +351,7 @@ class WorkerHandle:
 
     def receive(self) -> list[bytes] | None:
         """Every message the worker has sent so far; None once it has hung up."""
-        out = []
+        out: list[bytes] = []
         while True:
             try:
                 n = self.channel.recv_into(self._buffer)
@@ -360,7 +360,7 @@ class WorkerHandle:
             except OSError:
                 return None
             if not n:
-                return None if not out else out
+                return out or None
             out.append(bytes(self._view[:n]))
 
     def stop(self) -> None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Mapping
 
 import numpy as np
 
@@ -69,9 +69,8 @@ class PlanParams:
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
         if self.shuffle not in SHUFFLE_MODES:
-            raise InvalidRequest(
-                f"shuffle must be one of {', '.join(map(repr, SHUFFLE_MODES))}, got {self.shuffle!r}"
-            )
+            modes = ", ".join(map(repr, SHUFFLE_MODES))
+            raise InvalidRequest(f"shuffle must be one of {modes}, got {self.shuffle!r}")
         _check_int("seed", self.seed, 0, MAX_SEED)
         if self.shuffle == "buffer":
             if type(self.buffer_size) is not int or self.buffer_size < 1:
@@ -158,7 +157,7 @@ def buffer_order(n_rows: int, buffer_size: int, seed: int, epoch: int) -> np.nda
     size = min(buffer_size, n_rows)
     steady = n_rows - size
     slots = rng.integers(0, size, steady)
-    order = np.empty(n_rows, dtype=index_dtype(n_rows))
+    order: np.ndarray = np.empty(n_rows, dtype=index_dtype(n_rows))
     if steady:
         by_slot = np.argsort(slots, kind="stable")  # steps grouped by slot, in time order
         sorted_slots = slots[by_slot]
@@ -220,7 +219,7 @@ def balanced_order(labels: np.ndarray, rows: int, batch_size: int, seed: int,
     rng = np.random.default_rng([seed, epoch, _TAG_BALANCED])
     members = class_members(labels)
     n_classes = len(members)
-    order = np.empty(rows, dtype=index_dtype(len(labels)))
+    order: np.ndarray = np.empty(rows, dtype=index_dtype(len(labels)))
     for position, c in enumerate(rng.permutation(n_classes)):
         need = len(range(position, rows, n_classes))
         if need == 0:

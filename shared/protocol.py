@@ -19,8 +19,9 @@ Kinds, server -> client: WELCOME, BATCH, PONG, ERROR, REPORT.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -251,7 +252,8 @@ def bye(session: int, held: list | None = None) -> list:
     return encode(BYE, session=session, held=held)
 
 
-def error(code: str, message: str, **where: int | None) -> list:
+def error(code: str, message: str, **where: Any) -> list:
+    """An ERROR; ``where`` may name the session, stream, epoch and k0 it is about."""
     return encode(ERROR, code=code, message=message, **where)
 
 
@@ -323,15 +325,17 @@ def chunk_layout(header: dict) -> ChunkLayout:
     for b, per_field in enumerate(shapes_in):
         if not isinstance(per_field, list) or len(per_field) != n_fields:
             raise ProtocolError(f"batch {b} must give one shape per field ({n_fields})")
-        batch_shapes = []
+        batch_shapes: list[tuple[int, ...]] = []
         for f, raw_shape in enumerate(per_field):
-            shape = tuple(raw_shape) if isinstance(raw_shape, list) else None
-            count = counts.get(shape) if shape is not None else None
-            if count is None:
+            cached = tuple(raw_shape) if isinstance(raw_shape, list) else None
+            count = counts.get(cached) if cached is not None else None
+            if count is None or cached is None:
                 shape = check_shape(raw_shape)
                 if not shape:
                     raise ProtocolError(f"field {names[f]!r} of batch {b} has no batch dimension")
                 count = counts[shape] = math.prod(shape)
+            else:
+                shape = cached
             if shape[0] != per_field[0][0]:
                 raise ProtocolError(f"fields of batch {b} disagree on the number of rows")
             size = count * itemsizes[f]

@@ -12,14 +12,13 @@ a server that was SIGKILLed can be found by prefix and removed at the next start
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import math
 import mmap
 import os
 import re
 import secrets
-
-import _posixshmem
 
 from .errors import ResourceError
 
@@ -131,7 +130,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_segments() -> list[str]:
     """Unlink batchfeed segments whose creating process is gone.  Returns their names."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

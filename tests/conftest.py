@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -77,7 +77,8 @@ def serve() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for srv in started:
         code = srv.stop()
-        assert code == 0, "server exited with %s:\n%s" % (code, "\n".join(srv.output))
+        output = "\n".join(srv.output)
+        assert code == 0, f"server exited with {code}:\n{output}"
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_rows
 
 from batchfeed import Client, InvalidRequest
-
-from conftest import make_rows
 
 torch = pytest.importorskip("torch")
 

@@ -11,16 +11,26 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-
-from batchfeed.bench import (COLUMNS, ROW_CURVE, ROW_IPC_FAST, ROW_IPC_SOCKET, ROW_NAIVE,
-                             ROW_RAW, ROW_STALL, ROW_TCP, ROW_TORCH0, ROW_TORCH2, TCP_CLIENTS,
-                             BenchOptions)
-
 from conftest import pid_alive
+
+from batchfeed.bench import (
+    COLUMNS,
+    ROW_CURVE,
+    ROW_IPC_FAST,
+    ROW_IPC_SOCKET,
+    ROW_NAIVE,
+    ROW_RAW,
+    ROW_STALL,
+    ROW_TCP,
+    ROW_TORCH0,
+    ROW_TORCH2,
+    TCP_CLIENTS,
+    BenchOptions,
+)
 
 ROWS = [ROW_RAW, ROW_NAIVE, ROW_TORCH0, ROW_TORCH2, ROW_TCP.format(n=1, s=""), ROW_STALL,
         *(ROW_TCP.format(n=n, s="s") for n in TCP_CLIENTS if n > 1),

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_rows
 
 from batchfeed.server.dataset import SharedDataset, attach_arrays, inspect_source, synthetic_arrays
 from batchfeed.shared.errors import DatasetError
 from batchfeed.shared.shm import new_token
-
-from conftest import make_rows
 
 
 def load(path: Path | str) -> dict[str, np.ndarray]:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import children, pss_bytes
 
 from batchfeed import Client, InvalidRequest
-
-from conftest import children, pss_bytes
 
 
 def test_several_datasets_each_client_picks_one(serve, tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ import pytest
 pytest.importorskip("torch", reason="the example trains with torch (pip install '.[torch]')")
 pytest.importorskip("tqdm", reason="the example shows a tqdm progress bar (pip install tqdm)")
 
-from batchfeed import Client  # noqa: E402
-from batchfeed.shared.plan import PlanParams  # noqa: E402
+from batchfeed import Client
+from batchfeed.shared.plan import PlanParams
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_data_parallel.py"
 LOSS_RE = re.compile(r"^rank (\d+): epoch (\d+): mean loss ([0-9.]+)", re.M)

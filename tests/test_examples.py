@@ -21,9 +21,9 @@ import pytest
 pytest.importorskip("torch", reason="the examples train with torch (pip install '.[examples]')")
 pytest.importorskip("tqdm", reason="the examples show a tqdm progress bar (pip install tqdm)")
 
-from batchfeed import Client  # noqa: E402
-from batchfeed.server.dataset import synthetic_arrays  # noqa: E402
-from batchfeed.transforms import trim_padding  # noqa: E402
+from batchfeed import Client
+from batchfeed.server.dataset import synthetic_arrays
+from batchfeed.transforms import trim_padding
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LOSSES_RE = re.compile(r"^losses: ([0-9. ]+)$", re.M)

@@ -9,15 +9,23 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    children,
+    free_port,
+    pid_alive,
+    private_pss_bytes,
+    pss_bytes,
+    server_report,
+    shm_segments,
+    socket_fds,
+)
 
 from batchfeed import Client, ServerUnavailable
 from batchfeed.launch import ServerProcess
-
-from conftest import children, free_port, pid_alive, private_pss_bytes, pss_bytes, \
-    server_report, shm_segments, socket_fds
 
 N = 20_003
 
@@ -93,7 +101,7 @@ def test_hung_worker_is_replaced_and_its_work_redone(serve, dataset_path) -> Non
     deadline = time.monotonic() + 5
     while pid_alive(stopped) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(stopped) or open(f"/proc/{stopped}/stat").read().split()[2] == "Z"
+    assert not pid_alive(stopped) or Path(f"/proc/{stopped}/stat").read_text().split()[2] == "Z"
     timeouts = server_report(srv.address)["server"]["counters"]["worker_timeouts"]
     assert timeouts >= 1
     print(f"\n[worker SIGSTOP] task timeout 1 s: {timeouts} hung worker(s) killed and replaced; "
@@ -135,7 +143,7 @@ def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath
                                                    tmp_path) -> None:
     bind = f"ipc://{tmp_path}/s.sock" if fastpath else "tcp://127.0.0.1:0"
     srv = serve("--data", dataset_path(N), "--workers", 2, "--session-timeout", 1, bind=bind)
-    pids = lambda: [srv.pid, *children(srv.pid)]  # noqa: E731
+    pids = lambda: [srv.pid, *children(srv.pid)]
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -146,7 +154,7 @@ def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath
                 while not stop.is_set():
                     exact_epoch(good, epoch)
                     epoch += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     good = threading.Thread(target=well_behaved)

@@ -11,18 +11,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import zmq
+from conftest import children, free_port, server_report
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchfeed import Client, __version__
 from batchfeed.server.metrics import SnapshotCollector
 from batchfeed.shared.security import make_keys
 from batchfeed.stats import _Screen, render
-
-from conftest import children, free_port, server_report
 
 N = 5_003
 BATCH = 64

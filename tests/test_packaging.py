@@ -45,7 +45,7 @@ def test_server_code_never_imports_the_client() -> None:
 
 @pytest.mark.timeout(600)
 def test_plain_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
-    """``pip install .`` (not editable) gives the same packages, the script and a working service."""
+    """``pip install .`` (not editable): the same packages, the script, a working service."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
@@ -55,7 +55,7 @@ def test_plain_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     check = (
         "import batchfeed, batchfeed.client, batchfeed.server, batchfeed.shared.protocol as p;"
         "from batchfeed import Client;"
-        "import sys; assert 'site-packages' in batchfeed.server.__file__, batchfeed.server.__file__;"
+        "assert 'site-packages' in batchfeed.server.__file__, batchfeed.server.__file__;"
         "from batchfeed.launch import ServerProcess;"
         "srv = ServerProcess(['--synthetic-rows', '3000', '--workers', '1']).start();"
         "c = Client(srv.address, batch_size=1000);"
@@ -69,3 +69,15 @@ def test_plain_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     version = subprocess.run([str(venv / "bin" / "batchfeed"), "--version"], capture_output=True,
                              text=True, timeout=60, env=env)
     assert version.stdout.strip() == f"batchfeed {batchfeed.__version__}"
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "keygen", "stats", "bench"])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "batchfeed", command, "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "examples:" in out.stdout and f"batchfeed {command}" in out.stdout.split("examples:")[1]
+
+
+def test_the_package_is_typed() -> None:
+    assert (Path(batchfeed.__file__).parent / "py.typed").exists()

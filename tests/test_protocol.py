@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from batchfeed.shared import protocol
-from batchfeed.shared.errors import ProtocolError, VersionMismatch, error_from_code, WorkerError
+from batchfeed.shared.errors import ProtocolError, VersionMismatch, WorkerError, error_from_code
 
 
 def raw(header: dict, *buffers: bytes) -> list:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import server_report
 
 from batchfeed import Client, ServerUnavailable
 from batchfeed.launch import ServerProcess
 from batchfeed.shared.plan import BatchPlan, PlanParams
-
-from conftest import server_report
 
 REPO = Path(__file__).resolve().parents[1]
 N = 20_003

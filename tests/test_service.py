@@ -10,13 +10,12 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from conftest import children, make_rows, pid_alive, server_report, shm_segments
 
 from batchfeed import Client, InvalidRequest, ServerUnavailable, VersionMismatch
 from batchfeed.launch import ServerProcess
 from batchfeed.shared import protocol
 from batchfeed.shared.plan import BatchPlan, PlanParams
-
-from conftest import make_rows, pid_alive, server_report, shm_segments
 
 N = 1003  # not a multiple of any batch size used here
 
@@ -143,7 +142,7 @@ def test_several_clients_with_different_parameters_at_once(server) -> None:
         try:
             with Client(server.address, **kw) as c:
                 results[i] = [sorted(sum(ids(collect(c, e)), [])) for e in range(2)]
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             results[i] = exc
 
     configs = [dict(batch_size=7, seed=1), dict(batch_size=64, shuffle="none"),
@@ -262,7 +261,7 @@ def test_closed_client_says_so(server) -> None:
 def test_server_stops_cleanly_on_signal(dataset_path, sig: int) -> None:
     srv = ServerProcess(["--data", str(dataset_path(N)), "--workers", "2"]).start()
     try:
-        workers = [int(p) for p in open(f"/proc/{srv.pid}/task/{srv.pid}/children").read().split()]
+        workers = children(srv.pid)
         assert len(workers) == 2
         with Client(srv.address, batch_size=64) as c:
             next(iter(c.epoch(0)))
