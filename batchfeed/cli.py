@@ -49,10 +49,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic-rows", type=int, default=1_000_000,
                    help="rows of the built-in dataset (default: %(default)s)")
     p.add_argument("--slots", type=int, default=0,
-                   help="slots in the shared ring (default: 4 per worker + 8)")
+                   help="slots in the shared ring (default: 2 per worker + 8)")
     p.add_argument("--slot-mb", type=float, default=0,
-                   help="size of a slot in MiB (default: 4, or 128 of the widest rows)")
-    p.add_argument("--chunk-mb", type=float, default=2.0,
+                   help="size of a slot in MiB (default: --chunk-mb, or 128 of the widest rows)")
+    p.add_argument("--chunk-mb", type=float, default=8.0,
                    help="target size of one streamed message, in MiB (default: %(default)s)")
     p.add_argument("--task-timeout", type=float, default=30.0,
                    help="seconds a worker may take on a task before it is replaced")

@@ -338,7 +338,7 @@ class Frontend:
         # An undeclared transform's output size is a guess (uint8 -> float32 is 4x); workers
         # cut chunks that outgrow their slot anyway.
         chunk_batch_bytes = batch_bytes * (1 if fields else 4)
-        prefetch = h["prefetch"] or auto_prefetch(batch_bytes)
+        prefetch = h["prefetch"] or auto_prefetch(batch_bytes, self.config.chunk_bytes)
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise InvalidRequest(f"prefetch must be in [1, {MAX_PREFETCH}], got {prefetch}")
         if batch_bytes > self.ring.slot_bytes:
@@ -774,8 +774,10 @@ class Frontend:
                 w.process.kill()  # its sentinel fires and _on_worker_exit re-queues the tasks
 
 
-def auto_prefetch(batch_bytes: int) -> int:
-    """The default prefetch: about 16 MiB of batches, between 8 and 256 of them."""
-    return max(8, min(256, AUTO_PREFETCH_BYTES // batch_bytes))
+def auto_prefetch(batch_bytes: int, chunk_bytes: int) -> int:
+    """The default prefetch: 16 MiB of batches, or three messages' worth if more (so that
+    several are on their way at once), between 8 and 512 batches."""
+    window = max(AUTO_PREFETCH_BYTES, 3 * chunk_bytes)
+    return max(8, min(512, window // batch_bytes))
 
 
