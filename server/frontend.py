@@ -148,7 +148,8 @@ class Frontend:
         self.runnable: deque[int] = deque()  # sessions that may have pending work
         self.inflight: dict[int, InFlight] = {}
         self.orders = OrderBoard(ring.token)
-        self.orders_ahead: deque[tuple[str, dict, int]] = deque()  # (dataset, params, epoch)
+        self.orders_ahead: deque[tuple[BatchPlan, tuple, int]] = deque()  # (plan, key, epoch)
+        self.orders_queued: set[tuple] = set()
         self.sends: list[tuple[zmq.MessageTracker, int]] = []  # zero-copy sends holding a slot
         self.orphans: list[tuple[int | None, int | None, set]] = []  # (pid, start, slots)
         self.workers: list[WorkerHandle] = []
@@ -577,19 +578,25 @@ class Frontend:
             if s.pending:
                 self.runnable.append(s.id)
 
+    def _plan_ahead(self, s: Session, epoch: int) -> None:
+        """Epoch orders are predictable: queue the next one as soon as this one is in use."""
+        key = s.plan.order_key(epoch)
+        if key not in self.orders_queued and not self.orders.has(key):
+            self.orders_queued.add(key)
+            self.orders_ahead.append((s.plan, key, epoch))
+
     def _order_ahead(self) -> None:
         """Give an idle worker the next epoch's order to compute, before anyone asks for it."""
         while self.orders_ahead:
             worker = next((w for w in self.workers if w.ready and not w.tasks), None)
             if worker is None:
                 return
-            dataset, params, epoch = self.orders_ahead.popleft()
-            spec = self.datasets[dataset]
-            plan = BatchPlan(spec.rows, PlanParams.from_wire(params), data_key=dataset)
-            key = plan.order_key(epoch)
+            plan, key, epoch = self.orders_ahead.popleft()
+            self.orders_queued.discard(key)
             entry = self.orders.entry(key, plan)
             if entry is None or entry.state != EMPTY:
                 continue
+            params, dataset = plan.params.to_wire(), plan.data_key
             self._next_task += 1
             message = tasks.pack(tasks.ORDER, id=self._next_task, dataset=dataset,
                                  params=params, epoch=epoch, order=entry.segment.name)
@@ -610,6 +617,7 @@ class Frontend:
         entry = self.orders.entry(s.plan.order_key(epoch), s.plan)
         if entry is None:
             return worker, None, False
+        self._plan_ahead(s, epoch + 1)
         if entry.state == FILLED:
             return worker, entry.segment.name, False
         if entry.state == EMPTY:
@@ -651,8 +659,6 @@ class Frontend:
         if job.task.fill:
             self.orders.finished(self._order_key_of(job.task), ok=kind == tasks.DONE)
             self.counters["orders_computed"] += kind == tasks.DONE
-            if kind == tasks.DONE:  # the next epoch's order is predictable: make it early
-                self.orders_ahead.append((job.task.dataset, job.task.params, job.task.epoch + 1))
         worker.progress_at = time.monotonic()
         self.worker_busy[worker.index] += body.get("busy", 0.0)
         s = self.sessions.get(job.session)

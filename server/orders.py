@@ -76,6 +76,9 @@ class OrderBoard:
             if self._entries[key].state != FILLING:
                 self._entries.pop(key).segment.close()
 
+    def has(self, key: tuple) -> bool:
+        return key in self._entries
+
     def finished(self, key: tuple, ok: bool) -> None:
         e = self._entries.get(key)
         if e is not None and e.state == FILLING:
