@@ -1,6 +1,8 @@
 """Framework adapters: turn a batch of numpy views into torch tensors or jax arrays.
 
-Frameworks are imported only when an adapter is first used.  ``torch`` tensors share memory
+Frameworks are imported only when an adapter is first used.  ``format="jax"`` places each
+array with ``jax.device_put`` (a copy into JAX's buffers; int64 becomes int32 unless JAX's
+``jax_enable_x64`` is on).  ``torch`` tensors share memory
 with the received buffers (``torch.from_numpy``), so no byte is copied unless ``pin_memory`` or
 ``device`` asks for it.  Fields torch cannot represent (fixed-width strings) stay numpy arrays.
 

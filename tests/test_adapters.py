@@ -91,3 +91,13 @@ def test_unknown_format_is_refused(server) -> None:
             c.epoch(0, format="tensorflow")
         with pytest.raises(InvalidRequest, match="pin_memory"):
             c.epoch(0, pin_memory=True)
+
+
+def test_jax_format_yields_jax_arrays(server) -> None:
+    jax = pytest.importorskip("jax")
+    with Client(server.address, batch_size=64, seed=2) as c:
+        plain = [{k: v.copy() for k, v in b.items()} for b in c.epoch(0)]
+        for batch, ref in zip(c.epoch(0, format="jax"), plain):
+            assert isinstance(batch["x"], jax.Array)
+            assert np.array_equal(np.asarray(batch["x"]), ref["x"])
+            assert np.array_equal(np.asarray(batch["id"]), ref["id"])
