@@ -140,7 +140,8 @@ class Client:
         """The fields batches carry: name, dtype and per-row shape.
 
         With a server-side transform that declares no schema, they are known once the first
-        batch has arrived (``()`` before).
+        batch has arrived (``()`` before), and the shapes are that batch's: a transform may
+        change them from batch to batch (e.g. padding to each batch's longest sequence).
         """
         return self._welcome.fields or self._live.seen_fields
 
