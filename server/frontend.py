@@ -1,9 +1,10 @@
 """The front end: the main process's single-threaded event loop.
 
-It owns the client-facing ROUTER socket, the workers' ipc ROUTER socket, the sessions and the
-slot ring's bookkeeping.  Per client request it cuts the requested batches into tasks, gives each
-task a free slot and a worker, and when the worker reports DONE sends the slot's bytes to the
-client as one BATCH message with ``copy=False`` (large frames) or, on the same-host fast path,
+It owns the client-facing ROUTER socket, the workers' socketpairs, the sessions, the slot
+ring's bookkeeping and the board of shared epoch orders.  Per client request it cuts the
+requested batches into tasks, gives each task a free slot and a worker (and the shared order it
+reads, or fills), and when the worker reports DONE sends the slot's bytes to the client as one
+BATCH message whose frames point into the slot (``copy=False``) or, on the same-host fast path,
 only the slot's number.  It never copies batch bytes itself.
 
 A slot comes back to the ring when ZeroMQ's MessageTracker says the last frame pointing into it
@@ -31,6 +32,7 @@ from batchfeed.shared.errors import (
     CreditExceeded,
     InvalidRequest,
     ProtocolError,
+    ResourceError,
     UnknownSession,
 )
 from batchfeed.shared.plan import (
@@ -76,7 +78,6 @@ class Session:
     prefetch: int
     fastpath: bool
     name: str
-    batch_bytes: int
     max_chunk: int
     last_seen: float
     stream: int = -1
@@ -215,12 +216,13 @@ class Frontend:
         deadline = time.monotonic() + timeout
         while not all(w.ready for w in self.workers):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"workers did not start within {timeout:.0f} s")
+                raise ResourceError(f"the workers did not start within {timeout:.0f} s; is the "
+                                    "machine overloaded? (see the log for what they printed)")
             for w in self.workers:
                 if not w.alive():
-                    raise RuntimeError(
-                        f"worker {w.index} exited with code {w.process.exitcode} while starting"
-                    )
+                    raise ResourceError(
+                        f"worker {w.index} exited with code {w.process.exitcode} while starting "
+                        "(see the log above for why)")
             events = dict(self.poller.poll(100))
             for w in list(self.workers):
                 if w.fileno() in events:
@@ -363,7 +365,6 @@ class Frontend:
             prefetch=prefetch,
             fastpath=fastpath,
             name=h["name"] or "",
-            batch_bytes=batch_bytes,
             max_chunk=max(1, min(budget // chunk_batch_bytes, protocol.MAX_BATCHES_PER_MESSAGE)),
             last_seen=now,
             pid=h["pid"] if fastpath else None,
@@ -372,7 +373,7 @@ class Frontend:
             rate_mark=(now, 0),
         )
         old = self.sessions.get(h["resume"]) if h["resume"] is not None else None
-        if old is not None:
+        if old is not None and old.pid == session.pid:
             # The same client after a reconnect: the slots it still holds views of are its own.
             session.leased, old.leased = old.leased, set()
             self._close_session(old, f"resumed as {session.id:x}")
@@ -397,7 +398,7 @@ class Frontend:
 
     def describe(self) -> dict:
         """The server's counters, for ``batchfeed stats`` and the metrics endpoint."""
-        busy = sum(1 for _, slot in self.sends) + len(self.inflight)
+        busy = len(self.sends) + len(self.inflight)
         return {
             "version": __version__, "address": self.address,
             "uptime_s": round(time.monotonic() - self.started, 1),
