@@ -133,14 +133,15 @@ def start_doomed_client(address: str, seed: int, fastpath: bool) -> subprocess.P
     return proc
 
 
-def wait_for(condition, timeout: float, what: str):
+def wait_for(condition, timeout: float, what: str, state=None):
+    """Poll ``condition`` until true; on timeout say what ``state()`` was."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f": {state()}" if state else ""))
 
 
 @pytest.mark.timeout(300)
@@ -186,8 +187,10 @@ def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath
         wait_for(reclaimed, 30, "sessions and slots of 50 dead clients to be reclaimed")
         wait_for(lambda: socket_fds(srv.pid) <= base_sockets, 30, "sockets back to baseline")
         t_wait = time.monotonic()
-        wait_for(lambda: private_pss_bytes(pids()) < base_pss + 4 * 2**20, 20,
-                 "memory back to baseline")
+        wait_for(lambda: private_pss_bytes(pids()) < base_pss + 4 * 2**20, 30,
+                 "memory back to baseline",
+                 lambda: f"private PSS {[private_pss_bytes([p]) >> 10 for p in pids()]} KiB "
+                         f"per process, baseline {base_pss >> 10} KiB in all")
         print(f"\n[client SIGKILL x50, {'fast path' if fastpath else 'tcp'}] sessions 1, "
               f"sockets {socket_fds(srv.pid)} (baseline {base_sockets}), private PSS "
               f"{private_pss_bytes(pids()) / 2**20:.1f} MiB (baseline {base_pss / 2**20:.1f}), "
