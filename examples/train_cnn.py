@@ -22,57 +22,29 @@ Needs torch and tqdm (``pip install torch tqdm``).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from batchfeed import Client
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py even when loaded by path
+import common  # the options, the epoch loop and the output lines that the examples share
 
 SIZE, CLASSES = 32, 10
 TRANSFORM = "batchfeed.transforms:augment"
+NOUN = "images"  # what the output calls a row
 # (foreground, background) RGB of the two colour schemes; class = texture + 5 * scheme.
 PALETTES = np.array([[[230, 110, 40], [30, 60, 150]],
                      [[70, 220, 90], [150, 40, 130]]], np.float32)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", action="append", dest="addresses", metavar="ADDRESS",
-                   help="a batchfeed server (default: tcp://127.0.0.1:5555); repeat it, or give "
-                        "a comma list, for several loaders serving the same data")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0,
-                   help="the batch order's and the model's seed (and the data's, with --make-data)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate")
+    p = common.argument_parser(__doc__, epochs=5, batch_size=64, lr=2e-3)
     p.add_argument("--width", type=int, default=16, help="channels of the first convolution")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--connect-timeout", type=float, default=30.0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--make-data", metavar="PATH",
-                   help="write the dataset to PATH (.npz, or else a directory of .npy files), "
-                        "print the command that serves it, and exit")
-    p.add_argument("--rows", type=int, default=5000, help="images to write with --make-data")
-    args = p.parse_args(argv)
-    args.addresses = [a for arg in args.addresses or ["tcp://127.0.0.1:5555"]
-                      for a in arg.split(",") if a]
-    return args
-
-
-def write_dataset(arrays: dict[str, np.ndarray], path: str) -> None:
-    """``path.npz`` gets one array per field; any other path becomes a directory of .npy files."""
-    if path.endswith(".npz"):
-        np.savez(path, **arrays)
-        return
-    Path(path).mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        np.save(Path(path) / f"{name}.npy", arr)
+    common.add_run_options(p, rows=5000, noun=NOUN)
+    return common.parse_args(p, argv)
 
 
 def texture_masks(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -131,70 +103,32 @@ def check_batch(batch: dict[str, torch.Tensor]) -> None:
                          f"with --transform {TRANSFORM}, which augments and normalises it")
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, client: Client, epoch: int,
-                args: argparse.Namespace) -> tuple[float, float]:
-    """One pass with a progress bar; prints and returns the epoch's mean loss and accuracy."""
-    loss_fn = nn.CrossEntropyLoss()
-    t0, wait0 = time.perf_counter(), client.stats()["wait_s"]
-    loss_sum, correct, samples = 0.0, 0, 0
-
-    def rates() -> str:
-        elapsed = time.perf_counter() - t0
-        waited = client.stats()["wait_s"] - wait0
-        return f"{samples / elapsed:,.0f} samples/s, waiting on data {waited / elapsed:.1%}"
-
-    bar = tqdm(client.epoch(epoch, format="torch"), total=client.batches_per_epoch,
-               desc=f"epoch {epoch}", unit="batch", mininterval=1.0, disable=args.no_progress,
-               file=sys.stderr)
-    for k, batch in enumerate(bar):
-        if k == 0:
-            check_batch(batch)
-        x, y = batch["x"], batch["y"]
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        samples += len(y)
-        if k % 10 == 0:
-            bar.set_postfix_str(rates(), refresh=False)
-    bar.set_postfix_str(rates(), refresh=False)
-    bar.close()
-    mean_loss, accuracy = loss_sum / max(samples, 1), correct / max(samples, 1)
-    print(f"epoch {epoch}: mean loss {mean_loss:.4f}, accuracy {accuracy:.1%}, {rates()}",
-          flush=True)
-    return mean_loss, accuracy
-
-
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = make_model(args.width)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    address = args.addresses if len(args.addresses) > 1 else args.addresses[0]
-    with Client(address, batch_size=args.batch_size, seed=args.seed,
-                connect_timeout=args.connect_timeout, name="train-cnn") as client:
-        print(f"{client.rows:,} images of {client.dataset!r} from {', '.join(args.addresses)}, "
-              f"{client.batches_per_epoch} batches of {args.batch_size} per epoch", flush=True)
-        history = [train_epoch(model, optimizer, client, epoch, args)
-                   for epoch in range(args.epochs)]
-        stats = client.stats()
-        print(f"done: {stats['batches']:,.0f} batches in {stats['wall_s']:.1f} s, waiting on "
-              f"data {stats['wait_fraction']:.1%} of the time", flush=True)
-    print("losses: " + " ".join(f"{loss:.4f}" for loss, _ in history), flush=True)
-    print("accuracies: " + " ".join(f"{acc:.4f}" for _, acc in history), flush=True)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch["x"], batch["y"]  # x: float32 images, augmented by the server's workers
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits, y
+
+    common.train(args, step, name="train-cnn", noun=NOUN, check=check_batch, postfix_every=10)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_data:
-        write_dataset(make_images(args.rows, seed=args.seed), args.make_data)
-        print(f"wrote {args.rows:,} images to {args.make_data}; serve them with:")
-        print(f"batchfeed serve --data {shlex.quote(args.make_data)} --transform {TRANSFORM}")
-        return 0
-    train(args)
+        common.make_data(make_images(args.rows, seed=args.seed), args.make_data, NOUN,
+                         transform=TRANSFORM)
+    else:
+        train(args)
     return 0
 
 

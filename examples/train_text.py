@@ -26,59 +26,31 @@ Needs torch and tqdm (``pip install torch tqdm``).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from batchfeed import Client
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py even when loaded by path
+import common  # the options, the epoch loop and the output lines that the examples share
 
 TRANSFORM = "batchfeed.transforms:trim_padding"
 PAD, MIN_LEN = 0, 4
+NOUN = "sequences"  # what the output calls a row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", action="append", dest="addresses", metavar="ADDRESS",
-                   help="a batchfeed server (default: tcp://127.0.0.1:5555); repeat it, or give "
-                        "a comma list, for several loaders serving the same data")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0,
-                   help="the batch order's and the model's seed (and the data's, with --make-data)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
+    p = common.argument_parser(__doc__, epochs=5, batch_size=64, lr=3e-3)
     p.add_argument("--dim", type=int, default=32, help="embedding width")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--connect-timeout", type=float, default=30.0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--make-data", metavar="PATH",
-                   help="write the dataset to PATH (.npz, or else a directory of .npy files), "
-                        "print the command that serves it, and exit")
-    p.add_argument("--rows", type=int, default=20_000, help="sequences to write with --make-data")
+    common.add_run_options(p, rows=20_000, noun=NOUN)
     p.add_argument("--max-len", type=int, default=256, help="the padded width (--make-data)")
     p.add_argument("--vocab", type=int, default=2000,
                    help="word ids 1..vocab-1 (0 pads); with --make-data, and the model's "
                         "embedding table when training")
     p.add_argument("--classes", type=int, default=5, help="classes (--make-data)")
-    args = p.parse_args(argv)
-    args.addresses = [a for arg in args.addresses or ["tcp://127.0.0.1:5555"]
-                      for a in arg.split(",") if a]
-    return args
-
-
-def write_dataset(arrays: dict[str, np.ndarray], path: str) -> None:
-    """``path.npz`` gets one array per field; any other path becomes a directory of .npy files."""
-    if path.endswith(".npz"):
-        np.savez(path, **arrays)
-        return
-    Path(path).mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        np.save(Path(path) / f"{name}.npy", arr)
+    return common.parse_args(p, argv)
 
 
 def make_sequences(rows: int, max_len: int = 256, vocab: int = 2000, classes: int = 5,
@@ -137,74 +109,42 @@ def check_batch(batch: dict[str, torch.Tensor], vocab: int, classes: int) -> Non
                          f"--classes the data was made with (now {classes})")
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, client: Client, epoch: int,
-                args: argparse.Namespace) -> tuple[float, float]:
-    """One pass with a progress bar; prints and returns the epoch's mean loss and accuracy."""
+def train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = MeanPoolClassifier(args.vocab, args.dim, args.classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
-    t0, wait0 = time.perf_counter(), client.stats()["wait_s"]
-    loss_sum, correct, samples, widths = 0.0, 0, 0, []
+    widths: list[int] = []  # of this epoch's batches, which the server trimmed
 
-    def rates() -> str:
-        elapsed = time.perf_counter() - t0
-        waited = client.stats()["wait_s"] - wait0
-        return f"{samples / elapsed:,.0f} samples/s, waiting on data {waited / elapsed:.1%}"
-
-    bar = tqdm(client.epoch(epoch, format="torch"), total=client.batches_per_epoch,
-               desc=f"epoch {epoch}", unit="batch", mininterval=1.0, disable=args.no_progress,
-               file=sys.stderr)
-    for k, batch in enumerate(bar):
-        if k == 0:
-            check_batch(batch, args.vocab, args.classes)
+    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, length, y = batch["tokens"], batch["length"], batch["label"]
         logits = model(tokens, length)
         loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        samples += len(y)
         widths.append(tokens.shape[1])
-        if k % 20 == 0:
-            bar.set_postfix_str(rates(), refresh=False)
-    bar.set_postfix_str(rates(), refresh=False)
-    bar.close()
-    mean_loss, accuracy = loss_sum / max(samples, 1), correct / max(samples, 1)
-    print(f"epoch {epoch}: mean loss {mean_loss:.4f}, accuracy {accuracy:.1%}, batch width "
-          f"{np.mean(widths):.0f} on average ({min(widths)}..{max(widths)}), {rates()}",
-          flush=True)
-    return mean_loss, accuracy
+        return loss, logits, y
 
+    def width_note() -> str:
+        """For the epoch's line, at its end; then the next epoch counts its own widths."""
+        note = f"batch width {np.mean(widths):.0f} on average ({min(widths)}..{max(widths)})"
+        widths.clear()
+        return note
 
-def train(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    address = args.addresses if len(args.addresses) > 1 else args.addresses[0]
-    with Client(address, batch_size=args.batch_size, seed=args.seed,
-                connect_timeout=args.connect_timeout, name="train-text") as client:
-        model = MeanPoolClassifier(args.vocab, args.dim, args.classes)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        print(f"{client.rows:,} sequences of {client.dataset!r} from "
-              f"{', '.join(args.addresses)}, {client.batches_per_epoch} batches of "
-              f"{args.batch_size} per epoch", flush=True)
-        history = [train_epoch(model, optimizer, client, epoch, args)
-                   for epoch in range(args.epochs)]
-        stats = client.stats()
-        print(f"done: {stats['batches']:,.0f} batches in {stats['wall_s']:.1f} s, waiting on "
-              f"data {stats['wait_fraction']:.1%} of the time", flush=True)
-    print("losses: " + " ".join(f"{loss:.4f}" for loss, _ in history), flush=True)
-    print("accuracies: " + " ".join(f"{acc:.4f}" for _, acc in history), flush=True)
+    common.train(args, step, name="train-text", noun=NOUN,
+                 check=lambda batch: check_batch(batch, args.vocab, args.classes),
+                 note=width_note)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_data:
         arrays = make_sequences(args.rows, args.max_len, args.vocab, args.classes, args.seed)
-        write_dataset(arrays, args.make_data)
-        print(f"wrote {args.rows:,} sequences to {args.make_data}; serve them with:")
-        print(f"batchfeed serve --data {shlex.quote(args.make_data)} --transform {TRANSFORM}")
-        return 0
-    train(args)
+        common.make_data(arrays, args.make_data, NOUN, transform=TRANSFORM)
+    else:
+        train(args)
     return 0
 
 
