@@ -100,11 +100,6 @@ class Client:
                             ("heartbeat_timeout", heartbeat_timeout)):
             if not value > 0:
                 raise InvalidRequest(f"{what} must be positive, got {value!r}")
-        self._init_config = dict(address=address, params=params, dataset=dataset,
-                                 connect_timeout=connect_timeout,
-                                 reconnect_timeout=reconnect_timeout,
-                                 heartbeat_timeout=heartbeat_timeout,
-                                 name=name or f"rank{rank}")
         self.params = params
         self._dataset_name = dataset
         keys = None

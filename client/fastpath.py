@@ -16,9 +16,7 @@ import numpy as np
 
 from batchfeed.shared.errors import ProtocolError
 from batchfeed.shared.protocol import ChunkLayout
-from batchfeed.shared.shm import SharedSegment
-
-MAGIC = b"batchfeed-ring-1"
+from batchfeed.shared.shm import RING_MAGIC, SharedSegment
 
 
 class RingMap:
@@ -37,7 +35,7 @@ class RingMap:
         segment = SharedSegment.attach(self.name)  # OSError: not on this host
         if segment.buf is None or segment.size < self.header + self.slots * self.slot_bytes:
             raise ProtocolError(f"shared segment {self.name} is smaller than the ring it should be")
-        if segment.buf[: len(MAGIC) + len(proof)] != MAGIC + proof:
+        if segment.buf[: len(RING_MAGIC) + len(proof)] != RING_MAGIC + proof:
             raise ProtocolError(f"shared segment {self.name} is not this server's ring")
         self._segment = segment
 

@@ -330,6 +330,3 @@ def check_mappable(name: str, sources: list[FieldSource]) -> None:
             "archive (or generated); save each array as its own .npy file (np.save) in a "
             "directory and serve that directory")
 
-
-def total_nbytes(sources: list[FieldSource]) -> int:
-    return sum(s.nbytes for s in sources)

@@ -41,7 +41,6 @@ from batchfeed.shared.plan import (
     check_label,
     check_weights,
     column,
-    order_key,
 )
 from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.schema import schema_to_wire
@@ -132,6 +131,7 @@ class InFlight:
     session: int
     stream: int
     worker: WorkerHandle
+    order_key: tuple | None = None  # the shared order this task fills, if it does
 
 
 class Frontend:
@@ -572,7 +572,8 @@ class Frontend:
             s.queued -= take
             s.gathering += take
             s.tasks_in_stream += 1
-            self.inflight[task.id] = InFlight(task, s.id, s.stream, worker)
+            self.inflight[task.id] = InFlight(task, s.id, s.stream, worker,
+                                              s.plan.order_key(epoch) if fill else None)
             if not worker.tasks:
                 worker.progress_at = time.monotonic()
             worker.tasks[task.id] = time.monotonic()
@@ -657,8 +658,8 @@ class Frontend:
             return  # a task already given to another worker
         del self.inflight[job.task.id]
         worker.tasks.pop(job.task.id, None)
-        if job.task.fill:
-            self.orders.finished(self._order_key_of(job.task), ok=kind == tasks.DONE)
+        if job.order_key is not None:
+            self.orders.finished(job.order_key, ok=kind == tasks.DONE)
             self.counters["orders_computed"] += kind == tasks.DONE
         worker.progress_at = time.monotonic()
         self.worker_busy[worker.index] += body.get("busy", 0.0)
@@ -683,10 +684,6 @@ class Frontend:
             self._send(s.route, protocol.error(body["code"], body["message"], session=s.id,
                                                stream=job.stream, epoch=job.task.epoch,
                                                k0=job.task.k0))
-
-    def _order_key_of(self, task: tasks.Task) -> tuple:
-        dataset = self.datasets[task.dataset]
-        return order_key(dataset.name, dataset.rows, PlanParams.from_wire(task.params), task.epoch)
 
     def _send_batch(self, s: Session, task: tasks.Task, done: dict, count: int) -> None:
         slot = task.slot

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchfeed.shared.errors import ResourceError
-from batchfeed.shared.plan import BatchPlan, make_order
+from batchfeed.shared.plan import BatchPlan, index_dtype, make_order
 from batchfeed.shared.shm import SharedSegment, segment_name
 
 log = logging.getLogger("batchfeed.server")
@@ -58,7 +58,7 @@ class OrderBoard:
             self._entries.move_to_end(key)
             return e
         self._serial += 1
-        itemsize = 4 if plan.n_rows < 2**31 else 8
+        itemsize = np.dtype(index_dtype(plan.n_rows)).itemsize
         try:
             segment = SharedSegment.create(segment_name(self.token, f"order{self._serial}"),
                                            HEADER + plan.epoch_rows * itemsize)
@@ -112,8 +112,8 @@ class WorkerOrders:
             except FileNotFoundError:
                 return plan.order(epoch)
             assert seg.buf is not None
-            dtype = np.int32 if plan.n_rows < 2**31 else np.int64
-            array = np.frombuffer(seg.buf, dtype=dtype, count=plan.epoch_rows, offset=HEADER)
+            array = np.frombuffer(seg.buf, dtype=index_dtype(plan.n_rows),
+                                  count=plan.epoch_rows, offset=HEADER)
             if fill:
                 array[:] = make_order(plan.n_rows, plan.params, epoch, plan.columns)
                 seg.buf[0] = READY

@@ -14,10 +14,9 @@ from __future__ import annotations
 import secrets
 from collections import deque
 
-from batchfeed.shared.shm import SharedSegment, segment_name
+from batchfeed.shared.shm import RING_MAGIC, SharedSegment, segment_name
 
 PAGE = 4096
-MAGIC = b"batchfeed-ring-1"
 HEADER_BYTES = PAGE
 
 
@@ -36,7 +35,7 @@ class SlotRing:
         size = HEADER_BYTES + self.n_slots * self.slot_bytes
         self.segment = SharedSegment.create(segment_name(token, "ring"), size)
         assert self.segment.buf is not None
-        self.segment.buf[: len(MAGIC) + len(self.proof)] = MAGIC + self.proof
+        self.segment.buf[: len(RING_MAGIC) + len(self.proof)] = RING_MAGIC + self.proof
         self._free: deque[int] = deque(range(n_slots))
 
     @property

@@ -238,7 +238,8 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
 
 
 class PlanCache:
-    """The plans a worker has used lately (each caches its current epoch orders)."""
+    """The plans a worker has used lately (epoch orders live in the process-wide ORDERS, or in
+    the server's shared order segments)."""
 
     def __init__(self) -> None:
         self._plans: OrderedDict[tuple, tuple[BatchPlan, float]] = OrderedDict()

@@ -23,6 +23,7 @@ import secrets
 from .errors import ResourceError
 
 PREFIX = "bf_"
+RING_MAGIC = b"batchfeed-ring-1"  # the first bytes of a server's slot ring, then its proof
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^bf_(\d+)_[0-9a-f]+_")
 

@@ -382,3 +382,16 @@ def test_each_epoch_order_is_computed_once_for_all_workers_and_ranks(serve, data
         b.epoch(3).close()
     computed = server_report(srv.address)["server"]["counters"]["orders_computed"]
     assert 3 <= computed <= 5  # epochs 0-2, then 3-4 early: once each, not once per worker
+
+
+def test_the_next_epochs_order_is_computed_before_it_is_asked_for(serve, dataset_path) -> None:
+    """Reading epoch 0 puts epoch 1 in flight (the stream runs on); serving epoch 1 makes an
+    idle worker compute epoch 2's order, which no client has asked for yet."""
+    srv = serve("--data", dataset_path(N), "--workers", 2)
+    with Client(srv.address, batch_size=16, seed=6, prefetch=8) as c:
+        collect(c, 0)
+        deadline = time.monotonic() + 10
+        while server_report(srv.address)["server"]["counters"].get("orders_computed", 0) < 3:
+            assert time.monotonic() < deadline, "epoch 2's order was not computed ahead"
+            time.sleep(0.05)
+        assert ids(collect(c, 1))  # and the epochs are still right (checked elsewhere)
