@@ -2,7 +2,9 @@
 
 ``ServerProcess`` owns the child: ``start()`` returns once the server printed its ready line
 (and gives its bound address, so ``--bind tcp://127.0.0.1:0`` picks a free port); ``stop()``
-sends SIGTERM, waits, then kills.  Both are safe to call twice.
+sends SIGTERM, waits, then kills (``shared.procs.stop_process``).  Both are safe to call twice.
+The ready line is read for the address only: what the server runs with (workers, ring, pids,
+counters) comes from its STATS report, ``server_report()`` or ``ServerProcess.report()``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from batchfeed.shared.procs import stop_process
 
 READY_RE = re.compile(r"^batchfeed serve: ready: .* at (\S+) \(")
 
@@ -74,20 +77,20 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def report(self, timeout: float = 5.0, curve: tuple[str, str] | None = None) -> dict:
+        """This server's STATS report (see ``server_report``)."""
+        assert self.address is not None, "the server is not started"
+        return server_report(self.address, timeout, curve)
+
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        """SIGTERM, wait ``timeout``, then SIGKILL; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        # SIGTERM is the server's own orderly shutdown, so the ladder starts with it.
+        stop_process(self.proc, 0.0, terminate_wait=timeout)
         if self._drainer is not None:
             self._drainer.join(5)
-        elif self.proc.stdout is not None:
+        elif self.proc.stdout is not None and not self.proc.stdout.closed:
             self.output += self.proc.stdout.read().splitlines()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -98,3 +101,18 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def server_report(address: str, timeout: float = 5.0,
+                  curve: tuple[str, str] | None = None) -> dict:
+    """A running server's STATS report: ``{"server": {...}, "sessions": [...]}``.
+
+    ``server`` has ``workers``, ``worker_pids``, ``slots``, ``slot_bytes``, ``address``,
+    ``datasets``, ``counters`` and ``errors`` (see ``Frontend.describe``).  ``curve`` is
+    (client secret key file, server public key file) for a server with CURVE.  Raises
+    ServerUnavailable if no answer came within ``timeout`` seconds.
+    """
+    from batchfeed.stats import StatsQuery
+
+    with StatsQuery(address, timeout, curve) as query:
+        return query.fetch()

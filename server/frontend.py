@@ -404,7 +404,8 @@ class Frontend:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "datasets": ", ".join(self.datasets), "workers": len(self.workers),
             "worker_pids": [w.process.pid or 0 for w in self.workers],
-            "slots": self.ring.n_slots, "slots_free": self.ring.free_count,
+            "slots": self.ring.n_slots, "slot_bytes": self.ring.slot_bytes,
+            "slots_free": self.ring.free_count,
             "slots_busy": busy, "slots_leased": sum(len(s.leased) for s in self.sessions.values())
             + sum(len(o[2]) for o in self.orphans),
             "sessions": len(self.sessions),

@@ -21,6 +21,7 @@ import re
 import secrets
 
 from .errors import ResourceError
+from .procs import pid_alive
 
 PREFIX = "bf_"
 RING_MAGIC = b"batchfeed-ring-1"  # the first bytes of a server's slot ring, then its proof
@@ -119,16 +120,6 @@ def check_shm_room(needed: int, what: str) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_segments() -> list[str]:
     """Unlink batchfeed segments whose creating process is gone.  Returns their names."""
     removed: list[str] = []
@@ -138,7 +129,7 @@ def remove_stale_segments() -> list[str]:
         return removed
     for name in names:
         m = _NAME_RE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             try:
                 _posixshmem.shm_unlink("/" + name)
                 removed.append(name)

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchfeed import launch
 from batchfeed.launch import ServerProcess
+from batchfeed.shared.procs import (  # noqa: F401 - the tests import these from here
+    children,
+    pid_alive,
+    private_pss_bytes,
+    pss_bytes,
+)
 
 SHM = Path("/dev/shm")
 
@@ -86,58 +93,9 @@ def ipc_address(tmp_path: Path) -> str:
     return f"ipc://{tmp_path}/bf.sock"
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def server_report(address: str, timeout_ms: int = 5000) -> dict:
     """The server's STATS report: {"server": {...}, "sessions": [...]}."""
-    import zmq
-
-    from batchfeed.shared import protocol
-
-    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
-        sock.linger = 0
-        sock.connect(address)
-        sock.send_multipart(protocol.stats())
-        assert sock.poll(timeout_ms), "the server did not answer STATS"
-        return protocol.decode(sock.recv_multipart()).header
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def pss_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
-def private_pss_bytes(pids: list[int]) -> int:
-    """PSS outside shared-memory segments: what a leak in the server would grow.
-
-    (Dataset and ring pages count once touched; they are bounded by design and measured apart.)
-    """
-    total, skip = 0, False
-    for pid in pids:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                first = line.split(None, 1)[0]
-                if "-" in first and not first.endswith(":"):  # a mapping's header line
-                    skip = "/dev/shm/" in line
-                elif first == "Pss:" and not skip:
-                    total += int(line.split()[1]) * 1024
-    return total
+    return launch.server_report(address, timeout_ms / 1000)
 
 
 def socket_fds(pid: int) -> int:
