@@ -7,7 +7,7 @@ Start-up order matters and is written once here:
 4. fork the workers (before this process has a ZeroMQ context), bind, wait for them;
 5. print the ready line and run the event loop until SIGINT or SIGTERM.
 Shutdown runs in ``finally`` in reverse: workers stopped and joined, sockets closed, segments
-unlinked.  Exit code 0.
+unlinked.  Exit code 0; 3 when the front end stopped because its own bookkeeping broke.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .dataset import (
     inspect_source,
     synthetic_sources,
 )
-from .frontend import Frontend
+from .frontend import BookkeepingError, Frontend
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
 from .transform import Transform, load_transform
@@ -156,6 +156,9 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
         return 0
     except KeyboardInterrupt:
         return 0
+    except BookkeepingError as exc:
+        log.critical("%s", exc)
+        return 3
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -17,6 +17,7 @@ and never evicts one being filled.  ``close`` unlinks them all.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,18 +34,28 @@ HEADER = 8  # bytes: the ready flag, then padding to keep the indices aligned
 READY = 1
 KEEP = 4  # orders kept on the board
 
-EMPTY, FILLING, FILLED = "empty", "filling", "filled"
+
+class OrderState(enum.Enum):
+    EMPTY = "empty"  # nobody has computed it into the segment (yet, or the fill failed)
+    FILLING = "filling"  # a worker is computing it
+    FILLED = "filled"  # ready: any worker maps it read-only
 
 
 @dataclass
 class Entry:
+    """One order's segment and state.  Only ``OrderBoard`` changes ``state`` and ``filler``."""
+
     segment: SharedSegment
-    state: str = EMPTY
+    state: OrderState = OrderState.EMPTY
     filler: int | None = None  # worker index filling it
 
 
 class OrderBoard:
-    """The main process's side: which order lives in which segment, and who fills it."""
+    """The main process's side: which order lives in which segment, and who fills it.
+
+    States move EMPTY -> FILLING (``start_fill``) -> FILLED or back to EMPTY (``finished``,
+    ``worker_died``); nothing else changes them, and a move from the wrong state raises.
+    """
 
     def __init__(self, token: str):
         self.token = token
@@ -73,22 +84,35 @@ class OrderBoard:
         for key in list(self._entries):
             if len(self._entries) <= KEEP:
                 return
-            if self._entries[key].state != FILLING:
+            if self._entries[key].state is not OrderState.FILLING:
                 self._entries.pop(key).segment.close()
 
     def has(self, key: tuple) -> bool:
         return key in self._entries
 
-    def finished(self, key: tuple, ok: bool) -> None:
+    def start_fill(self, key: tuple, worker: int) -> Entry:
+        e = self._entries[key]
+        if e.state is not OrderState.EMPTY:
+            raise AssertionError(f"order {key} is {e.state.value}; only an empty one is filled")
+        e.state, e.filler = OrderState.FILLING, worker
+        return e
+
+    def finished(self, key: tuple, worker: int, ok: bool) -> None:
+        """Worker ``worker`` is done filling ``key`` (a stale report changes nothing)."""
         e = self._entries.get(key)
-        if e is not None and e.state == FILLING:
-            e.state = FILLED if ok else EMPTY
+        if e is not None and e.state is OrderState.FILLING and e.filler == worker:
+            e.state = OrderState.FILLED if ok else OrderState.EMPTY
             e.filler = None
 
-    def worker_died(self, index: int) -> None:
+    def worker_died(self, worker: int) -> None:
         for e in self._entries.values():
-            if e.state == FILLING and e.filler == index:
-                e.state, e.filler = EMPTY, None
+            if e.state is OrderState.FILLING and e.filler == worker:
+                e.state, e.filler = OrderState.EMPTY, None
+
+    def filling(self) -> dict[tuple, int]:
+        """Orders being filled, and by which worker."""
+        return {k: e.filler for k, e in self._entries.items()
+                if e.state is OrderState.FILLING and e.filler is not None}
 
     def close(self) -> None:
         for e in self._entries.values():

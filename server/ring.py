@@ -1,23 +1,48 @@
 """The slot ring: a shared-memory segment cut into fixed-size slots that workers gather into.
 
-Only the main process hands slots out and takes them back (``acquire``/``release``); a slot is
-busy from the moment a task is given it until ZeroMQ has released the last frame that points
-into it, or, on the same-host fast path, until the client that holds views of it says it is
-done.  Workers and same-host clients attach to the segment by name.
+Only the main process hands slots out and takes them back, and the ring records who holds each
+one, so that a slot can only ever be given back by its holder:
 
-The first page holds a magic string and a random proof, which a same-host client reads back to
-be sure it mapped this server's ring and not a namesake.
+- ``task``: a worker is gathering into it (owner: the task id);
+- ``send``: a zero-copy message points into it until ZeroMQ releases the frames (owner: the
+  session);
+- ``lease``: a same-host client holds views of it (owner: the lease table it was leased
+  through).
+
+``acquire(holder)`` takes a free slot, ``hand_over(slot, old, new)`` moves it between holders
+(a gathered slot goes to a send or a lease), ``release(slot, holder)`` gives it back.  Each of
+them raises ``RingError`` when the slot is not held as the caller says: a bookkeeping bug, never
+a client's doing (client input is checked before it reaches the ring).  ``check()`` verifies the
+whole ring: every slot is free or held, exactly once.
+
+Workers and same-host clients attach to the segment by name.  The first page holds a magic
+string and a random proof, which a same-host client reads back to be sure it mapped this
+server's ring and not a namesake.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import deque
+from collections import Counter
+from typing import NamedTuple
 
 from batchfeed.shared.shm import RING_MAGIC, SharedSegment, segment_name
 
 PAGE = 4096
 HEADER_BYTES = PAGE
+
+TASK = "task"
+SEND = "send"
+LEASE = "lease"
+
+
+class Holder(NamedTuple):
+    kind: str  # TASK, SEND or LEASE
+    owner: int
+
+
+class RingError(AssertionError):
+    """The ring's bookkeeping was asked to do something that breaks its rules."""
 
 
 def round_up(n: int, to: int) -> int:
@@ -25,34 +50,78 @@ def round_up(n: int, to: int) -> int:
 
 
 class SlotRing:
-    """Owns the ring segment and the free list.  ``close`` unlinks it; safe to call twice."""
+    """Owns the ring segment, the free list and the holder of every slot.  ``close`` unlinks
+    the segment; safe to call twice."""
 
-    def __init__(self, token: str, n_slots: int, slot_bytes: int):
+    def __init__(self, token: str, n_slots: int, slot_bytes: int, *, create: bool = True):
         self.token = token  # the server's segment name token (other segments use it too)
         self.n_slots = n_slots
         self.slot_bytes = round_up(slot_bytes, PAGE)
         self.proof = secrets.token_bytes(16)
-        size = HEADER_BYTES + self.n_slots * self.slot_bytes
-        self.segment = SharedSegment.create(segment_name(token, "ring"), size)
-        assert self.segment.buf is not None
-        self.segment.buf[: len(RING_MAGIC) + len(self.proof)] = RING_MAGIC + self.proof
-        self._free: deque[int] = deque(range(n_slots))
+        self.segment: SharedSegment | None = None
+        if create:
+            size = HEADER_BYTES + self.n_slots * self.slot_bytes
+            self.segment = SharedSegment.create(segment_name(token, "ring"), size)
+            assert self.segment.buf is not None
+            self.segment.buf[: len(RING_MAGIC) + len(self.proof)] = RING_MAGIC + self.proof
+        self._free: list[int] = list(range(n_slots))
+        self._holders: list[Holder | None] = [None] * n_slots
 
     @property
     def name(self) -> str:
-        return self.segment.name
+        return self.segment.name if self.segment is not None else ""
 
     @property
     def free_count(self) -> int:
         return len(self._free)
 
-    def acquire(self) -> int | None:
-        """The slot released last: its pages are the likeliest to still be in the CPU's
-        caches (handing slots out round robin would stream through the whole ring)."""
-        return self._free.pop() if self._free else None
+    # ------------------------------------------------------------------ holders
 
-    def release(self, slot: int) -> None:
+    def acquire(self, holder: Holder) -> int | None:
+        """The slot released last (its pages are the likeliest to still be in the CPU's
+        caches), now held by ``holder``; None when every slot is held."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._holders[slot] = holder
+        return slot
+
+    def hand_over(self, slot: int, old: Holder, new: Holder) -> None:
+        self._expect(slot, old)
+        self._holders[slot] = new
+
+    def release(self, slot: int, holder: Holder) -> None:
+        self._expect(slot, holder)
+        self._holders[slot] = None
         self._free.append(slot)
+
+    def holder(self, slot: int) -> Holder | None:
+        return self._holders[slot]
+
+    def held(self) -> Counter[str]:
+        """Slots held, by kind of holder."""
+        return Counter(h.kind for h in self._holders if h is not None)
+
+    def held_by(self, holder: Holder) -> list[int]:
+        return [slot for slot, h in enumerate(self._holders) if h == holder]
+
+    def _expect(self, slot: int, holder: Holder) -> None:
+        if not 0 <= slot < self.n_slots:
+            raise RingError(f"slot {slot} is not a slot of this ring (0..{self.n_slots - 1})")
+        if self._holders[slot] != holder:
+            raise RingError(f"slot {slot} is held by {self._holders[slot]}, not {holder}")
+
+    def check(self) -> None:
+        """Every slot is either free (once) or held (by exactly one holder)."""
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise RingError("a slot is on the free list twice")
+        for slot, h in enumerate(self._holders):
+            if (h is None) != (slot in free):
+                raise RingError(f"slot {slot} is {'free' if slot in free else 'not free'} "
+                                f"but its holder is {h}")
+
+    # ------------------------------------------------------------------ memory
 
     def offset(self, slot: int) -> int:
         return HEADER_BYTES + slot * self.slot_bytes
@@ -60,7 +129,7 @@ class SlotRing:
     def view(self, slot: int, start: int, nbytes: int) -> memoryview:
         """A zero-copy view of ``nbytes`` at ``start`` inside ``slot``."""
         base = self.offset(slot) + start
-        assert self.segment.buf is not None
+        assert self.segment is not None and self.segment.buf is not None
         return memoryview(self.segment.buf)[base : base + nbytes]
 
     def describe(self) -> dict:
@@ -74,4 +143,5 @@ class SlotRing:
         }
 
     def close(self) -> None:
-        self.segment.close()
+        if self.segment is not None:
+            self.segment.close()

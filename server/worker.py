@@ -14,14 +14,14 @@ Each worker talks to the main process over its own ``SOCK_SEQPACKET`` socketpair
 per ``send``, no ZeroMQ context (and no I/O thread to wake) in the worker, and an end-of-file
 the moment either side dies.
 
-Shutdown: the main process sends STOP, joins with a timeout, then terminates, then kills.
+The main process's side of a worker (its handle, and the shutdown ladder: STOP, join,
+terminate, kill) is ``supervisor.py``; this module holds only code that runs in a worker.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
 import select
 import signal
@@ -207,7 +207,7 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
         ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
         plans = PlanCache()
         orders = WorkerOrders()
-        channel.send(tasks.pack(tasks.READY, pid=os.getpid(), index=spec.index))
+        channel.send(tasks.pack(tasks.Ready(os.getpid(), spec.index)))
         waiting = select.poll()
         waiting.register(channel, select.POLLIN)
         while True:
@@ -219,16 +219,14 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
             message = channel.recv(tasks.MAX_MESSAGE)
             if not message:
                 return  # the main process is gone
-            body = tasks.unpack(message)
-            if body["kind"] == tasks.STOP:
-                return
-            if body["kind"] == tasks.ORDER:
-                channel.send(tasks.pack(tasks.ORDERED, id=body["id"],
-                                        ok=_fill_order(body, data, plans, orders)))
-                continue
-            started = time.perf_counter()
-            kind, reply = _run_task(tasks.task_from(body), data, plans, orders, ring_u8, spec)
-            channel.send(tasks.pack(kind, busy=time.perf_counter() - started, **reply))
+            job = tasks.unpack(message)
+            if isinstance(job, tasks.OrderJob):
+                channel.send(tasks.pack(tasks.Ordered(job.id, _fill_order(job, data, plans,
+                                                                           orders))))
+            elif isinstance(job, tasks.Task):
+                channel.send(tasks.pack(_run_task(job, data, plans, orders, ring_u8, spec)))
+            else:
+                return  # STOP
     except (BrokenPipeError, ConnectionResetError):
         return  # the main process is gone
     finally:
@@ -267,12 +265,13 @@ class PlanCache:
         ORDERS.evict_idle()
 
 
-def _fill_order(body: dict, data: dict, plans: PlanCache, orders: WorkerOrders) -> bool:
+def _fill_order(job: tasks.OrderJob, data: dict, plans: PlanCache,
+                orders: WorkerOrders) -> bool:
     """Compute an epoch's order into its shared segment ahead of time."""
     try:
-        ds, arrays = data[body["dataset"]]
-        plan = plans.get(body["dataset"], ds.rows, body["params"], arrays)
-        orders.get(body["order"], True, plan, body["epoch"])
+        ds, arrays = data[job.dataset]
+        plan = plans.get(job.dataset, ds.rows, job.params, arrays)
+        orders.get(job.order, True, plan, job.epoch)
         return True
     except Exception:  # the order is recomputed when a task needs it; nothing is lost
         log.exception("computing an epoch order ahead of time failed")
@@ -280,8 +279,9 @@ def _fill_order(body: dict, data: dict, plans: PlanCache, orders: WorkerOrders) 
 
 
 def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrders,
-              ring_u8: np.ndarray, spec: WorkerSpec) -> tuple[str, dict]:
-    """Run one task; returns the reply's kind (DONE or FAIL) and fields."""
+              ring_u8: np.ndarray, spec: WorkerSpec) -> tasks.Done | tasks.Failed:
+    """Run one task; the reply says what it wrote, or why it failed."""
+    started = time.perf_counter()
     try:
         ds, arrays = data[task.dataset]
         plan = plans.get(task.dataset, ds.rows, task.params, arrays)
@@ -295,90 +295,16 @@ def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrde
             layout = transform_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot,
                                      transform, order)
         dtypes, shapes, offsets, nbytes = layout
-        return tasks.DONE, dict(id=task.id, dtypes=dtypes, shapes=shapes, offsets=offsets,
-                                nbytes=nbytes)
+        return tasks.Done(task.id, dtypes, shapes, offsets, nbytes,
+                          busy=time.perf_counter() - started)
     except BatchfeedError as exc:
-        return tasks.FAIL, dict(id=task.id, code=exc.code, message=str(exc))
+        return tasks.Failed(task.id, exc.code, str(exc), busy=time.perf_counter() - started)
     except Exception as exc:  # a bug or a bad transform: report it, keep serving
         where = traceback.format_exc(limit=-3)
         log.error("worker %d failed on task %d:\n%s", spec.index, task.id, where)
-        return tasks.FAIL, dict(
-            id=task.id, code=WorkerError.code,
-            message=f"worker {spec.index} failed on epoch {task.epoch} batches {task.k0}.."
-                    f"{task.k0 + task.count - 1}: {type(exc).__name__}: {exc}",
+        return tasks.Failed(
+            task.id, WorkerError.code,
+            f"worker {spec.index} failed on epoch {task.epoch} batches {task.k0}.."
+            f"{task.k0 + task.count - 1}: {type(exc).__name__}: {exc}",
+            busy=time.perf_counter() - started,
         )
-
-
-class WorkerHandle:
-    """The main process's view of one worker: its process, its channel, the tasks it holds."""
-
-    def __init__(self, spec: WorkerSpec):
-        self.spec = spec
-        self.index = spec.index
-        self.tasks: dict[int, float] = {}  # task id -> time it was sent
-        self.ordering: dict[int, tuple] = {}  # ORDER id -> order key, while it computes one
-        self.progress_at = 0.0  # last time it finished a task, or got one while idle
-        self.ready = False
-        self.channel, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._buffer = bytearray(tasks.MAX_MESSAGE)
-        self._view = memoryview(self._buffer)
-        self.process = multiprocessing.get_context("fork").Process(
-            target=run_worker, args=(spec, self._child_end),
-            name=f"batchfeed-worker-{spec.index}", daemon=True,
-        )
-
-    def start(self) -> None:
-        self.process.start()
-        self._child_end.close()
-        self.channel.setblocking(False)
-
-    def fileno(self) -> int:
-        return self.channel.fileno()
-
-    @property
-    def sentinel(self) -> int:
-        return self.process.sentinel
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def send(self, message: bytes) -> bool:
-        """Hand the worker a message; False if it is gone (its exit is handled elsewhere)."""
-        try:
-            self.channel.send(message)
-            return True
-        except OSError:  # BlockingIOError cannot happen with <= 2 small tasks queued
-            return False
-
-    def receive(self) -> list[bytes] | None:
-        """Every message the worker has sent so far; None once it has hung up."""
-        out: list[bytes] = []
-        while True:
-            try:
-                n = self.channel.recv_into(self._buffer)
-            except BlockingIOError:
-                return out
-            except OSError:
-                return None
-            if not n:
-                return out or None
-            out.append(bytes(self._view[:n]))
-
-    def stop(self) -> None:
-        """Ask nicely (the caller then joins with a timeout)."""
-        if self.alive():
-            self.send(tasks.pack(tasks.STOP))
-
-    def finish(self, deadline_s: float) -> None:
-        """Join, then terminate, then kill: the shutdown sequence, written once."""
-        p = self.process
-        if p.pid is not None:
-            p.join(deadline_s)
-            if p.is_alive():
-                p.terminate()
-                p.join(1.0)
-            if p.is_alive():
-                p.kill()
-                p.join(1.0)
-            p.close()
-        self.channel.close()

@@ -1,0 +1,316 @@
+"""Sessions: one client's plan, credit, queue of requested batches and fast-path leases.
+
+A ``Session`` is the only code that changes its credit and queue.  Batches move through it as
+
+    request()  ->  queued  --take()-->  gathering  --finished()-->  sent
+                     ^                      |
+                     +------ lost() --------+   (its worker died: asked again, first)
+
+and it refuses any move that would break its rules: never more than ``prefetch`` batches queued
+or being gathered (``CreditExceeded``), never a batch outside the epoch (``InvalidRequest``),
+and ``check()`` verifies that the counters match the queue.  A request of a newer *stream* (the
+client started over: a new epoch iterator) drops what is queued of the old one; batches of the
+old stream that workers are gathering are dropped on arrival.
+
+``SessionTable`` holds the open sessions: the only code that opens, finds (for a message that
+names one), expires and closes them.  ``size_session`` is HELLO's sizing policy: how big a
+batch is, how many batches go in one message (``max_chunk``) and the default prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
+from batchfeed.shared.plan import BatchPlan
+from batchfeed.shared.procs import same_process_alive
+from batchfeed.shared.protocol import MAX_BATCHES_PER_MESSAGE
+from batchfeed.shared.schema import Field
+
+from .dataset import DatasetSpec
+from .worker import ALIGN
+
+if TYPE_CHECKING:
+    from .leases import Leases
+
+log = logging.getLogger("batchfeed.server")
+
+MAX_PREFETCH = 4096
+AUTO_PREFETCH_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Sizing:
+    batch_bytes: int  # one batch of the served fields, as gathered into a slot
+    max_chunk: int  # batches per task (and per message)
+    prefetch: int
+
+
+def size_session(batch_size: int, served: tuple[Field, ...], gathered: tuple[Field, ...],
+                 prefetch: int, slot_bytes: int, chunk_bytes: int) -> Sizing:
+    """Size a session's messages; raise InvalidRequest when one batch cannot fit a slot.
+
+    ``served`` are the fields clients receive, or () when an undeclared transform decides them
+    (then the gathered input fields stand in, times 4: uint8 -> float32 is the usual growth;
+    workers cut chunks that outgrow their slot anyway).
+    """
+    sized = served or gathered
+    batch_bytes = batch_size * sum(f.row_nbytes for f in sized) + ALIGN * len(sized)
+    chunk_batch_bytes = batch_bytes * (1 if served else 4)
+    prefetch = prefetch or auto_prefetch(batch_bytes, chunk_bytes)
+    if not 1 <= prefetch <= MAX_PREFETCH:
+        raise InvalidRequest(f"prefetch must be in [1, {MAX_PREFETCH}], got {prefetch}")
+    if batch_bytes > slot_bytes:
+        raise InvalidRequest(
+            f"one batch of {batch_size} rows is {batch_bytes} bytes, more than this server's "
+            f"slot size ({slot_bytes} bytes); use a smaller batch_size or restart the server "
+            f"with --slot-mb {-(-batch_bytes // 2**20)} or more"
+        )
+    budget = min(slot_bytes, chunk_bytes)
+    max_chunk = max(1, min(budget // chunk_batch_bytes, MAX_BATCHES_PER_MESSAGE))
+    return Sizing(batch_bytes, max_chunk, prefetch)
+
+
+def auto_prefetch(batch_bytes: int, chunk_bytes: int) -> int:
+    """The default prefetch: 16 MiB of batches, or three messages' worth if more (so that
+    several are on their way at once), between 8 and 512 batches."""
+    window = max(AUTO_PREFETCH_BYTES, 3 * chunk_bytes)
+    return max(8, min(512, window // batch_bytes))
+
+
+@dataclass
+class Session:
+    """One client's connection state: its plan, its credit and the slots it holds."""
+
+    id: int
+    route: bytes
+    dataset: DatasetSpec
+    plan: BatchPlan
+    prefetch: int
+    max_chunk: int
+    fastpath: bool = False
+    name: str = ""
+    last_seen: float = 0.0
+    stream: int = -1
+    leased: set = field(default_factory=set)  # fast-path slots the client holds
+    batches_sent: int = 0
+    bytes_sent: int = 0
+    position: tuple = (0, 0)  # (epoch, next k) as last requested
+    pid: int | None = None  # fast path: the client process, checked before reclaiming leases
+    pid_start: int | None = None
+    started: float = 0.0
+    rate: float = 0.0  # batches/s, smoothed
+    rate_mark: tuple = (0.0, 0)  # (time, batches_sent) at the last rate update
+    _pending: deque = field(default_factory=deque)  # (epoch, k0, count) of the current stream
+    _queued: int = 0  # batches in ``_pending``
+    _gathering: int = 0  # batches of the current stream that workers are gathering
+    _tasks_in_stream: int = 0
+
+    def client_alive(self) -> bool:
+        """For a same-host client: is its process still there (so it may hold views)?"""
+        return self.pid is not None and self.pid_start is not None and \
+            same_process_alive(self.pid, self.pid_start)
+
+    # ------------------------------------------------------------------ credit and queue
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def gathering(self) -> int:
+        return self._gathering
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending)
+
+    def request(self, stream: int, epoch: int, k0: int, count: int) -> bool:
+        """Queue batches ``k0 .. k0+count-1`` of ``epoch``; False for a late request of a
+        stream the client has already left.  Raises when the request breaks the rules."""
+        if stream < self.stream:
+            return False
+        bpe = self.plan.batches_per_epoch
+        if epoch < 0 or count < 1 or k0 < 0 or k0 + count > bpe:
+            raise InvalidRequest(
+                f"request for epoch {epoch}, batches {k0}..{k0 + count - 1} is out of range: "
+                f"an epoch has {bpe} batches (0..{bpe - 1})"
+            )
+        if stream > self.stream:
+            self._new_stream(stream)
+        if self._queued + self._gathering + count > self.prefetch:
+            raise CreditExceeded(
+                f"request for {count} more batches exceeds the session's prefetch of "
+                f"{self.prefetch} ({self._queued + self._gathering} already queued)"
+            )
+        self._pending.append((epoch, k0, count))
+        self._queued += count
+        self.position = (epoch, k0 + count)
+        return True
+
+    def _new_stream(self, stream: int) -> None:
+        self.stream = stream
+        self._pending.clear()
+        self._queued = 0
+        self._gathering = 0  # what workers gather of the old stream is dropped on arrival
+        self._tasks_in_stream = 0
+
+    def peek(self) -> tuple[int, int, int]:
+        """(epoch, k0, count) of the next queued run."""
+        return self._pending[0]
+
+    def take(self) -> tuple[int, int, int]:
+        """The next task's batches, (epoch, k0, count), moved from queued to gathering.  Small
+        at a stream's start (a fast first batch), then up to ``max_chunk``."""
+        epoch, k0, count = self._pending[0]
+        size = min(self.max_chunk, 1 << min(self._tasks_in_stream, 16))
+        take = max(1, min(size, count))
+        if take == count:
+            self._pending.popleft()
+        else:
+            self._pending[0] = (epoch, k0 + take, count - take)
+        self._queued -= take
+        self._gathering += take
+        self._tasks_in_stream += 1
+        return epoch, k0, take
+
+    def untake(self, epoch: int, k0: int, count: int) -> None:
+        """A task that never reached a worker, or whose worker died: its batches go back to
+        the head of the queue."""
+        self._gathering -= count
+        self._queued += count
+        self._pending.appendleft((epoch, k0, count))
+        self._check_counts()
+
+    def finished(self, epoch: int, k0: int, count: int, done: int) -> None:
+        """A task of ``count`` batches came back with ``done`` of them gathered (fewer when a
+        transform's output outgrew the slot: the rest is asked again, in smaller tasks)."""
+        self._gathering -= count
+        if done < count:
+            self.max_chunk = max(1, done)
+            self._queued += count - done
+            self._pending.appendleft((epoch, k0 + done, count - done))
+        self._check_counts()
+
+    def failed(self, count: int) -> None:
+        """A task failed (its error goes to the client in the batch's place)."""
+        self._gathering -= count
+        self._check_counts()
+
+    def stall(self) -> None:
+        """Silent but alive: drop what is queued (nothing is asked of workers for it)."""
+        self._pending.clear()
+        self._queued = 0
+
+    def _check_counts(self) -> None:
+        if self._gathering < 0 or self._queued < 0:
+            raise AssertionError(f"session {self.id:x}: {self._queued} queued and "
+                                 f"{self._gathering} gathering; neither may be negative")
+
+    def check(self) -> None:
+        """The counters match the queue, and credit holds."""
+        self._check_counts()
+        if self._queued != sum(count for _, _, count in self._pending):
+            raise AssertionError(f"session {self.id:x}: {self._queued} queued, but the queue "
+                                 f"holds {sum(c for _, _, c in self._pending)} batches")
+        if self._queued + self._gathering > self.prefetch:
+            raise AssertionError(f"session {self.id:x}: {self._queued + self._gathering} "
+                                 f"batches queued or gathering, more than its credit "
+                                 f"{self.prefetch}")
+
+    # ------------------------------------------------------------------ reporting
+
+    def sent(self, batches: int, nbytes: int) -> None:
+        self.batches_sent += batches
+        self.bytes_sent += nbytes
+
+    def update_rate(self, now: float) -> None:
+        mark_t, mark_n = self.rate_mark
+        if now - mark_t >= 1.0:
+            self.rate = 0.5 * self.rate + 0.5 * (self.batches_sent - mark_n) / (now - mark_t)
+            self.rate_mark = (now, self.batches_sent)
+
+    def describe(self, now: float) -> dict:
+        epoch, k = self.position
+        params = self.plan.params
+        return {
+            "id": f"{self.id:x}", "name": self.name, "dataset": self.dataset.name,
+            "batch_size": params.batch_size, "rank": params.rank,
+            "world_size": params.world_size, "epoch": epoch, "next": k,
+            "batches_per_epoch": self.plan.batches_per_epoch, "rate": round(self.rate, 1),
+            "credit": self.prefetch, "queued": self._queued, "gathering": self._gathering,
+            "leased": len(self.leased), "fastpath": self.fastpath,
+            "batches": self.batches_sent, "bytes": self.bytes_sent,
+            "age_s": round(now - self.started, 1), "idle_s": round(now - self.last_seen, 1),
+        }
+
+
+def new_session(session_id: int, route: bytes, dataset: DatasetSpec, plan: BatchPlan,
+                sizing: Sizing, **kw: object) -> Session:
+    now = time.monotonic()
+    return Session(id=session_id, route=route, dataset=dataset, plan=plan,
+                   prefetch=sizing.prefetch, max_chunk=sizing.max_chunk, last_seen=now,
+                   started=now, rate_mark=(now, 0), **kw)  # type: ignore[arg-type]
+
+
+class SessionTable:
+    """The open sessions, by id."""
+
+    def __init__(self, leases: Leases):
+        self.by_id: dict[int, Session] = {}
+        self.leases = leases
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self.by_id.values()))
+
+    def open(self, s: Session, resume: int | None) -> None:
+        """Add ``s``; ``resume``: the session this client had before it reconnected, whose
+        leases (slots it still holds views of) are its own."""
+        old = self.by_id.get(resume) if resume is not None else None
+        if old is not None and old.pid == s.pid:
+            self.leases.move(old, s)
+            self.close(old, f"resumed as {s.id:x}")
+        self.by_id[s.id] = s
+
+    def find(self, session_id: int, route: bytes) -> Session:
+        """The session a message names (``UnknownSession`` if there is none)."""
+        s = self.by_id.get(session_id)
+        if s is None:
+            raise UnknownSession(
+                f"session {session_id:x} is unknown to this server (it restarted, or the session "
+                "expired); the client reconnects with a new session"
+            )
+        s.route = route
+        s.last_seen = time.monotonic()
+        return s
+
+    def close(self, s: Session, why: str, still_held: Collection[int] = ()) -> None:
+        """Forget ``s`` and reclaim its slots (but those whose views the trainer kept past
+        close()); its in-flight tasks are dropped on arrival."""
+        log.info("session %x closed: %s", s.id, why)
+        self.leases.end(s, set(still_held))
+        s.stall()
+        self.by_id.pop(s.id, None)
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Update rates; close sessions silent for ``timeout`` (a stalled same-host client that
+        still holds views keeps its leases, and only its queue is dropped)."""
+        for s in self:
+            s.update_rate(now)
+            if now - s.last_seen > timeout:
+                if s.leased and s.client_alive():
+                    s.stall()
+                    continue
+                self.close(s, f"silent for {timeout:g} s")
+
+    def check(self) -> None:
+        for s in self.by_id.values():
+            s.check()
