@@ -8,6 +8,8 @@
 The constructor validates the parameters, connects and learns the dataset's schema; a
 background I/O thread then keeps up to ``prefetch`` batches on their way.  ``epoch(e,
 start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from ``k`` on.
+``state_dict()`` / ``from_state_dict()`` checkpoint and resume (refusing a dataset of another
+size).  ``close()`` (or leaving the ``with`` block) says goodbye and stops the I/O thread.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from batchfeed.shared.schema import Field
 from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
 from .adapters import converter
-from .connection import ClientConfig, Connection, Stream
+from .connection import Connection
+from .io_thread import ClientConfig
+from .stream import Stream
 
 STATE_FORMAT = "batchfeed-client-1"
+_SIZES = {"rows": "rows", "batches_per_epoch": "batches per epoch"}  # what a state was taken on
 
 
 class Client:
@@ -190,7 +195,8 @@ class Client:
 
     def state_dict(self) -> dict[str, Any]:
         """A small, JSON-serialisable checkpoint: the parameters, plus ``epoch`` (the epoch
-        last iterated) and ``next_batch`` (the first batch not yet handed to the trainer).
+        last iterated) and ``next_batch`` (the first batch not yet handed to the trainer),
+        and what it was taken on (``dataset``, ``rows``, ``batches_per_epoch``).
 
         Save it with the model; ``Client.from_state_dict(address, state)`` and then
         ``client.epoch(state["epoch"], start_batch=state["next_batch"])`` continue with
@@ -198,17 +204,51 @@ class Client:
         """
         epoch, next_batch = self._position
         return {**self.params.to_wire(), "dataset": self._dataset_name, "epoch": epoch,
-                "next_batch": next_batch, "format": STATE_FORMAT}
+                "next_batch": next_batch, "rows": self.rows,
+                "batches_per_epoch": self.batches_per_epoch, "format": STATE_FORMAT}
 
     @classmethod
-    def from_state_dict(cls, address: str, state: dict[str, Any], **kwargs: Any) -> Client:
-        """A client with the parameters of ``state`` (connection options may be passed)."""
+    def from_state_dict(cls, address: str | Sequence[str], state: dict[str, Any],
+                        **kwargs: Any) -> Client:
+        """A client with the parameters of ``state`` (connection options may be passed).
+
+        Raises InvalidRequest if the server's dataset is not the size the checkpoint was
+        taken on (its batches would be other rows).  A state from before sizes were recorded
+        is not checked.
+        """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise InvalidRequest(f"not a batchfeed client state (expected format "
                                  f"{STATE_FORMAT}); pass what Client.state_dict() returned")
+        taken_on = {key: state[key] for key in _SIZES if key in state}
+        for key, value in taken_on.items():
+            if type(value) is not int or value < 0:
+                raise InvalidRequest(f"the client state's {key!r} must be an int >= 0, got "
+                                     f"{value!r}; pass what Client.state_dict() returned")
         known = {f.name for f in dataclasses.fields(PlanParams)}
         params = PlanParams.from_wire({k: v for k, v in state.items() if k in known})
-        return cls(address, **params.to_wire(), dataset=state.get("dataset"), **kwargs)
+        client = cls(address, **params.to_wire(), dataset=state.get("dataset"), **kwargs)
+        try:
+            client._check_taken_on(taken_on)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _check_taken_on(self, taken_on: dict[str, int]) -> None:
+        """Refuse to resume on a dataset that is not the size the checkpoint was taken on."""
+        now = {"rows": self.rows, "batches_per_epoch": self.batches_per_epoch}
+        differ = [key for key in _SIZES if key in taken_on and taken_on[key] != now[key]]
+        if differ:
+            then_ = ", ".join(f"{taken_on[key]:,} {_SIZES[key]}" for key in differ)
+            here = ", ".join(f"{now[key]:,} {_SIZES[key]}" for key in differ)
+            where = ", ".join(self._live.config.addresses)
+            raise InvalidRequest(
+                f"this checkpoint was taken on a dataset with {then_}, but the dataset "
+                f"{self.dataset!r} served at {where} has {here}: resuming would give other "
+                "rows than the checkpointed run.  Restore against the dataset the checkpoint "
+                "was taken on (pass dataset=NAME if the server serves several), or start a new "
+                "run with Client(...)"
+            )
 
     def stats(self) -> dict[str, float]:
         """Batches and bytes received, time spent waiting on data, and their rates."""
@@ -290,7 +330,6 @@ class EpochIterator:
         stats.wait_s += waited
         self._next += 1
         self._k += 1
-        stream.consumed = self._next
         self._client._position = (self._epoch, self._k)
         if self._next - self._notified >= self._conn.unit:
             self._notified = self._next

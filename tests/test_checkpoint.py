@@ -92,3 +92,36 @@ def test_a_foreign_state_is_refused(serve, dataset_path) -> None:
     srv = serve("--data", dataset_path(N), "--workers", 1)
     with pytest.raises(InvalidRequest, match="not a batchfeed client state"):
         Client.from_state_dict(srv.address, {"epoch": 1})
+
+
+def test_a_state_restored_against_another_dataset_is_refused(serve, dataset_path) -> None:
+    srv = serve("--data", dataset_path(N), "--workers", 1)
+    other = serve("--data", dataset_path(N - 700, name="smaller.npz"), "--workers", 1)
+    with Client(srv.address, batch_size=100, seed=3) as c:
+        next(iter(c.epoch(1)))
+        state = c.state_dict()
+    assert state["rows"] == N and state["batches_per_epoch"] == 51
+    with pytest.raises(InvalidRequest, match=r"taken on a dataset with 5,003 rows, 51 batches "
+                                             r"per epoch, but .* has 4,303 rows, 44 batches"):
+        Client.from_state_dict(other.address, state)
+
+
+def test_a_state_restored_against_the_same_data_elsewhere_resumes(serve, dataset_path) -> None:
+    first = serve("--data", dataset_path(N), "--workers", 1)
+    second = serve("--data", dataset_path(N, name="copy.npz"), "--workers", 1)
+    with Client(first.address, batch_size=100, seed=3) as c:
+        it = c.epoch(0)
+        next(it)
+        state = c.state_dict()
+        rest = [b["id"].tolist() for b in it]
+    with Client.from_state_dict(second.address, state) as d:
+        assert [b["id"].tolist() for b in d.epoch(0, state["next_batch"])] == rest
+
+
+def test_a_state_from_before_sizes_were_recorded_still_loads(serve, dataset_path) -> None:
+    srv = serve("--data", dataset_path(N), "--workers", 1)
+    with Client(srv.address, batch_size=100, seed=3) as c:
+        state = c.state_dict()
+    older = {k: v for k, v in state.items() if k not in ("rows", "batches_per_epoch")}
+    with Client.from_state_dict(srv.address, older) as d:
+        assert d.rows == N and d.params == c.params

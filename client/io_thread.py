@@ -1,0 +1,366 @@
+"""The client's I/O thread: it owns the ZeroMQ context, the poller, every socket of the client
+(one ``Link`` per server), the command deque and the wake-up pipe.
+
+It keeps the current stream's window full with REQUESTs, receives BATCH messages, hands their
+batches to the stream's window (which puts them back in plan order and drops duplicates) and
+puts what comes out in order on the stream's queue.  Batches are zero-copy views over the
+received frames, or over a server's ring on the same-host fast path.
+
+Several servers (scale-out): the window spreads the plan's batches over the links, each with a
+share of the credit, so a faster server frees its share sooner and is asked for more.  When a
+link is lost, the batches it owed go to the window's retry pool, which the other links serve
+first; if it comes back it resumes its session and takes new work.  With one server, a loss
+costs a delay: the link says HELLO again (with backoff) and the batches are asked for again.
+When no server has been reachable for ``reconnect_timeout``, the trainer gets ServerUnavailable.
+
+Any failure in this thread is handed to the trainer (``fatal``, and on the stream's queue).
+Shutdown: ``close()`` queues the close command and wakes the thread, which sends BYE on every
+link (naming fast-path slots still in use), closes the sockets and terminates the context;
+``close()`` joins it (bounded) and closes the pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from batchfeed.shared import protocol
+from batchfeed.shared.errors import (
+    BatchfeedError,
+    ProtocolError,
+    ServerUnavailable,
+    UnknownSession,
+    error_from_code,
+)
+from batchfeed.shared.plan import PlanParams
+from batchfeed.shared.schema import Field
+
+from .link import Link, LinkConfig, Welcome
+from .stream import Stream
+from .window import Credit
+
+log = logging.getLogger("batchfeed.client")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Validated client settings (the plan parameters plus how to talk to the servers)."""
+
+    addresses: tuple[str, ...]
+    params: PlanParams
+    prefetch: int  # 0: the server chooses
+    dataset: str | None
+    fastpath: bool | None  # None: on for ipc:// addresses
+    connect_timeout: float
+    reconnect_timeout: float
+    heartbeat_timeout: float
+    name: str
+    curve: tuple[bytes, bytes, bytes] | None = None  # (public, secret, server public)
+
+
+class IOThread:
+    """The thread that talks to the servers for one client (see the module docstring).
+
+    The trainer's side reads ``welcome``, ``credit``, ``seen_fields`` and ``fatal`` (written
+    here), and talks to the thread only through ``open_stream``, ``cancel``, ``poke`` and
+    ``close``.
+    """
+
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        self.welcome: Welcome | None = None  # the first server's
+        self.credit: Credit | None = None  # set from the first WELCOME
+        self.seen_fields: tuple[Field, ...] = ()  # from the first batch (for transforms)
+        self.fatal: BaseException | None = None
+        self.welcomed = threading.Event()  # every server answered, or ``fatal`` is set
+        self.unwelcomed = set(config.addresses)
+        self._commands: deque[tuple[str, Any]] = deque()
+        # Fast-path slots, keyed by the ring they belong to: those whose views are all gone
+        # (to RELEASE), and those still in use (named in BYE so the server keeps them).
+        self._released: deque[tuple[str, int]] = deque()
+        self._live_leases: set[tuple[str, int]] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stream: Stream | None = None
+        self._links: list[Link] = []
+        self._all_down_since: float | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="batchfeed-io", daemon=True)
+
+    # ------------------------------------------------------------------ the trainer's calls
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def open_stream(self, stream: Stream) -> None:
+        """Serve ``stream`` from now on (the previous one is dropped)."""
+        self._commands.append(("stream", stream))
+        self.poke()
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop asking for ``stream`` (if it is still the current one)."""
+        self._commands.append(("cancel", stream))
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the thread (any thread may call this)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    def close(self) -> None:
+        """Say BYE, close the sockets and join the thread.  Safe to call twice."""
+        if self._closing:
+            return
+        self._closing = True
+        self._commands.append(("close", None))
+        self.poke()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            self._open_links(ctx, poller)
+            while self._serve(dict(poller.poll(100))):
+                pass
+        except BaseException as exc:  # hand every failure to the trainer, never die silently
+            log.debug("I/O thread failed", exc_info=True)
+            self._fail(exc)
+        finally:
+            for link in self._links:
+                key = link.ring.key if link.ring is not None else None
+                link.close([slot for k, slot in list(self._live_leases) if k == key])
+            ctx.term()
+
+    def _open_links(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
+        cfg = self.config
+        link_config = LinkConfig(cfg.params, cfg.prefetch, cfg.dataset, cfg.heartbeat_timeout,
+                                 cfg.name, cfg.curve)
+        for address in cfg.addresses:
+            fastpath = address.startswith("ipc://") if cfg.fastpath is None else cfg.fastpath
+            link = Link(address, fastpath, link_config, ctx, poller)
+            self._links.append(link)
+            link.open()
+
+    def _serve(self, events: dict) -> bool:
+        """One turn of the loop; False once the trainer asked to close."""
+        if self._wake_r in events:
+            self._drain_wake()
+        if not self._run_commands():
+            return False
+        for link in self._links:
+            if link.monitor is not None and link.monitor in events and link.on_monitor():
+                self._lose(link, fresh_socket=False)
+            if link.sock is not None and link.sock in events:
+                for msg in link.receive():
+                    self._on_message(link, msg)
+        self._request_more()
+        now = time.monotonic()
+        for link in self._links:
+            link.tick(now, lambda lost: self._lose(lost, fresh_socket=True))
+        self._check_reachable(now)
+        return True
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run_commands(self) -> bool:
+        while self._commands:
+            cmd, arg = self._commands.popleft()
+            if cmd == "close":
+                return False
+            if cmd == "stream":
+                self._stream = arg
+            elif cmd == "cancel" and arg is self._stream:
+                self._stream = None
+        return True
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_message(self, link: Link, msg: protocol.Message) -> None:
+        h = msg.header
+        if msg.kind == protocol.BATCH:
+            self._on_batch(link, h, msg.buffers)
+        elif msg.kind == protocol.WELCOME:
+            self._on_welcome(link, h)
+        elif msg.kind == protocol.ERROR:
+            self._on_error(link, h)
+        elif msg.kind != protocol.PONG:
+            raise ProtocolError(f"a client does not accept {msg.kind} messages")
+
+    def _on_welcome(self, link: Link, h: dict) -> None:
+        welcome = link.accept(h)
+        if welcome is None:
+            return
+        first = self.welcome
+        if first is None:
+            self.credit = Credit.shared_by(self.config.prefetch or welcome.prefetch,
+                                           len(self.config.addresses))
+            self.welcome = welcome
+        elif not welcome.same_data(first):
+            raise ServerUnavailable(
+                f"the server at {link.address} serves {welcome.dataset!r} with {welcome.rows} "
+                f"rows and {welcome.batches_per_epoch} batches per epoch, but this client "
+                f"started with {first.dataset!r}: {first.rows} rows, {first.batches_per_epoch} "
+                "batches; every server of a client must serve the same dataset"
+            )
+        self._all_down_since = None
+        self.unwelcomed.discard(link.address)
+        if not self.unwelcomed:
+            self.welcomed.set()
+
+    def _on_error(self, link: Link, h: dict) -> None:
+        err = error_from_code(h["code"], h["message"])
+        if isinstance(err, UnknownSession):
+            if link.session is not None and h.get("session") == link.session:
+                self._lose(link, fresh_socket=False)
+            return
+        if link.session is None:
+            raise err  # the server refused our HELLO: fatal, whether first contact or not
+        stream = self._stream
+        if h.get("session") not in (None, link.session):
+            return  # about a session we have left
+        if stream is None or h.get("stream") not in (None, stream.id):
+            return
+        k0, epoch = h.get("k0"), h.get("epoch")
+        p = stream.positions.position(epoch, k0) if k0 is not None and epoch is not None else None
+        if p is not None and stream.window.hold_error(p, err):
+            self._deliver(stream)  # raised when the trainer gets there
+        else:
+            stream.window.break_off()
+            stream.ready.put(err)
+
+    def _on_batch(self, link: Link, h: dict, buffers: list) -> None:
+        stream = self._stream
+        slot = h["slot"]
+        current = (stream is not None and h["session"] == link.session
+                   and h["stream"] == stream.id)
+        if not current:
+            if slot is not None and h["session"] == link.session and link.ring is not None:
+                self._released.append((link.ring.key, slot))
+            return
+        assert stream is not None
+        layout = protocol.chunk_layout(h)
+        p0 = stream.positions.arrival(h["epoch"], h["k0"], layout.count)
+        if slot is not None:
+            if link.ring is None:
+                raise ProtocolError("server sent a ring slot to a client without the fast path")
+            lease = (link.ring.key, slot)
+            self._live_leases.add(lease)
+            buffers = link.ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
+                                      layout, lambda: self._lease_freed(lease))
+        batches = protocol.field_views(layout, buffers)
+        if not self.seen_fields:
+            self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
+                                     in zip(layout.names, layout.dtypes, layout.shapes[0]))
+        for b, batch in enumerate(batches):
+            nbytes = sum(layout.nbytes[f][b] for f in range(len(layout.names)))
+            stream.window.arrived(link.address, p0 + b, (batch, nbytes))
+        del batches, buffers
+        self._deliver(stream)
+
+    def _deliver(self, stream: Stream) -> None:
+        """Hand the trainer every batch that is next in plan order (an error in its place
+        ends the stream there: the trainer gets it when it reaches that batch)."""
+        batches, error = stream.window.take_in_order()
+        if batches:
+            stream.ready.put(batches)
+        if error is not None:
+            stream.ready.put(error)
+
+    def _lease_freed(self, lease: tuple[str, int]) -> None:
+        """Runs in whichever thread drops the last view of a fast-path batch."""
+        self._live_leases.discard(lease)
+        self._released.append(lease)
+        self.poke()
+
+    # ------------------------------------------------------------------ requests
+
+    def _request_more(self) -> None:
+        """Ask the links for what the window has room for (it decides which link, what and
+        how much); send the fast-path slots the trainer let go of with the requests."""
+        stream = self._stream
+        releases = self._take_releases()
+        if stream is not None:
+            stream.window.note_consumed(stream.consumed)
+            by_address = {link.address: link for link in self._links if link.up}
+            while (run := stream.window.next_request(list(by_address))) is not None:
+                link = by_address[run.link]
+                assert link.session is not None
+                link.send(protocol.request(session=link.session, stream=stream.id,
+                                           epoch=run.epoch, k0=run.k, count=run.count,
+                                           release=releases.pop(id(link), None)))
+        for link in self._links:
+            release = releases.get(id(link))
+            if release and link.up:
+                assert link.session is not None
+                link.send(protocol.release(session=link.session, slots=release))
+
+    def _take_releases(self) -> dict[int, list[int]]:
+        """Released fast-path slots, per link (by the ring they belong to)."""
+        by_ring = {lk.ring.key: lk for lk in self._links if lk.ring is not None and lk.up}
+        out: dict[int, list[int]] = {}
+        while self._released:
+            key, slot = self._released.popleft()
+            link = by_ring.get(key)  # a former server's ring means nothing to the new one
+            if link is not None:
+                slots = out.setdefault(id(link), [])
+                if len(slots) < protocol.MAX_RELEASE:
+                    slots.append(slot)
+        return out
+
+    # ------------------------------------------------------------------ liveness
+
+    def _lose(self, link: Link, fresh_socket: bool) -> None:
+        """A server is gone: what it owed goes to the other links (or to it, once back)."""
+        if self._stream is not None:
+            self._stream.window.forget_link(link.address)
+        link.lose(fresh_socket)
+
+    def _check_reachable(self, now: float) -> None:
+        if any(link.up for link in self._links) or self.welcome is None:
+            self._all_down_since = None
+            return
+        if self._all_down_since is None:
+            self._all_down_since = now
+        elif now - self._all_down_since > self.config.reconnect_timeout:
+            where = ", ".join(link.address for link in self._links)
+            raise ServerUnavailable(
+                f"lost the batchfeed server at {where} and it did not come back within "
+                f"reconnect_timeout={self.config.reconnect_timeout:g} s"
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, BatchfeedError):
+            exc = BatchfeedError(f"the client's I/O thread failed: {type(exc).__name__}: {exc}")
+        self.fatal = exc
+        if self._stream is not None:
+            self._stream.ready.put(exc)
+        self.welcomed.set()

@@ -1,0 +1,45 @@
+"""A stream: the trainer's batches from (epoch, start) on, in plan order, running on across
+epochs, shared by the trainer's thread and the client's I/O thread.
+
+Running on means the next epoch is prefetched while the trainer finishes this one, so an epoch
+boundary costs no wait.  Who writes what: the I/O thread owns ``window`` (the trainer only reads
+``broken``) and puts lists of in-order ``(batch, nbytes)``, or the error that ends the stream,
+on ``ready``; the trainer reads ``ready`` and owns ``consumed``, ``abandoned``, ``items`` and
+``read``.  Nothing to shut down: the I/O thread drops a stream that is cancelled or replaced.
+"""
+
+from __future__ import annotations
+
+import queue
+
+from .window import Credit, Positions, Window
+
+
+class Stream:
+    def __init__(self, stream_id: int, positions: Positions, credit: Credit):
+        self.id = stream_id
+        self.positions = positions
+        self.window: Window[str] = Window(positions, credit)  # links are named by address
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()  # lists of (batch, nbytes), errors
+        self.consumed = 0  # positions handed to the trainer
+        self.abandoned = False  # the trainer left it
+        self.items: list = []  # the list of batches being read, and how far
+        self.read = 0
+
+    @property
+    def broken(self) -> bool:
+        """An error was handed over: the stream ends there."""
+        return self.window.broken
+
+    @property
+    def next_deliver(self) -> int:
+        """The first position not yet put on ``ready`` (read-only here)."""
+        return self.window.next_deliver
+
+    def position(self, epoch: int, k: int) -> int:
+        """The stream position of batch ``k`` of ``epoch``."""
+        return self.positions.position(epoch, k)
+
+    def at(self, epoch: int, k: int) -> bool:
+        """Whether the trainer's next batch is batch ``k`` of ``epoch``."""
+        return self.positions.where(self.consumed) == (epoch, k)
