@@ -1,7 +1,8 @@
 """Fixtures: real server processes on ephemeral ports, datasets on disk, leak checks.
 
 Every server a test starts is stopped by its fixture, and every test checks afterwards that no
-batchfeed segment was left in /dev/shm and no server process is still running.
+batchfeed segment was left in /dev/shm and no server process is still running.  Tests wait for
+what they expect with ``wait_until`` (bounded), not with a fixed sleep.
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ def leaked_segments(before: set[str]) -> set[str]:
     """New segments whose creating server is gone (those of live servers are still in use)."""
     return {name for name in shm_segments() - before
             if not pid_alive(int(name.split("_")[1]))}
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+               what: str = "the condition", detail: Callable[[], object] | None = None) -> object:
+    """Poll ``predicate`` until it returns something true, and return that; after ``timeout``
+    seconds fail, naming ``what`` was awaited (and ``detail()``, the state things were in)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            state = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{state}")
+        time.sleep(interval)
 
 
 def make_rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:

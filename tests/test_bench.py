@@ -84,6 +84,7 @@ def bench(tmp_path: Path) -> Iterator[Callable[..., BenchRun]]:
         run.stop()
 
 
+@pytest.mark.slow
 def test_quick_tabular_prints_every_row_and_column_and_valid_json(bench, tmp_path) -> None:
     json_path = tmp_path / "bench.json"
     code, out, err = bench("--quick", "--workload", "tabular", "--json",
@@ -122,6 +123,7 @@ def test_quick_tabular_prints_every_row_and_column_and_valid_json(bench, tmp_pat
     assert all(e["status"] == "ok" and e["ring"]["slots"] > 0 for e in data["pss_by_workers"])
 
 
+@pytest.mark.slow
 def test_quick_run_stops_every_server_and_removes_its_data(bench, tmp_path) -> None:
     json_path = tmp_path / "bench.json"
     code, out, err = bench("--quick", "--workload", "image", "--seconds", "0.1",

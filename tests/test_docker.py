@@ -26,6 +26,8 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "docker" / "wheels"
 BASE_IMAGE = os.environ.get("BATCHFEED_BASE_IMAGE", "batchfeed-base:bookworm")

@@ -65,6 +65,7 @@ def run_ranks(addresses: list[str], world: int, *args: str,
     return [(p.returncode, out) for p, out in zip(procs, outputs)]
 
 
+@pytest.mark.slow
 def test_two_ranks_see_their_rows_exactly_once_and_the_loss_falls(serve):
     server = serve("--synthetic-rows", 20000, "--workers", 1)
     # 20,000 rows in batches of 128: 157 global batches, 78 per rank; the last (short, 32
@@ -83,6 +84,7 @@ def test_two_ranks_see_their_rows_exactly_once_and_the_loss_falls(serve):
                 "32 in the plan's dropped tail") in out0, out0
 
 
+@pytest.mark.slow
 def test_ranks_spread_over_two_loaders_still_see_every_row_once(serve):
     loaders = [serve("--synthetic-rows", 10000, "--workers", 1) for _ in range(2)]
     # rank r uses loader r; 10,000 rows in batches of 100: 50 per rank, no dropped tail.
@@ -95,6 +97,7 @@ def test_ranks_spread_over_two_loaders_still_see_every_row_once(serve):
             "dropped tail") in results[0][1], results[0][1]
 
 
+@pytest.mark.slow
 def test_one_rank_runs_without_torch_distributed(serve):
     server = serve("--synthetic-rows", 5000, "--workers", 1)
     [(code, out)] = run_ranks([server.address], 1, "--epochs", "2", "--verify")
@@ -102,6 +105,7 @@ def test_one_rank_runs_without_torch_distributed(serve):
     assert "rank 0: epoch 1: 5,000 rows exactly once" in out, out
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_dataset_other_than_the_synthetic_one(serve, dataset_path):
     server = serve("--data", dataset_path(1000), "--workers", 1)
     [(code, out)] = run_ranks([server.address], 1, "--epochs", "1", "--verify")

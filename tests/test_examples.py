@@ -77,6 +77,7 @@ def load_example(name: str):
 # --------------------------------------------------------------------------------- the MLP
 
 
+@pytest.mark.slow
 def test_mlp_learns_the_builtin_synthetic_data_and_shows_its_progress(serve):
     server = serve("--synthetic-rows", 20000, "--workers", 1)
     code, out, err = run_example("train_mlp.py", "--address", server.address, "--epochs", 3,
@@ -90,6 +91,7 @@ def test_mlp_learns_the_builtin_synthetic_data_and_shows_its_progress(serve):
     assert_loss_falls(out, 3, by=0.7)
 
 
+@pytest.mark.slow
 def test_mlp_make_data_writes_the_builtin_dataset_for_several_loaders(serve, tmp_path):
     path = tmp_path / "mlp.npz"
     serve_args = make_data("train_mlp.py", path, "--rows", 5000)
@@ -110,6 +112,7 @@ def test_mlp_make_data_writes_the_builtin_dataset_for_several_loaders(serve, tmp
 # --------------------------------------------------------------------------------- the CNN
 
 
+@pytest.mark.slow
 def test_cnn_learns_images_augmented_by_the_server(serve, tmp_path):
     path = tmp_path / "images.npz"
     serve_args = make_data("train_cnn.py", path, "--rows", 1000)
@@ -125,6 +128,7 @@ def test_cnn_learns_images_augmented_by_the_server(serve, tmp_path):
     assert_loss_falls(out, 4, by=0.6)
 
 
+@pytest.mark.slow
 def test_cnn_asks_for_the_augment_transform_when_the_server_runs_none(serve, tmp_path):
     path = tmp_path / "images.npz"
     make_data("train_cnn.py", path, "--rows", 100)
@@ -138,6 +142,7 @@ def test_cnn_asks_for_the_augment_transform_when_the_server_runs_none(serve, tmp
 # --------------------------------------------------------------------------------- the text model
 
 
+@pytest.mark.slow
 def test_text_learns_from_batches_the_server_trims(serve, tmp_path):
     path = tmp_path / "text"  # a directory of .npy files, this time
     serve_args = make_data("train_text.py", path, "--rows", 2000, "--max-len", 64)

@@ -23,6 +23,7 @@ from conftest import (
     server_report,
     shm_segments,
     socket_fds,
+    wait_until,
 )
 
 from batchfeed import Client, ServerUnavailable
@@ -39,9 +40,17 @@ def exact_epoch(client: Client, epoch: int, n: int = N, pause: float = 0.0) -> N
         assert np.array_equal(batch["x"][:, 0], ids.astype(np.float32))
         seen.append(ids.copy())
         if pause:
-            time.sleep(pause)
+            time.sleep(pause)  # a slow trainer on purpose: faults land while batches are owed
     rows = np.sort(np.concatenate(seen))
     assert len(rows) == n and np.array_equal(rows, np.arange(n)), f"epoch {epoch} not exact"
+
+
+def zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 class Killer(threading.Thread):
@@ -105,10 +114,8 @@ def test_hung_worker_is_replaced_and_its_work_redone(serve, dataset_path) -> Non
         finally:
             if pid_alive(stopped):
                 os.kill(stopped, signal.SIGCONT)
-    deadline = time.monotonic() + 5
-    while pid_alive(stopped) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(stopped) or Path(f"/proc/{stopped}/stat").read_text().split()[2] == "Z"
+    wait_until(lambda: not pid_alive(stopped) or zombie(stopped), 5,
+               what=f"the hung worker {stopped} to be killed")
     timeouts = server_report(srv.address)["server"]["counters"]["worker_timeouts"]
     print(f"\n[worker SIGSTOP] task timeout 1 s: {timeouts} hung worker(s) killed and replaced; "
           f"epochs exact, no late duplicate")
@@ -133,17 +140,7 @@ def start_doomed_client(address: str, seed: int, fastpath: bool) -> subprocess.P
     return proc
 
 
-def wait_for(condition, timeout: float, what: str, state=None):
-    """Poll ``condition`` until true; on timeout say what ``state()`` was."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}" + (f": {state()}" if state else ""))
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fastpath", [False, True], ids=["tcp", "fastpath"])
 def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath: bool,
@@ -171,9 +168,11 @@ def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath
             doomed = start_doomed_client(srv.address, 1000 + warmup, fastpath)
             doomed.kill()
             doomed.wait()
-        wait_for(lambda: server_report(srv.address)["server"]["sessions"] == 1, 20,
-                 "the first dead clients to be reclaimed")
-        time.sleep(6)  # let the workers drop the warm-up clients' plans (idle for 5 s)
+        wait_until(lambda: server_report(srv.address)["server"]["sessions"] == 1, 20, 0.1,
+                   what="the first dead clients to be reclaimed")
+        # Fixed on purpose: workers drop a plan idle for 5 s (the warm-up clients'), and
+        # nothing tells when they have.
+        time.sleep(6)
         base_pss, base_sockets = private_pss_bytes(pids()), socket_fds(srv.pid)
         for cycle in range(50):
             doomed = start_doomed_client(srv.address, cycle, fastpath)
@@ -184,13 +183,15 @@ def test_dead_clients_are_reclaimed_over_50_cycles(serve, dataset_path, fastpath
             s = server_report(srv.address)["server"]
             return s["sessions"] == 1 and s["slots_leased"] <= 8  # the good client's, if any
 
-        wait_for(reclaimed, 30, "sessions and slots of 50 dead clients to be reclaimed")
-        wait_for(lambda: socket_fds(srv.pid) <= base_sockets, 30, "sockets back to baseline")
+        wait_until(reclaimed, 30, 0.1,
+                   what="sessions and slots of 50 dead clients to be reclaimed")
+        wait_until(lambda: socket_fds(srv.pid) <= base_sockets, 30, 0.1,
+                   what="sockets back to baseline")
         t_wait = time.monotonic()
-        wait_for(lambda: private_pss_bytes(pids()) < base_pss + 4 * 2**20, 30,
-                 "memory back to baseline",
-                 lambda: f"private PSS {[private_pss_bytes([p]) >> 10 for p in pids()]} KiB "
-                         f"per process, baseline {base_pss >> 10} KiB in all")
+        wait_until(lambda: private_pss_bytes(pids()) < base_pss + 4 * 2**20, 30, 0.1,
+                   what="memory back to baseline",
+                   detail=lambda: f"private PSS {[private_pss_bytes([p]) >> 10 for p in pids()]} "
+                                  f"KiB per process, baseline {base_pss >> 10} KiB in all")
         print(f"\n[client SIGKILL x50, {'fast path' if fastpath else 'tcp'}] sessions 1, "
               f"sockets {socket_fds(srv.pid)} (baseline {base_sockets}), private PSS "
               f"{private_pss_bytes(pids()) / 2**20:.1f} MiB (baseline {base_pss / 2**20:.1f}), "
@@ -214,7 +215,7 @@ def test_server_killed_and_restarted_costs_only_a_delay(dataset_path) -> None:
             os.kill(first.pid, signal.SIGKILL)
             first.proc.wait(10)
             t_kill = time.monotonic()
-            time.sleep(1.0)
+            time.sleep(1.0)  # the point: a real outage, the trainer asking into the void
             second = ServerProcess(["--data", str(path), "--workers", 2], bind=address).start()
             seen.append(next(it)["id"].copy())
             delay = time.monotonic() - t_kill
@@ -265,7 +266,8 @@ def test_sigkilled_server_leaves_no_workers_and_its_segments_go_at_next_start(
     os.kill(srv.pid, signal.SIGKILL)
     srv.proc.wait(10)
     srv.stop()
-    wait_for(lambda: not any(pid_alive(w) for w in workers), 10, "orphaned workers to exit")
+    wait_until(lambda: not any(pid_alive(w) for w in workers), 10,
+               what="orphaned workers to exit")
     left = [n for n in shm_segments() if n.startswith(f"bf_{srv.pid}_")]
     assert left  # a SIGKILL leaves them ...
     nxt = serve("--data", path, "--workers", 1, log_level="INFO")
@@ -291,6 +293,7 @@ def test_too_little_shared_memory_fails_before_workers_start(tmp_path) -> None:
     assert "Traceback" not in out.stderr and "Bus error" not in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_stalled_consumer_keeps_server_memory_bounded(serve, dataset_path) -> None:
     """A client stops consuming for 60 s while another keeps the server busy: the server's
@@ -329,6 +332,7 @@ def test_stalled_consumer_keeps_server_memory_bounded(serve, dataset_path) -> No
           f"{sessions['stalled']['batches']} batches (credit 16)")
 
 
+@pytest.mark.slow  # the server's heartbeat timeout is 5 s
 def test_silent_peer_is_dropped_by_zeromq_heartbeats(serve, dataset_path) -> None:
     """A client frozen with SIGSTOP answers no heartbeat: the server drops its connection
     (TCP alone would keep it: the kernel still ACKs) and reclaims its session."""
@@ -338,7 +342,8 @@ def test_silent_peer_is_dropped_by_zeromq_heartbeats(serve, dataset_path) -> Non
         base = socket_fds(srv.pid)
         os.kill(doomed.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        wait_for(lambda: socket_fds(srv.pid) < base, 20, "the heartbeat to drop the connection")
+        wait_until(lambda: socket_fds(srv.pid) < base, 20,
+                   what="the heartbeat to drop the connection")
         print(f"\n[silent peer] connection dropped {time.monotonic() - t0:.1f} s after SIGSTOP")
     finally:
         doomed.kill()

@@ -43,6 +43,7 @@ def test_server_code_never_imports_the_client() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_plain_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     """``pip install .`` (not editable): the same packages, the script, a working service."""

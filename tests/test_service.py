@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import children, make_rows, pid_alive, server_report, shm_segments
+from conftest import children, make_rows, pid_alive, server_report, shm_segments, wait_until
 
 from batchfeed import Client, InvalidRequest, ServerUnavailable, VersionMismatch
 from batchfeed.launch import ServerProcess
@@ -293,23 +293,21 @@ def test_default_dataset_is_the_synthetic_one(serve) -> None:
 
 
 def test_credit_never_exceeds_prefetch(server, monkeypatch) -> None:
-    from batchfeed.client import connection
+    from batchfeed.client.window import Window
 
     seen: list[int] = []
-    original = connection.Connection._request_more
+    original = Window.next_request
 
-    def spy(self: connection.Connection) -> None:
-        original(self)
-        stream = self._stream
-        if stream is not None:
-            seen.append(stream.requested - stream.consumed)
+    def spy(self: Window, links: list):
+        run = original(self, links)
+        seen.append(self.requested - self.consumed)
+        return run
 
-    monkeypatch.setattr(connection.Connection, "_request_more", spy)
+    monkeypatch.setattr(Window, "next_request", spy)
     with Client(server.address, batch_size=8, prefetch=5) as c:
         for _ in c.epoch(0):
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # a slow trainer on purpose: credit runs out, then refills
     assert 0 < max(seen) <= 5
-
 
 def test_the_server_enforces_credit(server) -> None:
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
@@ -362,8 +360,8 @@ def test_the_next_epoch_is_prefetched_across_the_boundary(server) -> None:
         first = ids(collect(c, 0))
         it = c.epoch(1)
         stream = it._stream
-        time.sleep(0.3)
-        assert stream.next_deliver > stream.position(1, 0)  # epoch 1 arrived before asked for
+        wait_until(lambda: stream.next_deliver > stream.position(1, 0), 10,
+                   what="epoch 1 to arrive before it is asked for")
         second = ids([{k: v.copy() for k, v in b.items()} for b in it])
         assert c.epoch(2)._stream is stream  # the same stream runs on
     with Client(server.address, batch_size=64, seed=8) as fresh:
@@ -390,8 +388,7 @@ def test_the_next_epochs_order_is_computed_before_it_is_asked_for(serve, dataset
     srv = serve("--data", dataset_path(N), "--workers", 2)
     with Client(srv.address, batch_size=16, seed=6, prefetch=8) as c:
         collect(c, 0)
-        deadline = time.monotonic() + 10
-        while server_report(srv.address)["server"]["counters"].get("orders_computed", 0) < 3:
-            assert time.monotonic() < deadline, "epoch 2's order was not computed ahead"
-            time.sleep(0.05)
+        wait_until(lambda: server_report(srv.address)["server"]["counters"]
+                   .get("orders_computed", 0) >= 3, 10, 0.05,
+                   what="epoch 2's order to be computed ahead")
         assert ids(collect(c, 1))  # and the epochs are still right (checked elsewhere)
