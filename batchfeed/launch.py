@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 from batchfeed.shared.procs import stop_process
@@ -33,6 +31,7 @@ class ServerProcess:
         self.ready_line = ""
         self.output: list[str] = []
         self._drainer: threading.Thread | None = None
+        self._settled = threading.Event()  # the ready line came, or the output ended
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.proc = subprocess.Popen(
@@ -40,37 +39,31 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(self.env or {})},
         )
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if not sel.select(timeout=0.5):
-                    if self.proc.poll() is not None:
-                        break
-                    continue
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                self.output.append(line.rstrip("\n"))
-                m = READY_RE.match(line)
-                if m:
-                    self.ready_line = line.strip()
-                    self.address = m.group(1)
-                    self._drainer = threading.Thread(target=self._drain, daemon=True)
-                    self._drainer.start()
-                    return self
-        finally:
-            sel.close()
+        # One thread reads every line from the start (a select() on the pipe would miss lines
+        # already in the file object's buffer), and says when the ready line or the end came.
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+        if self._settled.wait(timeout) and self.address is not None:
+            return self
         self.stop()
         raise RuntimeError("batchfeed serve did not become ready:\n" + "\n".join(self.output))
 
     def _drain(self) -> None:
-        """Keep reading the server's output so that it never blocks on a full pipe."""
+        """Read the server's output (so that it never blocks on a full pipe), noting the ready
+        line's address."""
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip("\n"))
+        try:
+            for line in self.proc.stdout:
+                self.output.append(line.rstrip("\n"))
+                m = READY_RE.match(line) if self.address is None else None
+                if m:
+                    self.ready_line = line.strip()
+                    self.address = m.group(1)
+                    self._settled.set()
+        except ValueError:  # closed under us by stop()
+            pass
+        finally:
+            self._settled.set()
 
     @property
     def pid(self) -> int:
