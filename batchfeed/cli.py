@@ -75,7 +75,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     p.add_argument("--metrics-bind", default="127.0.0.1", metavar="HOST",
-                   help="interface of the metrics endpoint (default: %(default)s, loopback only)")
+                   help="interface of the metrics endpoint (default: %(default)s; another "
+                        "interface needs --insecure)")
+    p.add_argument("--max-order-mb", type=float, default=256,
+                   help="the largest epoch order a client may ask for with epoch_rows= "
+                        "(balanced or weighted sampling), in MiB (default: %(default)s)")
     p.set_defaults(func=_run_serve)
 
 
@@ -104,6 +108,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         mmap=args.mmap,
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
+        max_order_bytes=max(1, int(args.max_order_mb * MIB)),
     )
     return serve(config)
 

@@ -73,8 +73,17 @@ class Connection:
         return self._io.welcome
 
     def close(self) -> None:
-        """Safe to call twice."""
+        """Safe to call twice.  Batches the trainer has not taken are dropped (their fast-path
+        slots go back); those it took stay valid for as long as it keeps them."""
         self._io.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.items = []
+            while True:
+                try:
+                    stream.ready.get_nowait()
+                except queue.Empty:
+                    break
 
     # ------------------------------------------------------------------ streams
 

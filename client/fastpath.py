@@ -1,14 +1,25 @@
 """The same-host fast path: read batches straight out of the server's slot ring.
 
-The client maps the ring read-only and checks the proof the server wrote in its first page.
-For a BATCH that names a slot, ``lease`` returns one uint8 array per field over that slot; every
-batch view the trainer gets is derived from one *lease array* per message (numpy keeps it as
-the views' ``base``).  When the last view is gone the lease array is collected and ``on_free``
-gives the slot back, so no view can ever see a slot rewritten under it.
+``RingMap`` maps a server's ring read-only and checks the proof the server wrote in its first
+page.  ``LeaseBook`` is the client's side of the session's lease table (see the server's
+``leases.py``): opening it proves this process shares the server's shared memory (its nonce goes
+back in CLAIM), and this process holds a shared ``flock`` on it for as long as the book lives,
+which is how the server knows the client is still there.
+
+For a BATCH that names a slot, ``RingMap.lease`` returns one uint8 array per field over that
+slot; every batch view the trainer gets is derived from one *lease array* per message (numpy
+keeps it as the views' ``base``).  When the last view is gone the lease array is collected, and
+its finalizer clears the slot's byte in the book (the slot is given back) and nudges the I/O
+thread.  The finalizer holds the book, never the client, so it works from any thread and after
+the client has closed; the book (its mapping and its lock) lives until the last lease is back.
+No view can ever see its slot rewritten under it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -16,7 +27,12 @@ import numpy as np
 
 from batchfeed.shared.errors import ProtocolError
 from batchfeed.shared.protocol import ChunkLayout
-from batchfeed.shared.shm import RING_MAGIC, SharedSegment
+from batchfeed.shared.shm import (
+    LEASE_NONCE_BYTES,
+    LEASE_TABLE_HEADER,
+    RING_MAGIC,
+    SharedSegment,
+)
 
 
 class RingMap:
@@ -43,9 +59,10 @@ class RingMap:
         """Whether a WELCOME's ring description is this ring (same server run)."""
         return ring.get("name") == self.name and self.key.endswith(str(ring.get("proof")))
 
-    def lease(self, slot: int, offsets: list, layout: ChunkLayout,
-              on_free: Callable[[], None]) -> list[np.ndarray]:
-        """One read-only uint8 array per field over ``slot``; ``on_free`` runs when all are gone."""
+    def lease(self, slot: int, offsets: list, layout: ChunkLayout, book: LeaseBook,
+              nudge: Callable[[], None]) -> list[np.ndarray]:
+        """One read-only uint8 array per field over ``slot``; once all are gone the slot is
+        given back in ``book`` and ``nudge`` runs."""
         if not 0 <= slot < self.slots or len(offsets) != len(layout.names):
             raise ProtocolError(f"batch names slot {slot} with {len(offsets)} offsets; the ring "
                                 f"has {self.slots} slots and the batch {len(layout.names)} fields")
@@ -53,11 +70,65 @@ class RingMap:
         # makes it the base of every view derived from it, and keeps the mapping alive.
         lease = np.frombuffer(self._segment.buf, dtype=np.uint8, count=self.slot_bytes,
                               offset=self.header + slot * self.slot_bytes)
-        weakref.finalize(lease, on_free)
+        weakref.finalize(lease, book.give_back, slot, nudge)
         out = []
         for f, off in enumerate(offsets):
             n = layout.field_nbytes(f)
             if type(off) is not int or off < 0 or off + n > self.slot_bytes:
+                book.give_back(slot)
                 raise ProtocolError(f"field {layout.names[f]!r} lies outside slot {slot}")
             out.append(lease[off : off + n])
         return out
+
+
+class LeaseBook:
+    """This process's side of one session's lease table (OSError if it cannot be opened:
+    the server is on another host, or another user's)."""
+
+    def __init__(self, name: str, slots: int):
+        segment = SharedSegment.attach(name, writable=True, keep_fd=True)
+        try:
+            if segment.buf is None or segment.size < LEASE_TABLE_HEADER + slots:
+                raise ProtocolError(f"lease table {name} is smaller than the server's ring")
+            assert segment.fd is not None
+            fcntl.flock(segment.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BaseException:
+            segment.close()
+            raise
+        self.nonce = bytes(segment.buf[:LEASE_NONCE_BYTES]).hex()
+        self.slots = slots
+        self._buf = segment.buf
+        # The mapping and the lock go when the book does (after its last lease is back).
+        weakref.finalize(self, segment.close)
+
+    def give_back(self, slot: int, nudge: Callable[[], None] | None = None) -> None:
+        if 0 <= slot < self.slots:
+            self._buf[LEASE_TABLE_HEADER + slot] = 0
+        if nudge is not None:
+            nudge()
+
+
+class Nudge:
+    """Wakes the I/O thread from any thread; a no-op once closed.  The lock (reentrant: a
+    finalizer may run inside a nudge of the same thread) keeps a write from racing the pipe's
+    close, after which its number may belong to another file."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+        self._lock = threading.RLock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.write(self._fd, b"\0")
+            except OSError:
+                pass  # full (a wake-up is pending anyway)
+
+    def close(self, close_fd: Callable[[int], None]) -> None:
+        """Stop nudging, then close the descriptor with ``close_fd``."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                close_fd(fd)

@@ -13,10 +13,15 @@ first; if it comes back it resumes its session and takes new work.  With one ser
 costs a delay: the link says HELLO again (with backoff) and the batches are asked for again.
 When no server has been reachable for ``reconnect_timeout``, the trainer gets ServerUnavailable.
 
+Fast-path slots are given back by the lease arrays' finalizers (``fastpath.py``), from any
+thread, even after this one has ended; they only nudge this thread, which then sends RELEASE so
+that the server looks at once.
+
 Any failure in this thread is handed to the trainer (``fatal``, and on the stream's queue).
 Shutdown: ``close()`` queues the close command and wakes the thread, which sends BYE on every
-link (naming fast-path slots still in use), closes the sockets and terminates the context;
-``close()`` joins it (bounded) and closes the pipe.
+link, reads until each server acknowledged (giving back the slots of batches that arrive
+meanwhile), closes the sockets and terminates the context; ``close()`` joins it (bounded),
+drops the stream and closes the pipe.
 """
 
 from __future__ import annotations
@@ -42,11 +47,21 @@ from batchfeed.shared.errors import (
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import Field
 
+from .fastpath import Nudge
 from .link import Link, LinkConfig, Welcome
 from .stream import Stream
 from .window import Credit
 
 log = logging.getLogger("batchfeed.client")
+
+BYE_TIMEOUT_MS = 1000  # how long close() waits for a server to acknowledge BYE
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -82,13 +97,11 @@ class IOThread:
         self.welcomed = threading.Event()  # every server answered, or ``fatal`` is set
         self.unwelcomed = set(config.addresses)
         self._commands: deque[tuple[str, Any]] = deque()
-        # Fast-path slots, keyed by the ring they belong to: those whose views are all gone
-        # (to RELEASE), and those still in use (named in BYE so the server keeps them).
-        self._released: deque[tuple[str, int]] = deque()
-        self._live_leases: set[tuple[str, int]] = set()
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        os.set_blocking(wake_w, False)
+        self.poke = Nudge(wake_w)  # wakes this thread, from any thread
+        self._given_back = False  # a lease finalizer ran: tell the servers to look
         self._stream: Stream | None = None
         self._links: list[Link] = []
         self._all_down_since: float | None = None
@@ -114,13 +127,6 @@ class IOThread:
         self._commands.append(("cancel", stream))
         self.poke()
 
-    def poke(self) -> None:
-        """Wake the thread (any thread may call this)."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or closed
-
     def close(self) -> None:
         """Say BYE, close the sockets and join the thread.  Safe to call twice."""
         if self._closing:
@@ -130,11 +136,9 @@ class IOThread:
         self.poke()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(5.0)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._stream = None  # its queued batches (and their leases) go with it
+        self.poke.close(_close_fd)
+        _close_fd(self._wake_r)
 
     # ------------------------------------------------------------------ the loop
 
@@ -150,10 +154,14 @@ class IOThread:
             log.debug("I/O thread failed", exc_info=True)
             self._fail(exc)
         finally:
-            for link in self._links:
-                key = link.ring.key if link.ring is not None else None
-                link.close([slot for k, slot in list(self._live_leases) if k == key])
+            self._say_bye()
             ctx.term()
+
+    def _say_bye(self) -> None:
+        for link in self._links:
+            link.bye()
+        for link in self._links:
+            link.finish_bye(BYE_TIMEOUT_MS)
 
     def _open_links(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
         cfg = self.config
@@ -169,6 +177,7 @@ class IOThread:
         """One turn of the loop; False once the trainer asked to close."""
         if self._wake_r in events:
             self._drain_wake()
+            self._given_back = True  # (or a command; looking costs the server little)
         if not self._run_commands():
             return False
         for link in self._links:
@@ -263,19 +272,17 @@ class IOThread:
         current = (stream is not None and h["session"] == link.session
                    and h["stream"] == stream.id)
         if not current:
-            if slot is not None and h["session"] == link.session and link.ring is not None:
-                self._released.append((link.ring.key, slot))
+            link.give_back(h)
             return
         assert stream is not None
         layout = protocol.chunk_layout(h)
         p0 = stream.positions.arrival(h["epoch"], h["k0"], layout.count)
         if slot is not None:
-            if link.ring is None:
+            book = link.books.get(h["session"])
+            if link.ring is None or book is None:
                 raise ProtocolError("server sent a ring slot to a client without the fast path")
-            lease = (link.ring.key, slot)
-            self._live_leases.add(lease)
             buffers = link.ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
-                                      layout, lambda: self._lease_freed(lease))
+                                      layout, book, self.poke)
         batches = protocol.field_views(layout, buffers)
         if not self.seen_fields:
             self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
@@ -295,46 +302,29 @@ class IOThread:
         if error is not None:
             stream.ready.put(error)
 
-    def _lease_freed(self, lease: tuple[str, int]) -> None:
-        """Runs in whichever thread drops the last view of a fast-path batch."""
-        self._live_leases.discard(lease)
-        self._released.append(lease)
-        self.poke()
-
     # ------------------------------------------------------------------ requests
 
     def _request_more(self) -> None:
         """Ask the links for what the window has room for (it decides which link, what and
-        how much); send the fast-path slots the trainer let go of with the requests."""
+        how much); a link that gets no request but may have slots back gets a RELEASE."""
         stream = self._stream
-        releases = self._take_releases()
+        asked: set[str] = set()
         if stream is not None:
             stream.window.note_consumed(stream.consumed)
+            at = list(stream.positions.where(stream.consumed))
             by_address = {link.address: link for link in self._links if link.up}
             while (run := stream.window.next_request(list(by_address))) is not None:
                 link = by_address[run.link]
                 assert link.session is not None
                 link.send(protocol.request(session=link.session, stream=stream.id,
-                                           epoch=run.epoch, k0=run.k, count=run.count,
-                                           release=releases.pop(id(link), None)))
-        for link in self._links:
-            release = releases.get(id(link))
-            if release and link.up:
-                assert link.session is not None
-                link.send(protocol.release(session=link.session, slots=release))
-
-    def _take_releases(self) -> dict[int, list[int]]:
-        """Released fast-path slots, per link (by the ring they belong to)."""
-        by_ring = {lk.ring.key: lk for lk in self._links if lk.ring is not None and lk.up}
-        out: dict[int, list[int]] = {}
-        while self._released:
-            key, slot = self._released.popleft()
-            link = by_ring.get(key)  # a former server's ring means nothing to the new one
-            if link is not None:
-                slots = out.setdefault(id(link), [])
-                if len(slots) < protocol.MAX_RELEASE:
-                    slots.append(slot)
-        return out
+                                           epoch=run.epoch, k0=run.k, count=run.count, at=at))
+                asked.add(link.address)
+        if self._given_back:
+            self._given_back = False
+            for link in self._links:
+                if link.up and link.books and link.address not in asked:
+                    assert link.session is not None
+                    link.send(protocol.release(session=link.session))
 
     # ------------------------------------------------------------------ liveness
 

@@ -1,16 +1,22 @@
 """A link: the client's connection to one server, owned by the client's I/O thread.
 
-A link owns one DEALER socket and its monitor, the session the server gave it, the server's
-fast-path ring if it maps one, and its liveness: it says HELLO (again, with backoff, after a
-loss, naming the session to resume), PINGs every second, and declares itself *lost* when the
-connection drops or the server stays silent for ``heartbeat_timeout``.  What a loss means for
-the batches it was asked for is the Connection's business (``pending`` says which those are).
+A link owns one DEALER socket and its monitor, the session the server gave it (and the secret
+that resumes it), the server's fast-path ring and the session's lease book if it has the fast
+path, and its liveness: it says HELLO (again, with backoff, after a loss, naming the session to
+resume and its secret), PINGs every second, and declares itself *lost* when the connection
+drops or the server stays silent for ``heartbeat_timeout``.  What a loss means for the batches
+it was asked for is the stream window's business.
+
+The fast path: a WELCOME that offers it names the ring and a lease table; the link maps the
+ring, opens the table (which only a process on the server's host can), and sends the nonce back
+in CLAIM.  If either cannot be opened the session simply stays on the socket.  ``bye`` says
+goodbye and ``finish_bye`` reads what the server still sends until it acknowledges, giving back
+the slots of batches nobody will read.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +24,13 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from batchfeed.shared import procs, protocol
+from batchfeed.shared import protocol
 from batchfeed.shared.errors import AuthenticationError, ProtocolError
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import Field, schema_from_wire
 from batchfeed.shared.version import __version__
 
-from .fastpath import RingMap
+from .fastpath import LeaseBook, RingMap
 
 log = logging.getLogger("batchfeed.client")
 
@@ -92,11 +98,15 @@ class Link:
         self.monitor: zmq.Socket | None = None
         self.session: int | None = None
         self.welcome: Welcome | None = None
+        self.secret: str | None = None
         self.ring: RingMap | None = None
-        self.pending: set[int] = set()  # batches of the current stream asked of this link
+        self.books: dict[int, LeaseBook] = {}  # by session: the current one's, and the last
         self.handshake_error: str | None = None
         self.lost_since: float | None = None
+        self.bye_acked = True
+        self._last_session: int | None = None  # whose book is kept for late batches
         self._previous_session: int | None = None
+        self._previous_secret: str | None = None
         self._hello_at = 0.0
         self._hello_wait = 0.25
         self._last_sent = 0.0
@@ -149,11 +159,10 @@ class Link:
 
     def hello(self) -> None:
         cfg = self.config
-        pid = os.getpid() if self.fastpath else None
         self.send(protocol.hello(cfg.params.to_wire(), client=__version__, dataset=cfg.dataset,
                                  prefetch=cfg.prefetch, fastpath=self.fastpath, name=cfg.name,
-                                 pid=pid, pid_start=procs.start_time() if pid else None,
-                                 resume=self._previous_session))
+                                 resume=self._previous_session,
+                                 resume_secret=self._previous_secret))
         self._hello_at = time.monotonic()
 
     def receive(self) -> list[protocol.Message]:
@@ -169,50 +178,81 @@ class Link:
             out.append(protocol.decode(frames))
         return out
 
-    def close(self, held: list[int]) -> None:
-        """BYE (naming fast-path slots still in use), then close the socket."""
+    def bye(self) -> None:
+        """Say goodbye to the session (``finish_bye`` waits for the answer)."""
         if self.sock is not None and self.session is not None:
             try:
-                self.sock.send_multipart(protocol.bye(self.session, held or None), zmq.NOBLOCK)
+                self.sock.send_multipart(protocol.bye(self.session), zmq.NOBLOCK)
+                self.bye_acked = False
             except zmq.ZMQError:
                 pass
-            time.sleep(0.05)  # let the io thread flush BYE before the socket goes
+
+    def finish_bye(self, timeout_ms: int) -> None:
+        """Read until the server acknowledged BYE (nothing of the session follows it), giving
+        back the slots of the batches that arrive meanwhile; then close the socket."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not self.bye_acked and self.sock is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                break
+            for msg in self.receive():
+                if msg.kind == protocol.PONG and msg.header["session"] == self.session:
+                    self.bye_acked = True
+                elif msg.kind == protocol.BATCH:
+                    self.give_back(msg.header)
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket and let go of the lease books (each lives on while its client
+        still holds views of its slots)."""
         self._close_socket()
+        self.session = None
+        self.books = {}
+
+    def give_back(self, h: dict) -> None:
+        """A BATCH nobody will read: if it names a slot, the slot goes back at once."""
+        book = self.books.get(h["session"])
+        if h["slot"] is not None and book is not None:
+            book.give_back(h["slot"])
 
     # ------------------------------------------------------------------ session
 
     def accept(self, h: dict) -> Welcome | None:
-        """A WELCOME: take the session (None when it is stale, or the fast path failed and a
-        plain session was asked for instead)."""
+        """A WELCOME: take the session, and claim the fast path if it is offered (None when
+        the WELCOME is stale: a late answer to a repeated HELLO)."""
         if self.session is not None:
-            if h["session"] != self.session:  # a late answer to a repeated HELLO
+            if h["session"] != self.session:
                 self.send(protocol.bye(h["session"]))
             return None
         welcome = Welcome.from_header(h)
-        ring, self.ring = self.ring, None
-        if h["ring"] is not None:
-            try:
-                self.ring = ring if ring is not None and ring.same(h["ring"]) \
-                    else RingMap(h["ring"])
-            except (OSError, ProtocolError) as exc:
-                # Not on the server's host after all: ask again for a plain session.
-                log.info("fast path to %s unavailable (%s); using the socket", self.address, exc)
-                self.send(protocol.bye(welcome.session))
-                self.fastpath = False
-                self.hello()
-                return None
-        self.session = welcome.session
-        self.welcome = welcome
-        self._previous_session = None
+        self.session, self.secret, self.welcome = welcome.session, h["secret"], welcome
+        self._previous_session = self._previous_secret = None
         self.handshake_error = None
         self.lost_since = None
         self._hello_wait = 0.25
+        self.books = {s: b for s, b in self.books.items() if s == self._last_session}
+        self._last_session = welcome.session
+        if self.fastpath and h["ring"] is not None and h["claim"] is not None:
+            self._claim(h["ring"], h["claim"])
         return welcome
+
+    def _claim(self, ring: dict, claim: str) -> None:
+        try:
+            if self.ring is None or not self.ring.same(ring):
+                self.ring = RingMap(ring)
+            book = LeaseBook(claim, self.ring.slots)
+        except (OSError, ProtocolError) as exc:
+            log.info("fast path to %s unavailable (%s); using the socket", self.address, exc)
+            self.ring = None
+            return
+        assert self.session is not None
+        self.books[self.session] = book
+        self.send(protocol.claim(session=self.session, nonce=book.nonce))
 
     def lose(self, fresh_socket: bool) -> None:
         """The server is gone (or silent): start over, resuming the session if it comes back."""
         if self.session is not None:
-            self._previous_session = self.session
+            self._previous_session, self._previous_secret = self.session, self.secret
         self.session = None
         now = time.monotonic()
         if self.lost_since is None:

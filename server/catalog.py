@@ -5,15 +5,27 @@ session's parameters need against the data.
   otherwise);
 - ``served_fields(dataset)``: the dataset's fields, a transform's declared output, or () when
   a transform declares nothing (clients then learn the fields from the first batch);
-- ``check_sampling_fields``: balanced and weighted sampling read a label or weights column;
-  it is checked once per dataset and field, on a read-only mapping kept until ``close``.
+- ``check_plan``: what a session's plan needs of the server: its epoch order within the
+  server's budget (``--max-order-mb``; balanced and weighted sampling choose their epoch's
+  length), and for balanced and weighted sampling a label or weights column that can be
+  used, checked once per dataset and field on a read-only mapping kept until ``close``.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from batchfeed.shared.errors import InvalidRequest
-from batchfeed.shared.plan import PlanParams, check_label, check_weights, column
+from batchfeed.shared.plan import (
+    BatchPlan,
+    PlanParams,
+    check_label,
+    check_weights,
+    column,
+    index_dtype,
+)
 from batchfeed.shared.schema import Field
+from batchfeed.shared.shm import human_bytes
 
 from .dataset import DatasetSpec, attach_arrays
 from .transform import Transform
@@ -47,7 +59,20 @@ class Catalog:
             return dataset.fields
         return transform.schema or ()
 
-    def check_sampling_fields(self, dataset: DatasetSpec, params: PlanParams) -> None:
+    def check_plan(self, dataset: DatasetSpec, plan: BatchPlan, max_order_bytes: int) -> None:
+        itemsize = np.dtype(index_dtype(plan.n_rows)).itemsize
+        budget = max(max_order_bytes, plan.n_rows * itemsize)  # one pass over the data is fine
+        order_bytes = plan.epoch_rows * itemsize
+        if order_bytes > budget:
+            most = budget // itemsize
+            raise InvalidRequest(
+                f"epoch_rows={plan.epoch_rows:,} needs an epoch order of "
+                f"{human_bytes(order_bytes)}, more than this server allows per epoch "
+                f"({human_bytes(budget)}, --max-order-mb): ask for at most "
+                f"{most:,} rows per epoch, or restart the server with a larger --max-order-mb")
+        self._check_sampling_fields(dataset, plan.params)
+
+    def _check_sampling_fields(self, dataset: DatasetSpec, params: PlanParams) -> None:
         for name, check in ((params.label, check_label), (params.weights, check_weights)):
             if name is None or (dataset.name, name, check) in self._checked:
                 continue

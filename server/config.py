@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from batchfeed.shared.addresses import check_address, is_loopback_host
 from batchfeed.shared.errors import InvalidRequest
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -38,6 +39,7 @@ class ServerConfig:
     mmap: bool = False  # map .npy files instead of copying them into shared memory
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
     metrics_bind: str = "127.0.0.1"
+    max_order_bytes: int = 256 * MIB  # the largest epoch order a session may ask for
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -52,10 +54,16 @@ class ServerConfig:
             raise InvalidRequest("timeouts must be positive")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidRequest(f"--metrics-port must be 0..65535, got {self.metrics_port}")
-        if not self.bind.startswith(("tcp://", "ipc://")):
+        check_address(self.bind, "--bind")
+        if self.metrics_port is not None and not is_loopback_host(self.metrics_bind) \
+                and not self.insecure:
             raise InvalidRequest(
-                f"--bind {self.bind!r} must be a tcp://HOST:PORT or ipc://PATH address"
-            )
+                f"refusing to serve metrics on {self.metrics_bind}: they name sessions, "
+                "clients and datasets to anyone who can reach the port, over plain HTTP. "
+                "Keep --metrics-bind on loopback (the default) and scrape through a tunnel or "
+                "a sidecar, or pass --insecure on a trusted private network")
+        if self.max_order_bytes < 1:
+            raise InvalidRequest("--max-order-mb must be positive")
 
     @property
     def n_workers(self) -> int:

@@ -2,8 +2,9 @@
 
 It owns the client-facing ROUTER socket and the poller, and dispatches what arrives:
 
-- client messages go through the handler table (HELLO, REQUEST, RELEASE, PING, BYE, STATS) to
-  the sessions (``sessions.py``: credit, queue, leases);
+- client messages go through the handler table (HELLO, CLAIM, REQUEST, RELEASE, PING, BYE,
+  STATS) to the sessions (``sessions.py``: credit, queue), each honoured only from the
+  connection that owns the session it names (its routing id, and with CURVE its public key);
 - the scheduler (``scheduler.py``) turns queued batches into tasks for idle workers;
 - worker replies come back over the workers' socketpairs, and deaths through their sentinels,
   to the supervisor (``supervisor.py``) and the scheduler;
@@ -12,26 +13,29 @@ It owns the client-facing ROUTER socket and the poller, and dispatches what arri
   bytes itself.
 
 A slot comes back to the ring when ZeroMQ's MessageTracker says the last frame pointing into it
-was released, or when a fast-path client RELEASEs it, or when its holder (a dead worker, an
-expired session) is gone.  After an internal error the loop checks every invariant of the ring,
-the sessions and the scheduler; if one no longer holds it stops (``BookkeepingError``), so that
-a supervisor restarts a clean server instead of serving from corrupt bookkeeping.
+was released, or when a fast-path client cleared its byte in the lease table (``leases.py``),
+or when its holder (a dead worker, a closed session, a client process that is gone) is.  Leases
+and sends together stay within a budget that leaves the workers room, so that no client can
+stall another: past it, a batch is sent copied.
+
+After an internal error the loop checks every invariant of the ring, the sessions and the
+scheduler; if one no longer holds it stops (``BookkeepingError``), so that a supervisor restarts
+a clean server instead of serving from corrupt bookkeeping.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
+import socket
 import time
 from collections import Counter, defaultdict
 
 import zmq
 
 from batchfeed.shared import protocol
-from batchfeed.shared.errors import BatchfeedError, ProtocolError
+from batchfeed.shared.errors import BatchfeedError, ProtocolError, ResourceError
 from batchfeed.shared.plan import BatchPlan, PlanParams
-from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.schema import schema_to_wire
 from batchfeed.shared.version import __version__
 
@@ -39,12 +43,13 @@ from . import tasks
 from .catalog import Catalog
 from .config import ServerConfig
 from .dataset import DatasetSpec
-from .leases import Leases
+from .leases import TABLE_HEADER, Leases
 from .orders import OrderBoard
-from .ring import SEND, Holder, SlotRing
-from .scheduler import InFlight, Scheduler
+from .ratelog import RateLimitedLog
+from .ring import LEASE, SEND, TASK, Holder, SlotRing
+from .scheduler import TASKS_PER_WORKER, InFlight, Scheduler
 from .security import ServerSecurity
-from .sessions import Session, SessionTable, new_session, size_session
+from .sessions import Owner, Session, SessionTable, new_session, size_session
 from .supervisor import Supervisor, WorkerHandle
 from .transform import Transform
 from .worker import WorkerSpec
@@ -73,7 +78,7 @@ class Frontend:
         self.datasets = datasets
         self.catalog = Catalog(datasets, self.transforms)
         self.ring = ring
-        self.leases = Leases(ring)
+        self.leases = Leases(ring, reserve=TASKS_PER_WORKER * config.n_workers)
         self.sessions = SessionTable(self.leases)
         self.orders = OrderBoard(ring.token)
         self.scheduler = Scheduler(ring, self.orders, self.sessions.by_id)
@@ -86,6 +91,7 @@ class Frontend:
         self.snapshot: dict = {}  # describe() with sessions, refreshed by the loop for readers
         # in other threads (metrics): they read this reference, never the live state
         self.errors: Counter[str] = Counter()
+        self.log = RateLimitedLog(log)
         self._stopping = False
         self._last_timer = 0.0
         self.started = time.monotonic()
@@ -120,6 +126,8 @@ class Frontend:
         self.clients.sndhwm = 100_000  # credit, not the HWM, bounds what is queued per client
         self.clients.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        if self.config.bind.startswith("ipc://"):
+            check_ipc_free(self.config.bind[len("ipc://"):])
         self.clients.bind(self.config.bind)
         self.address = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller.register(self.clients, zmq.POLLIN)
@@ -138,6 +146,7 @@ class Frontend:
             self.clients.close(linger=0)
         self.clients = None
         self.sends.clear()
+        self.leases.close()
         if self.security is not None:
             self.security.close()
         self.orders.close()
@@ -153,8 +162,9 @@ class Frontend:
             try:
                 self._iterate()
             except Exception:  # a bug must cost one message, not the whole server
-                log.exception("internal error in the front end")
                 self.errors["internal"] += 1
+                self.log.log(logging.ERROR, "internal", "internal error in the front end",
+                             exc_info=True)
                 try:
                     self.check_invariants()
                 except AssertionError as exc:
@@ -170,6 +180,8 @@ class Frontend:
             if w.fd in events or w.sentinel in events:
                 self._drain_worker(w, exited=w.sentinel in events)
         self._reap_sends()
+        if self.scheduler.runnable and not self.ring.free_count:
+            self.leases.collect_all()  # starved: look for slots given back
         self.scheduler.dispatch(self.workers)
         self.scheduler.order_ahead(self.workers)
         now = time.monotonic()
@@ -189,7 +201,7 @@ class Frontend:
         self.ring.check()
         self.scheduler.check()
         self.sessions.check()
-        self.leases.check(self.sessions.by_id)
+        self.leases.check()
         for _, slot, holder in self.sends:
             if self.ring.holder(slot) != holder:
                 raise AssertionError(f"a send holds slot {slot}, which is held by "
@@ -202,14 +214,21 @@ class Frontend:
 
     def _drain_clients(self) -> None:
         assert self.clients is not None
+        curve = self.security is not None and self.security.curve
         for _ in range(DRAIN_MAX):
             try:
-                frames = self.clients.recv_multipart(zmq.NOBLOCK)
+                if curve:  # the owner includes the key ZAP authenticated the connection with
+                    parts = self.clients.recv_multipart(zmq.NOBLOCK, copy=False)
+                    owner: Owner = (parts[0].bytes, str(parts[-1].get("User-Id") or ""))
+                    frames: list = [f.bytes for f in parts[1:]]
+                else:
+                    frames = self.clients.recv_multipart(zmq.NOBLOCK)
+                    owner, frames = (frames[0], ""), frames[1:]
             except zmq.Again:
                 return
-            self._on_client(frames[0], frames[1:])
+            self._on_client(owner, frames)
 
-    def _on_client(self, route: bytes, frames: list) -> None:
+    def _on_client(self, owner: Owner, frames: list) -> None:
         self.counters["messages"] += 1
         session_id = None
         try:
@@ -218,12 +237,13 @@ class Frontend:
             handler = self._handlers.get(msg.kind)
             if handler is None:
                 raise ProtocolError(f"a server does not accept {msg.kind} messages")
-            handler(self, route, msg.header)
+            handler(self, owner, msg.header)
         except BatchfeedError as exc:
             self.errors[exc.code] += 1
-            log.debug("client error (%s): %s", exc.code, exc)
+            self.log.log(logging.INFO, exc.code, "refused a client message (%s): %s", exc.code,
+                         exc)
             session = session_id if type(session_id) is int else None
-            self._send(route, protocol.error(exc.code, str(exc), session=session))
+            self._send(owner[0], protocol.error(exc.code, str(exc), session=session))
 
     def _send(self, route: bytes, frames: list, copy: bool = True) -> bool:
         assert self.clients is not None
@@ -234,40 +254,45 @@ class Frontend:
             log.debug("cannot send to client: %s", exc)
             return False
 
-    def _on_hello(self, route: bytes, h: dict) -> None:
+    def _on_hello(self, owner: Owner, h: dict) -> None:
         params = PlanParams.from_wire(h["params"])
         dataset = self.catalog.dataset(h["dataset"])
         plan = BatchPlan(dataset.rows, params, data_key=dataset.name)
-        self.catalog.check_sampling_fields(dataset, params)
+        self.catalog.check_plan(dataset, plan, self.config.max_order_bytes)
         fields = self.catalog.served_fields(dataset)
         sizing = size_session(params.batch_size, fields, dataset.fields, h["prefetch"],
                               self.ring.slot_bytes, self.config.chunk_bytes)
-        fastpath = h["fastpath"] and h["pid"] is not None and h["pid_start"] is not None \
-            and same_process_alive(h["pid"], h["pid_start"])
-        if h["fastpath"] and not fastpath:
-            log.info("fast path refused: client process %s is not visible from the server",
-                     h["pid"])
-        session = new_session(
-            secrets.randbits(62), route, dataset, plan, sizing, fastpath=fastpath,
-            name=h["name"] or "", pid=h["pid"] if fastpath else None,
-            pid_start=h["pid_start"] if fastpath else None)
-        self.sessions.open(session, h["resume"])
+        table = self.leases.offer() if h["fastpath"] else None
+        session = new_session(owner, dataset, plan, sizing, name=h["name"] or "", table=table)
+        self.sessions.open(session, h["resume"], h["resume_secret"])
         self.counters["sessions"] += 1
-        log.info("session %x from %s: %s on %s", session.id, session.name or "?", params,
-                 dataset.name)
-        self._send(route, protocol.welcome(
+        log.info("session %x (%s) from %s: %s on %s", session.id, session.label,
+                 session.name or "?", params, dataset.name)
+        self._send(owner[0], protocol.welcome(
             session=session.id,
+            secret=session.secret,
             dataset=dataset.name,
             rows=dataset.rows,
             batches_per_epoch=plan.batches_per_epoch,
             prefetch=sizing.prefetch,
             fields=schema_to_wire(fields),
             server=__version__,
-            ring=self.ring.describe() if session.fastpath else None,
+            ring=self.ring.describe() if table is not None else None,
+            claim=table.name if table is not None else None,
         ))
 
-    def _on_stats(self, route: bytes, h: dict) -> None:
-        self._send(route, protocol.report(self.describe(), [
+    def _on_claim(self, owner: Owner, h: dict) -> None:
+        s = self.sessions.find(h["session"], owner)
+        if s.table is None or not s.table.claim(h["nonce"]):
+            # No reply: the session goes on over the socket, as it would have anyway.
+            self.counters["claims_refused"] += 1
+            self.log.log(logging.WARNING, "claim", "session %s: a fast-path claim with a wrong "
+                         "nonce was refused; its batches keep coming over the socket", s.label)
+            return
+        log.info("session %x (%s): fast path granted", s.id, s.label)
+
+    def _on_stats(self, owner: Owner, h: dict) -> None:
+        self._send(owner[0], protocol.report(self.describe(), [
             s.describe(time.monotonic()) for s in list(self.sessions)[:MAX_REPORTED]]))
 
     def describe(self) -> dict:
@@ -283,36 +308,40 @@ class Frontend:
             "worker_pids": [w.pid or 0 for w in self.workers],
             "slots": self.ring.n_slots, "slot_bytes": self.ring.slot_bytes,
             "slots_free": self.ring.free_count,
-            "slots_busy": held["task"] + held["send"], "slots_leased": held["lease"],
+            "slots_busy": held[TASK] + held[SEND], "slots_leased": held[LEASE],
             "sessions": len(self.sessions),
             "counters": dict(counters), "errors": dict(self.errors),
             "worker_busy_s": {str(i): round(v, 3) for i, v in self.worker_busy.items()},
         }
 
-    def _on_request(self, route: bytes, h: dict) -> None:
-        s = self.sessions.find(h["session"], route)
-        if h["release"]:
-            self.leases.release(s, h["release"])
+    def _on_request(self, owner: Owner, h: dict) -> None:
+        s = self.sessions.find(h["session"], owner)
+        if s.table is not None:
+            self.leases.collect(s.table)
+        at = h["at"]
+        if isinstance(at, list) and len(at) == 2 and all(type(v) is int for v in at):
+            s.at = tuple(at)
         if s.request(h["stream"], h["epoch"], h["k0"], h["count"]):
             self.scheduler.wake(s)
 
-    def _on_release(self, route: bytes, h: dict) -> None:
-        self.leases.release(self.sessions.find(h["session"], route), h["slots"])
+    def _on_release(self, owner: Owner, h: dict) -> None:
+        s = self.sessions.find(h["session"], owner)
+        if s.table is not None:
+            self.leases.collect(s.table)
 
-    def _on_ping(self, route: bytes, h: dict) -> None:
+    def _on_ping(self, owner: Owner, h: dict) -> None:
         if h["session"] is not None:
-            self.sessions.find(h["session"], route)
-        self._send(route, protocol.pong())
+            self.sessions.find(h["session"], owner)
+        self._send(owner[0], protocol.pong())
 
-    def _on_bye(self, route: bytes, h: dict) -> None:
-        s = self.sessions.by_id.get(h["session"])
-        if s is None:
-            return
-        held = protocol.check_int_list(h["held"] or [], "held slots", high=self.ring.n_slots - 1)
-        self.sessions.close(s, "said bye", still_held=held)
+    def _on_bye(self, owner: Owner, h: dict) -> None:
+        s = self.sessions.find(h["session"], owner)
+        self.sessions.close(s, "said bye")
+        self._send(owner[0], protocol.pong(s.id))  # nothing of the session follows this
 
     _handlers = {
         protocol.HELLO: _on_hello,
+        protocol.CLAIM: _on_claim,
         protocol.REQUEST: _on_request,
         protocol.RELEASE: _on_release,
         protocol.PING: _on_ping,
@@ -375,20 +404,30 @@ class Frontend:
         s.sent(len(done.shapes), nbytes)
         self.counters["batches"] += len(done.shapes)
         self.counters["bytes"] += nbytes
-        if s.fastpath and len(s.leased) < self.ring.n_slots // 2:
-            if self._send(s.route, protocol.batch(slot=slot, offsets=done.offsets, **where)):
-                self.leases.lease(s, slot, job.holder)
-            else:
-                self.ring.release(slot, job.holder)
-            return
-        # Every data frame points into the slot (zero-copy, even small ones: this process never
-        # copies batch bytes); the slot is free again once ZeroMQ has released all of them.
-        frames = [zmq.Frame(self.ring.view(slot, off, n), copy=False, track=True)
-                  for off, n in zip(done.offsets, done.nbytes)]
-        holder = Holder(SEND, s.id)
-        self.ring.hand_over(slot, job.holder, holder)
-        self._send(s.route, protocol.batch(buffers=frames, **where), copy=False)
-        self.sends.append((zmq.MessageTracker(*frames), slot, holder))
+        views = [self.ring.view(slot, off, n) for off, n in zip(done.offsets, done.nbytes)]
+        if not self.leases.may_hold(s, s.fastpath):
+            self._reap_sends()
+            self.leases.collect_all()  # maybe some came back meanwhile
+        if not self.leases.may_hold(s, s.fastpath):
+            # Over the budget: a copy, so the slot is free at once and nobody waits on it.
+            self.counters["copied_sends"] += 1
+            self._send(s.route, protocol.batch(buffers=views, **where), copy=True)
+            self.ring.release(slot, job.holder)
+        elif s.fastpath:
+            assert s.table is not None
+            self.leases.lease(s.table, slot, job.holder)  # the byte is set before the send
+            if not self._send(s.route, protocol.batch(slot=slot, offsets=done.offsets,
+                                                      **where)):
+                s.table.buf[TABLE_HEADER + slot] = 0  # never went out: take it back
+                self.leases.collect(s.table)
+        else:
+            # Every data frame points into the slot (zero-copy); the slot is free again once
+            # ZeroMQ has released all of them.
+            frames = [zmq.Frame(view, copy=False, track=True) for view in views]
+            holder = Holder(SEND, s.id)
+            self.ring.hand_over(slot, job.holder, holder)
+            self._send(s.route, protocol.batch(buffers=frames, **where), copy=False)
+            self.sends.append((zmq.MessageTracker(*frames), slot, holder))
 
     def _reap_sends(self) -> None:
         if not self.sends:
@@ -406,7 +445,26 @@ class Frontend:
     def _check_timers(self, now: float) -> None:
         self.snapshot = {**self.describe(),
                          "session_list": [s.describe(now) for s in self.sessions]}
-        self.leases.reap()
+        self.leases.collect_all()
         self.sessions.expire(now, self.config.session_timeout)
         self.supervisor.kill_stuck(now)
 
+
+
+def check_ipc_free(path: str) -> None:
+    """Refuse to take over the socket of a live server (ZeroMQ would silently replace it, and
+    new clients would reach this server instead); a stale file of a dead one is replaced."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # nobody listens there: a leftover, which bind replaces
+    except OSError as exc:
+        raise ResourceError(f"cannot bind ipc://{path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise ResourceError(f"ipc://{path} is in use by a running server; stop it, or pick another "
+                        "--bind address")

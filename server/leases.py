@@ -1,96 +1,203 @@
-"""Fast-path leases: ring slots that same-host clients hold views of.
+"""Fast-path leases, and the budget of slots that clients may hold at once.
 
-A slot gathered for a fast-path session is leased to it (``lease``) instead of being sent: the
-client reads the slot itself, and gives it back (``release``) once its last view is gone.  Only
-the session that holds a lease can end it.  A session that closes while its trainer still holds
-views leaves those slots as *orphans*, freed once the client process is gone (``reap``): the
-views stay valid until then, whatever the server does meanwhile.
+**Lease tables.**  A same-host client that asks for the fast path is offered a *lease table*: a
+small 0600 shared segment holding a random nonce, then one byte per ring slot.  The client
+proves it can read this server's shared memory on this host by sending the nonce back (CLAIM);
+only then is it sent slots instead of data.  It keeps the table's descriptor open with a shared
+``flock`` for as long as it may hold views, and the table's name is unlinked once claimed, so
+no other process can open it.
 
-``check`` verifies that the ring agrees: every lease is held in the ring by its session, and
-the ring holds no lease that nobody here knows.
+- The server sets a slot's byte to 1 when it leases the slot (before the BATCH naming it goes
+  out); the client sets it back to 0 when its last view of the slot is gone, from whichever
+  thread drops it, even after its I/O thread has ended.  ``collect`` frees the slots whose byte
+  is 0: nobody but the client that holds a slot can give it back.
+- A table whose session has closed stays (an *orphan*) until every slot is back, or until no
+  process holds its ``flock`` any more (the client process is gone): ``holder_alive``.  No other
+  process can keep a table alive by claiming a pid.
+
+**The budget.**  Leases and zero-copy sends hold slots beyond the gather.  Together they may hold
+at most ``limit`` slots, leaving ``reserve`` for the workers, and one session's leases at most
+``per_session``; past that, a batch is sent copied (the slot is free as soon as the message is
+built), so no client, however it holds its views or stops reading, can stall another.
+
+``check`` verifies that the ring agrees with the tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fcntl
+import hmac
+import logging
+import secrets
 from typing import TYPE_CHECKING
 
-from batchfeed.shared import protocol
-from batchfeed.shared.procs import same_process_alive
+from batchfeed.shared.errors import ResourceError
+from batchfeed.shared.shm import (
+    LEASE_NONCE_BYTES,
+    LEASE_TABLE_HEADER,
+    SharedSegment,
+    segment_name,
+)
 
-from .ring import LEASE, Holder, SlotRing
+from .ring import LEASE, SEND, Holder, SlotRing
 
 if TYPE_CHECKING:
     from .sessions import Session
 
+log = logging.getLogger("batchfeed.server")
 
-@dataclass
-class Orphans:
-    """Slots a closed session's process still holds views of."""
+TABLE_HEADER = LEASE_TABLE_HEADER
 
-    pid: int | None
-    pid_start: int | None
-    slots: set
-    holder: Holder
+
+class LeaseTable:
+    """One fast-path session's table.  ``close`` unmaps it and closes its descriptor."""
+
+    def __init__(self, token: str, serial: int, n_slots: int):
+        self.id = serial
+        self.nonce = secrets.token_bytes(LEASE_NONCE_BYTES)
+        self.segment = SharedSegment.create(segment_name(token, f"lease{serial}"),
+                                            TABLE_HEADER + n_slots, keep_fd=True)
+        assert self.segment.buf is not None
+        self.buf = self.segment.buf
+        self.buf[:LEASE_NONCE_BYTES] = self.nonce
+        self.claimed = False
+        self.slots: set[int] = set()  # leased through this table and not yet given back
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    @property
+    def holder(self) -> Holder:
+        return Holder(LEASE, self.id)
+
+    def claim(self, nonce: str) -> bool:
+        """The client read the nonce: it shares this host's shared memory with the server."""
+        try:
+            given = bytes.fromhex(nonce)
+        except ValueError:
+            return False
+        if self.claimed or not hmac.compare_digest(given, self.nonce):
+            return False
+        self.claimed = True
+        self.segment.unlink()  # nobody else may open it now
+        return True
+
+    def mark(self, slot: int) -> None:
+        self.buf[TABLE_HEADER + slot] = 1
+        self.slots.add(slot)
+
+    def returned(self) -> list[int]:
+        buf = self.buf
+        return [slot for slot in self.slots if buf[TABLE_HEADER + slot] == 0]
+
+    def holder_alive(self) -> bool:
+        """Whether the client process (or a child it forked) still holds the table."""
+        fd = self.segment.fd
+        if not self.claimed or fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # someone holds a shared lock on it
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        self.segment.close()
 
 
 class Leases:
-    def __init__(self, ring: SlotRing):
+    """The lease tables (of open sessions, and orphans) and the slot budget."""
+
+    def __init__(self, ring: SlotRing, reserve: int):
         self.ring = ring
-        self.orphans: list[Orphans] = []
+        self.reserve = max(1, min(reserve, ring.n_slots - 1))
+        self.limit = ring.n_slots - self.reserve
+        self.per_session = max(1, self.limit // 2)
+        self.orphans: list[LeaseTable] = []
+        self._serial = 0
+        self._live: dict[int, LeaseTable] = {}  # table id -> table, of open sessions
 
-    def lease(self, s: Session, slot: int, gathered_by: Holder) -> None:
-        self.ring.hand_over(slot, gathered_by, Holder(LEASE, s.id))
-        s.leased.add(slot)
+    # ------------------------------------------------------------------ tables
 
-    def release(self, s: Session, slots: object) -> None:
-        """The client's views of ``slots`` are gone; slots it does not hold are ignored."""
-        protocol.check_int_list(slots, "released slots", high=self.ring.n_slots - 1,
-                                max_len=protocol.MAX_RELEASE)
-        for slot in slots:  # type: ignore[attr-defined]
-            if slot in s.leased:  # only the holder may give a slot back, and only once
-                s.leased.discard(slot)
-                self.ring.release(slot, Holder(LEASE, s.id))
+    def offer(self) -> LeaseTable | None:
+        """A new table for a session that asked for the fast path (None: no room in shm)."""
+        self._serial += 1
+        try:
+            table = LeaseTable(self.ring.token, self._serial, self.ring.n_slots)
+        except (ResourceError, OSError) as exc:
+            log.warning("no fast path for a session: %s", exc)
+            return None
+        self._live[table.id] = table
+        return table
 
-    def move(self, old: Session, new: Session) -> None:
-        """The same client after a reconnect: the slots it still holds views of are its own."""
-        for slot in old.leased:
-            self.ring.hand_over(slot, Holder(LEASE, old.id), Holder(LEASE, new.id))
-        new.leased, old.leased = old.leased, set()
+    def lease(self, table: LeaseTable, slot: int, gathered_by: Holder) -> None:
+        self.ring.hand_over(slot, gathered_by, table.holder)
+        table.mark(slot)
 
-    def end(self, s: Session, still_held: set) -> None:
-        """``s`` closes: the slots the client says it still holds views of wait for its
-        process to exit; the others are free now."""
-        kept = still_held & s.leased if s.client_alive() else set()
-        if kept:
-            self.orphans.append(Orphans(s.pid, s.pid_start, kept, Holder(LEASE, s.id)))
-        for slot in s.leased - kept:
-            self.ring.release(slot, Holder(LEASE, s.id))
-        s.leased = set()
+    def collect(self, table: LeaseTable) -> int:
+        """Free the slots the client gave back; how many."""
+        back = table.returned()
+        for slot in back:
+            table.slots.discard(slot)
+            self.ring.release(slot, table.holder)
+        return len(back)
 
-    def reap(self) -> None:
-        """Free the orphans of processes that are gone."""
-        for orphan in list(self.orphans):
-            if orphan.pid is None or orphan.pid_start is None or not same_process_alive(
-                    orphan.pid, orphan.pid_start):
-                self.orphans.remove(orphan)
-                for slot in orphan.slots:
-                    self.ring.release(slot, orphan.holder)
+    def collect_all(self) -> int:
+        freed = sum(self.collect(t) for t in self._live.values())
+        for table in list(self.orphans):
+            freed += self.collect(table)
+            if not table.slots or not table.holder_alive():
+                self._drop(table)
+                self.orphans.remove(table)
+        return freed
 
-    def check(self, sessions: dict[int, Session]) -> None:
+    def end(self, table: LeaseTable) -> None:
+        """Its session closed: free what is back; the rest waits (an orphan) while the client
+        process may still hold views of it."""
+        self._live.pop(table.id, None)
+        self.collect(table)
+        if table.slots and table.holder_alive():
+            self.orphans.append(table)
+        else:
+            self._drop(table)
+
+    def _drop(self, table: LeaseTable) -> None:
+        for slot in table.slots:
+            self.ring.release(slot, table.holder)
+        table.slots.clear()
+        table.close()
+
+    def close(self) -> None:
+        for table in [*self._live.values(), *self.orphans]:
+            table.close()
+        self._live.clear()
+        self.orphans.clear()
+
+    # ------------------------------------------------------------------ the budget
+
+    def may_hold(self, s: Session, lease: bool) -> bool:
+        """Whether one more slot may wait on ``s``: a lease (at most ``per_session`` each),
+        or a zero-copy send (bounded by the total only: a reading client frees them in
+        microseconds, and a stalled one's are capped by its credit)."""
+        if self.ring.count_kind(LEASE) + self.ring.count_kind(SEND) >= self.limit:
+            return False
+        return not lease or s.table is None or len(s.table.slots) < self.per_session
+
+    # ------------------------------------------------------------------ invariants
+
+    def check(self) -> None:
         known = 0
-        for s in sessions.values():
-            for slot in s.leased:
-                if self.ring.holder(slot) != Holder(LEASE, s.id):
-                    raise AssertionError(f"session {s.id:x} leases slot {slot}, which is held "
-                                         f"by {self.ring.holder(slot)}")
-            known += len(s.leased)
-        for orphan in self.orphans:
-            for slot in orphan.slots:
-                if self.ring.holder(slot) != orphan.holder:
-                    raise AssertionError(f"orphaned slot {slot} is held by "
-                                         f"{self.ring.holder(slot)}, not {orphan.holder}")
-            known += len(orphan.slots)
-        if self.ring.held()[LEASE] != known:
-            raise AssertionError(f"the ring counts {self.ring.held()[LEASE]} leased slots; "
-                                 f"sessions and orphans hold {known}")
+        for table in [*self._live.values(), *self.orphans]:
+            for slot in table.slots:
+                if self.ring.holder(slot) != table.holder:
+                    raise AssertionError(f"lease table {table.id} holds slot {slot}, which "
+                                         f"the ring says {self.ring.holder(slot)} holds")
+            known += len(table.slots)
+        if self.ring.count_kind(LEASE) != known:
+            raise AssertionError(f"the ring counts {self.ring.count_kind(LEASE)} leased slots; "
+                                 f"the lease tables hold {known}")
+
+    def leased(self) -> int:
+        return self.ring.count_kind(LEASE)

@@ -66,6 +66,8 @@ class SlotRing:
             self.segment.buf[: len(RING_MAGIC) + len(self.proof)] = RING_MAGIC + self.proof
         self._free: list[int] = list(range(n_slots))
         self._holders: list[Holder | None] = [None] * n_slots
+        self._counts: Counter[Holder] = Counter()  # slots per holder
+        self._kinds: Counter[str] = Counter()  # slots per kind of holder
 
     @property
     def name(self) -> str:
@@ -83,27 +85,43 @@ class SlotRing:
         if not self._free:
             return None
         slot = self._free.pop()
-        self._holders[slot] = holder
+        self._hold(slot, holder)
         return slot
 
     def hand_over(self, slot: int, old: Holder, new: Holder) -> None:
         self._expect(slot, old)
-        self._holders[slot] = new
+        self._unhold(slot, old)
+        self._hold(slot, new)
 
     def release(self, slot: int, holder: Holder) -> None:
         self._expect(slot, holder)
-        self._holders[slot] = None
+        self._unhold(slot, holder)
         self._free.append(slot)
+
+    def _hold(self, slot: int, holder: Holder) -> None:
+        self._holders[slot] = holder
+        self._counts[holder] += 1
+        self._kinds[holder.kind] += 1
+
+    def _unhold(self, slot: int, holder: Holder) -> None:
+        self._holders[slot] = None
+        self._counts[holder] -= 1
+        if not self._counts[holder]:
+            del self._counts[holder]
+        self._kinds[holder.kind] -= 1
 
     def holder(self, slot: int) -> Holder | None:
         return self._holders[slot]
 
     def held(self) -> Counter[str]:
         """Slots held, by kind of holder."""
-        return Counter(h.kind for h in self._holders if h is not None)
+        return +self._kinds
 
-    def held_by(self, holder: Holder) -> list[int]:
-        return [slot for slot, h in enumerate(self._holders) if h == holder]
+    def count(self, holder: Holder) -> int:
+        return self._counts[holder]
+
+    def count_kind(self, kind: str) -> int:
+        return self._kinds[kind]
 
     def _expect(self, slot: int, holder: Holder) -> None:
         if not 0 <= slot < self.n_slots:
@@ -120,6 +138,8 @@ class SlotRing:
             if (h is None) != (slot in free):
                 raise RingError(f"slot {slot} is {'free' if slot in free else 'not free'} "
                                 f"but its holder is {h}")
+        if Counter(h for h in self._holders if h is not None) != self._counts:
+            raise RingError("the ring's per-holder counts do not match its slots")
 
     # ------------------------------------------------------------------ memory
 

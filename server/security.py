@@ -8,37 +8,17 @@ server.  ``close`` stops the authenticator.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from batchfeed.shared.addresses import is_loopback
 from batchfeed.shared.errors import AuthenticationError, InvalidRequest
 from batchfeed.shared.security import check_libzmq, load_secret
 
 log = logging.getLogger("batchfeed.server")
-
-_TCP = re.compile(r"^tcp://(\[[^\]]+\]|[^:]+):(\*|\d+)$")
-
-
-def is_loopback(address: str) -> bool:
-    """True for ipc:// and for tcp:// on 127.0.0.0/8, ::1 or localhost."""
-    if address.startswith("ipc://"):
-        return True
-    m = _TCP.match(address)
-    if not m:
-        return False
-    host = m.group(1).strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # '*', an interface name or a host name: assume reachable from outside
-
 
 class ServerSecurity:
     def __init__(self, bind: str, curve_secret_key: str | None, authorized_keys: str | None,

@@ -19,16 +19,17 @@ batch is, how many batches go in one message (``max_chunk``) and the default pre
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import time
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan
-from batchfeed.shared.procs import same_process_alive
 from batchfeed.shared.protocol import MAX_BATCHES_PER_MESSAGE
 from batchfeed.shared.schema import Field
 
@@ -36,7 +37,7 @@ from .dataset import DatasetSpec
 from .worker import ALIGN
 
 if TYPE_CHECKING:
-    from .leases import Leases
+    from .leases import Leases, LeaseTable
 
 log = logging.getLogger("batchfeed.server")
 
@@ -83,26 +84,34 @@ def auto_prefetch(batch_bytes: int, chunk_bytes: int) -> int:
     return max(8, min(512, window // batch_bytes))
 
 
+Owner = tuple[bytes, str]  # (ZeroMQ routing id, CURVE public key or "") of a connection
+
+
 @dataclass
 class Session:
-    """One client's connection state: its plan, its credit and the slots it holds."""
+    """One client's connection state: its plan, its credit and the slots it holds.
+
+    ``id`` names the session in the client's messages, which count only when they come from
+    ``owner``, the connection that said HELLO; ``secret`` lets the same client resume it from
+    a new connection; ``label`` is what others (stats, metrics) are shown instead of the id.
+    """
 
     id: int
-    route: bytes
+    owner: Owner
     dataset: DatasetSpec
     plan: BatchPlan
     prefetch: int
     max_chunk: int
-    fastpath: bool = False
+    secret: str = ""
+    label: str = ""
+    table: LeaseTable | None = None  # the fast path's lease table (offered, or claimed)
     name: str = ""
     last_seen: float = 0.0
     stream: int = -1
-    leased: set = field(default_factory=set)  # fast-path slots the client holds
     batches_sent: int = 0
     bytes_sent: int = 0
     position: tuple = (0, 0)  # (epoch, next k) as last requested
-    pid: int | None = None  # fast path: the client process, checked before reclaiming leases
-    pid_start: int | None = None
+    at: tuple = (0, 0)  # (epoch, next k) of the trainer, as its client last said
     started: float = 0.0
     rate: float = 0.0  # batches/s, smoothed
     rate_mark: tuple = (0.0, 0)  # (time, batches_sent) at the last rate update
@@ -111,10 +120,18 @@ class Session:
     _gathering: int = 0  # batches of the current stream that workers are gathering
     _tasks_in_stream: int = 0
 
-    def client_alive(self) -> bool:
-        """For a same-host client: is its process still there (so it may hold views)?"""
-        return self.pid is not None and self.pid_start is not None and \
-            same_process_alive(self.pid, self.pid_start)
+    @property
+    def route(self) -> bytes:
+        return self.owner[0]
+
+    @property
+    def fastpath(self) -> bool:
+        """Slots may be leased to it: it proved it shares this host's shared memory."""
+        return self.table is not None and self.table.claimed
+
+    @property
+    def leased(self) -> int:
+        return len(self.table.slots) if self.table is not None else 0
 
     # ------------------------------------------------------------------ credit and queue
 
@@ -236,26 +253,29 @@ class Session:
             self.rate_mark = (now, self.batches_sent)
 
     def describe(self, now: float) -> dict:
-        epoch, k = self.position
+        epoch, k = self.at
         params = self.plan.params
         return {
-            "id": f"{self.id:x}", "name": self.name, "dataset": self.dataset.name,
+            "id": self.label, "name": self.name, "dataset": self.dataset.name,
             "batch_size": params.batch_size, "rank": params.rank,
             "world_size": params.world_size, "epoch": epoch, "next": k,
+            "requested": list(self.position),
             "batches_per_epoch": self.plan.batches_per_epoch, "rate": round(self.rate, 1),
             "credit": self.prefetch, "queued": self._queued, "gathering": self._gathering,
-            "leased": len(self.leased), "fastpath": self.fastpath,
+            "leased": self.leased, "fastpath": self.fastpath,
             "batches": self.batches_sent, "bytes": self.bytes_sent,
             "age_s": round(now - self.started, 1), "idle_s": round(now - self.last_seen, 1),
         }
 
 
-def new_session(session_id: int, route: bytes, dataset: DatasetSpec, plan: BatchPlan,
-                sizing: Sizing, **kw: object) -> Session:
+def new_session(owner: Owner, dataset: DatasetSpec, plan: BatchPlan, sizing: Sizing,
+                **kw: object) -> Session:
+    """A session with a fresh random id and secret."""
     now = time.monotonic()
-    return Session(id=session_id, route=route, dataset=dataset, plan=plan,
-                   prefetch=sizing.prefetch, max_chunk=sizing.max_chunk, last_seen=now,
-                   started=now, rate_mark=(now, 0), **kw)  # type: ignore[arg-type]
+    return Session(id=secrets.randbits(62), owner=owner, dataset=dataset, plan=plan,
+                   prefetch=sizing.prefetch, max_chunk=sizing.max_chunk,
+                   secret=secrets.token_hex(16), last_seen=now, started=now, rate_mark=(now, 0),
+                   **kw)  # type: ignore[arg-type]
 
 
 class SessionTable:
@@ -264,6 +284,7 @@ class SessionTable:
     def __init__(self, leases: Leases):
         self.by_id: dict[int, Session] = {}
         self.leases = leases
+        self._serial = 0
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -271,32 +292,37 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self.by_id.values()))
 
-    def open(self, s: Session, resume: int | None) -> None:
-        """Add ``s``; ``resume``: the session this client had before it reconnected, whose
-        leases (slots it still holds views of) are its own."""
+    def open(self, s: Session, resume: int | None, resume_secret: str | None) -> None:
+        """Add ``s``.  ``resume``: the session this client had before it reconnected, closed
+        now if ``resume_secret`` is its secret (its leases wait for the client's views)."""
         old = self.by_id.get(resume) if resume is not None else None
-        if old is not None and old.pid == s.pid:
-            self.leases.move(old, s)
+        if old is not None and resume_secret is not None and \
+                hmac.compare_digest(old.secret, resume_secret):
             self.close(old, f"resumed as {s.id:x}")
+        self._serial += 1
+        s.label = f"s{self._serial}"
         self.by_id[s.id] = s
 
-    def find(self, session_id: int, route: bytes) -> Session:
-        """The session a message names (``UnknownSession`` if there is none)."""
+    def find(self, session_id: int, owner: Owner) -> Session:
+        """The session a message names, if the message comes from its owner; otherwise
+        ``UnknownSession``, and nothing changes (another peer cannot touch it)."""
         s = self.by_id.get(session_id)
-        if s is None:
+        if s is None or s.owner != owner:
             raise UnknownSession(
-                f"session {session_id:x} is unknown to this server (it restarted, or the session "
-                "expired); the client reconnects with a new session"
+                f"session {session_id:x} is unknown on this connection (the server restarted, "
+                "the session expired, or it belongs to another connection); the client "
+                "reconnects with a new session"
             )
-        s.route = route
         s.last_seen = time.monotonic()
         return s
 
-    def close(self, s: Session, why: str, still_held: Collection[int] = ()) -> None:
-        """Forget ``s`` and reclaim its slots (but those whose views the trainer kept past
+    def close(self, s: Session, why: str) -> None:
+        """Forget ``s`` and reclaim its slots (but those whose views its trainer kept past
         close()); its in-flight tasks are dropped on arrival."""
-        log.info("session %x closed: %s", s.id, why)
-        self.leases.end(s, set(still_held))
+        log.info("session %x (%s) closed: %s", s.id, s.label, why)
+        if s.table is not None:
+            self.leases.end(s.table)
+            s.table = None
         s.stall()
         self.by_id.pop(s.id, None)
 
@@ -306,7 +332,7 @@ class SessionTable:
         for s in self:
             s.update_rate(now)
             if now - s.last_seen > timeout:
-                if s.leased and s.client_alive():
+                if s.table is not None and s.table.slots and s.table.holder_alive():
                     s.stall()
                     continue
                 self.close(s, f"silent for {timeout:g} s")

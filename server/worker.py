@@ -181,7 +181,8 @@ def _forget_parent_state(keep: int) -> None:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.startswith(("socket:", "anon_inode:")):
+        # ... nor the descriptors of clients' lease tables: they are the server's to hold.
+        if target.startswith(("socket:", "anon_inode:")) or "_lease" in target:
             try:
                 os.close(fd)
             except OSError:

@@ -9,11 +9,22 @@ byte offset of each field in it instead, and no data frames follow.
 
 Nothing here ever unpickles.  ``decode`` checks sizes before it parses, parses with msgpack's
 explicit limits, and validates every header field's type; anything else raises ProtocolError.
-The ERROR kind and the ``v``/``kind`` keys are frozen across versions so that a peer of another
-version still gets a readable error naming both versions.
+Optional keys a peer left out are filled in with their defaults, so that a handler never meets
+a missing key.  The ERROR kind and the ``v``/``kind`` keys are frozen across versions so that a
+peer of another version still gets a readable error naming both versions.
 
-Kinds, client -> server: HELLO, REQUEST, RELEASE, PING, BYE, STATS.
+Kinds, client -> server: HELLO, CLAIM, REQUEST, RELEASE, PING, BYE, STATS.
 Kinds, server -> client: WELCOME, BATCH, PONG, ERROR, REPORT.
+
+Sessions: WELCOME gives the session's id and a ``secret``.  The id names the session in every
+later message, which the server honours only from the connection that said HELLO; the secret
+(never shown to anyone else) proves, in a later HELLO's ``resume_secret``, that a reconnecting
+client is the one that held the session.  The fast path: a HELLO asking for it gets a WELCOME
+naming the server's ring and a lease table, a small shared segment holding a nonce; a client
+on the same host reads the nonce and sends it back in CLAIM, and from then on may be sent
+slots (a BATCH naming a slot and offsets) instead of data frames.  It gives a slot back by
+clearing the slot's byte in the table; RELEASE only asks the server to look.  The server
+answers BYE with PONG: after it, nothing of the session follows.
 """
 
 from __future__ import annotations
@@ -29,10 +40,11 @@ import numpy as np
 from .errors import ProtocolError, VersionMismatch
 from .schema import MAX_FIELDS, MAX_NAME_LEN, check_dtype, check_shape
 
-VERSION = 1
+VERSION = 2
 
 HELLO = "hello"
 WELCOME = "welcome"
+CLAIM = "claim"
 REQUEST = "request"
 BATCH = "batch"
 RELEASE = "release"
@@ -82,27 +94,29 @@ _HEADERS: dict[str, dict[str, str]] = {
         "prefetch": _INT,
         "fastpath": _BOOL,
         "name": _OPT_STR,
-        "pid": _OPT_INT,  # fast path: the client process, so the server can tell it died
-        "pid_start": _OPT_INT,
-        "resume": _OPT_INT,  # the session this client had before reconnecting
+        "resume": _OPT_INT,  # the session this client had before reconnecting ...
+        "resume_secret": _OPT_STR,  # ... and the secret its WELCOME gave
     },
     WELCOME: {
         "session": _INT,
+        "secret": _STR,
         "dataset": _STR,
         "rows": _INT,
         "batches_per_epoch": _INT,
         "prefetch": _INT,
         "fields": _LIST,
         "server": _STR,
-        "ring": _OPT_MAP,
+        "ring": _OPT_MAP,  # fast path offered: the ring to map ...
+        "claim": _OPT_STR,  # ... and the lease table whose nonce a CLAIM must send back
     },
+    CLAIM: {"session": _INT, "nonce": _STR},
     REQUEST: {
         "session": _INT,
         "stream": _INT,
         "epoch": _INT,
         "k0": _INT,
         "count": _INT,
-        "release": _OPT_LIST,
+        "at": _OPT_LIST,  # [epoch, batch]: where the trainer is (for stats)
     },
     BATCH: {
         "session": _INT,
@@ -114,10 +128,10 @@ _HEADERS: dict[str, dict[str, str]] = {
         "slot": _OPT_INT,
         "offsets": _OPT_LIST,
     },
-    RELEASE: {"session": _INT, "slots": _LIST},
+    RELEASE: {"session": _INT},  # look at the lease table: slots were given back
     PING: {"session": _OPT_INT},
-    PONG: {},
-    BYE: {"session": _INT, "held": _OPT_LIST},  # held: fast-path slots still in use
+    PONG: {"session": _OPT_INT},  # the session whose BYE it answers, if it does
+    BYE: {"session": _INT},
     STATS: {},
     REPORT: {"server": _MAP, "sessions": _LIST},
     ERROR: {
@@ -204,9 +218,11 @@ def decode(frames: Sequence) -> Message:
         if key not in schema and key not in ("v", "kind"):
             raise ProtocolError(f"{kind} header has unknown field {key!r:.40}")
     for key, want in schema.items():
-        if key not in header and not want.endswith("?"):
-            raise ProtocolError(f"{kind} header is missing field {key!r}")
-        _check_value(kind, key, want, header.get(key))
+        if key not in header:
+            if not want.endswith("?"):
+                raise ProtocolError(f"{kind} header is missing field {key!r}")
+            header[key] = None
+        _check_value(kind, key, want, header[key])
     if kind != BATCH and len(frames) > 1:
         raise ProtocolError(f"{kind} message must be a single frame, got {len(frames)}")
     return Message(kind, header, list(frames[1:]))
@@ -217,39 +233,44 @@ def decode(frames: Sequence) -> Message:
 
 
 def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fastpath: bool,
-          name: str | None = None, pid: int | None = None, pid_start: int | None = None,
-          resume: int | None = None) -> list:
+          name: str | None = None, resume: int | None = None,
+          resume_secret: str | None = None) -> list:
     return encode(HELLO, client=client, params=params, dataset=dataset, prefetch=prefetch,
-                  fastpath=fastpath, name=name, pid=pid, pid_start=pid_start, resume=resume)
+                  fastpath=fastpath, name=name, resume=resume, resume_secret=resume_secret)
 
 
-def welcome(*, session: int, dataset: str, rows: int, batches_per_epoch: int, prefetch: int,
-            fields: list, server: str, ring: dict | None) -> list:
-    return encode(WELCOME, session=session, dataset=dataset, rows=rows,
+def welcome(*, session: int, secret: str, dataset: str, rows: int, batches_per_epoch: int,
+            prefetch: int, fields: list, server: str, ring: dict | None = None,
+            claim: str | None = None) -> list:
+    return encode(WELCOME, session=session, secret=secret, dataset=dataset, rows=rows,
                   batches_per_epoch=batches_per_epoch, prefetch=prefetch, fields=fields,
-                  server=server, ring=ring)
+                  server=server, ring=ring, claim=claim)
+
+
+def claim(*, session: int, nonce: str) -> list:
+    return encode(CLAIM, session=session, nonce=nonce)
 
 
 def request(*, session: int, stream: int, epoch: int, k0: int, count: int,
-            release: list | None = None) -> list:
+            at: list | None = None) -> list:
     return encode(REQUEST, session=session, stream=stream, epoch=epoch, k0=k0, count=count,
-                  release=release)
+                  at=at)
 
 
-def release(*, session: int, slots: list) -> list:
-    return encode(RELEASE, session=session, slots=slots)
+def release(*, session: int) -> list:
+    return encode(RELEASE, session=session)
 
 
 def ping(session: int | None) -> list:
     return encode(PING, session=session)
 
 
-def pong() -> list:
-    return encode(PONG)
+def pong(session: int | None = None) -> list:
+    return encode(PONG, session=session)
 
 
-def bye(session: int, held: list | None = None) -> list:
-    return encode(BYE, session=session, held=held)
+def bye(session: int) -> list:
+    return encode(BYE, session=session)
 
 
 def error(code: str, message: str, **where: Any) -> list:

@@ -25,6 +25,10 @@ from .procs import pid_alive
 
 PREFIX = "bf_"
 RING_MAGIC = b"batchfeed-ring-1"  # the first bytes of a server's slot ring, then its proof
+# A fast-path lease table: a nonce, padding to LEASE_TABLE_HEADER bytes, then one byte per ring
+# slot (1: leased to the client, 0: given back).  See server/leases.py.
+LEASE_NONCE_BYTES = 16
+LEASE_TABLE_HEADER = 64
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^bf_(\d+)_[0-9a-f]+_")
 
@@ -40,18 +44,25 @@ def segment_name(token: str, tag: str, pid: int | None = None) -> str:
 class SharedSegment:
     """One mapped segment.  ``create`` makes and owns it; ``attach`` maps an existing one."""
 
-    def __init__(self, name: str, fd: int, size: int, writable: bool, owner: bool):
+    def __init__(self, name: str, fd: int, size: int, writable: bool, owner: bool,
+                 keep_fd: bool = False):
         self.name = name
         self.size = size
         self.owner = owner
+        self.fd: int | None = None  # kept open only when asked (to flock it)
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self.buf: mmap.mmap | None = mmap.mmap(fd, size, prot=prot) if size else None
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if keep_fd:
+            self.fd = fd
+        else:
             os.close(fd)
 
     @classmethod
-    def create(cls, name: str, size: int) -> SharedSegment:
+    def create(cls, name: str, size: int, *, keep_fd: bool = False) -> SharedSegment:
         """Create a segment of ``size`` bytes with every page reserved up front.
 
         Reserving (``posix_fallocate``) turns "shared memory is full" into an error here instead
@@ -71,22 +82,34 @@ class SharedSegment:
                     f"{SHM_DIR} is full; give the server more shared memory (docker: shm_size)"
                 ) from None
             raise
-        return cls(name, fd, size, writable=True, owner=True)
+        return cls(name, fd, size, writable=True, owner=True, keep_fd=keep_fd)
 
     @classmethod
-    def attach(cls, name: str, *, writable: bool = False) -> SharedSegment:
+    def attach(cls, name: str, *, writable: bool = False, keep_fd: bool = False) -> SharedSegment:
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR if writable else os.O_RDONLY, mode=0)
-        size = os.fstat(fd).st_size
-        return cls(name, fd, size, writable=writable, owner=False)
+        try:
+            size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, fd, size, writable=writable, owner=False, keep_fd=keep_fd)
 
     def close(self) -> None:
-        """Unmap (if no view still uses the mapping) and, for the owner, unlink.  Idempotent."""
+        """Unmap (if no view still uses the mapping), close a kept descriptor and, for the
+        owner, unlink.  Idempotent."""
         if self.buf is not None:
             try:
                 self.buf.close()
                 self.buf = None
             except BufferError:
                 pass  # views still alive; the mapping goes when they do
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.unlink()
+
+    def unlink(self) -> None:
+        """Remove the name (the owner's; mappings and descriptors stay valid).  Idempotent."""
         if self.owner:
             self.owner = False
             try:

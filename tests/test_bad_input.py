@@ -32,8 +32,8 @@ _headers = st.fixed_dictionaries(
     {"v": st.one_of(st.just(protocol.VERSION), st.integers(-3, 3)), "kind": _kinds},
     optional={k: _values for k in ("session", "stream", "epoch", "k0", "count", "params",
                                    "dtypes", "shapes", "slot", "offsets", "fields", "code",
-                                   "message", "release", "slots", "prefetch", "fastpath",
-                                   "client", "dataset", "held", "resume", "extra")})
+                                   "message", "at", "nonce", "prefetch", "fastpath",
+                                   "client", "dataset", "secret", "resume", "resume_secret", "extra")})
 
 
 def _packed(value: object) -> bytes:
@@ -97,7 +97,7 @@ BAD_MESSAGES = {
     "hello with a list for params": [msgpack.packb({"v": 1, "kind": "hello", "client": "x",
                                                      "params": [1], "prefetch": 1,
                                                      "fastpath": False})],
-    "release of slots it does not hold": protocol.release(session=5, slots=[0, 1, 99999]),
+    "release for a session it does not own": protocol.release(session=5),
     "over-long message": [b"x" * (2 * 2**20)],
 }
 

@@ -6,6 +6,8 @@ Each test states one rule and fails when the code stops enforcing it.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,13 +17,15 @@ from batchfeed.server import tasks
 from batchfeed.server.config import ServerConfig
 from batchfeed.server.dataset import DatasetSpec
 from batchfeed.server.frontend import BookkeepingError, Frontend
+from batchfeed.server.leases import TABLE_HEADER, Leases
 from batchfeed.server.orders import OrderBoard, OrderState
 from batchfeed.server.ring import LEASE, SEND, TASK, Holder, RingError, SlotRing
 from batchfeed.server.scheduler import TASKS_PER_WORKER, Scheduler
-from batchfeed.server.sessions import Session, new_session, size_session
-from batchfeed.shared.errors import CreditExceeded, InvalidRequest
+from batchfeed.server.sessions import Session, SessionTable, new_session, size_session
+from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
+from batchfeed.shared.shm import SharedSegment
 
 ROWS = 1000
 SPEC = DatasetSpec("d", ROWS, (Field("x", np.dtype(np.float32), (4,)),), ("seg",))
@@ -56,8 +60,8 @@ def session(sid: int, prefetch: int = 64, max_chunk: int = 4, shuffle: str = "no
             batch_size: int = 10) -> Session:
     plan = BatchPlan(ROWS, PlanParams(batch_size=batch_size, shuffle=shuffle), data_key="d")
     sizing = size_session(batch_size, SPEC.fields, SPEC.fields, prefetch, 1 << 20, 1 << 20)
-    s = new_session(sid, b"route", SPEC, plan, sizing)
-    s.max_chunk = max_chunk
+    s = new_session((b"route", ""), SPEC, plan, sizing)
+    s.id, s.max_chunk = sid, max_chunk
     return s
 
 
@@ -351,14 +355,14 @@ def test_front_end_check_finds_a_lease_the_ring_does_not_know() -> None:
     ring = SlotRing("t", 4, 4096, create=False)
     fe = Frontend(ServerConfig(workers=1), {"d": SPEC}, ring)
     try:
-        s = session(5)
-        fe.sessions.by_id[s.id] = s
-        slot = ring.acquire(Holder(LEASE, s.id))
-        s.leased.add(slot)
+        table = fe.leases.offer()
+        assert table is not None
+        slot = ring.acquire(Holder(TASK, 1))
+        fe.leases.lease(table, slot, Holder(TASK, 1))
         fe.check_invariants()
         other = next(i for i in range(4) if ring.holder(i) is None)
-        s.leased.add(other)  # a lease recorded on one side only
-        with pytest.raises(AssertionError, match=f"leases slot {other}"):
+        table.slots.add(other)  # a lease recorded on one side only
+        with pytest.raises(AssertionError, match=f"holds slot {other}"):
             fe.check_invariants()
     finally:
         fe.close()
@@ -383,3 +387,99 @@ def test_an_internal_error_that_broke_the_bookkeeping_stops_the_server() -> None
         assert len(calls) == 2 and fe.errors["internal"] == 2
     finally:
         fe.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions belong to their connection; leases come back only through their table
+
+
+def test_a_session_answers_only_its_own_connection() -> None:
+    table = SessionTable(Leases(SlotRing("t", 4, 4096, create=False), reserve=2))
+    s = session(7)
+    s.owner = (b"victim", "")
+    table.open(s, None, None)
+    assert table.find(7, (b"victim", "")) is s
+    with pytest.raises(UnknownSession):
+        table.find(7, (b"attacker", ""))
+    with pytest.raises(UnknownSession):
+        table.find(7, (b"victim", "another curve key"))
+
+
+def test_resume_needs_the_secret_from_welcome() -> None:
+    table = SessionTable(Leases(SlotRing("t", 4, 4096, create=False), reserve=2))
+    old = session(1)
+    table.open(old, None, None)
+    table.open(session(2), resume=1, resume_secret="not the secret")
+    assert 1 in table.by_id  # a guess closes nothing
+    table.open(session(3), resume=1, resume_secret=old.secret)
+    assert 1 not in table.by_id
+    assert len({s.label for s in table}) == 2 and all(s.label != "" for s in table)
+
+
+def test_a_lease_table_is_granted_only_with_its_nonce_and_then_unlinked() -> None:
+    leases = Leases(SlotRing(f"t{os.getpid()}", 4, 4096, create=False), reserve=2)
+    try:
+        table = leases.offer()
+        assert table is not None and os.path.exists(f"/dev/shm/{table.name}")
+        assert not table.claim("00" * 16) and not table.claim("not hex")
+        assert not table.holder_alive()  # unclaimed: nobody to wait for
+        nonce = bytes(SharedSegment.attach(table.name).buf[:16]).hex()
+        assert table.claim(nonce)
+        assert not os.path.exists(f"/dev/shm/{table.name}")  # nobody else can open it now
+        assert not table.claim(nonce)  # and only once
+    finally:
+        leases.close()
+
+
+def test_a_table_is_alive_while_a_process_holds_its_lock() -> None:
+    leases = Leases(SlotRing(f"t{os.getpid()}", 4, 4096, create=False), reserve=2)
+    try:
+        table = leases.offer()
+        assert table is not None
+        client = SharedSegment.attach(table.name, writable=True, keep_fd=True)
+        fcntl.flock(client.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert table.claim(bytes(client.buf[:16]).hex())
+        assert table.holder_alive()
+        client.close()  # the client process let go (or died)
+        assert not table.holder_alive()
+    finally:
+        leases.close()
+
+
+def test_only_slots_the_client_cleared_come_back() -> None:
+    ring = SlotRing(f"t{os.getpid()}", 6, 4096, create=False)
+    leases = Leases(ring, reserve=2)
+    try:
+        table = leases.offer()
+        assert table is not None
+        slots = [ring.acquire(Holder(TASK, i)) for i in range(3)]
+        for i, slot in enumerate(slots):
+            leases.lease(table, slot, Holder(TASK, i))
+        assert leases.collect(table) == 0  # the client holds all three
+        table.buf[TABLE_HEADER + slots[1]] = 0  # it dropped its views of one
+        assert leases.collect(table) == 1 and table.slots == {slots[0], slots[2]}
+        leases.check()
+        leases.end(table)  # session over, nobody holds the lock: everything comes back
+        assert ring.free_count == 6
+        leases.check()
+    finally:
+        leases.close()
+
+
+def test_the_budget_keeps_slots_for_the_workers() -> None:
+    ring = SlotRing(f"t{os.getpid()}", 8, 4096, create=False)
+    leases = Leases(ring, reserve=4)
+    try:
+        a, b = session(1), session(2)
+        a.table = leases.offer()
+        assert a.table is not None and (leases.limit, leases.per_session) == (4, 2)
+        for i in range(2):
+            leases.lease(a.table, ring.acquire(Holder(TASK, i)), Holder(TASK, i))
+        assert not leases.may_hold(a, lease=True)  # a holds its share of leases ...
+        assert leases.may_hold(a, lease=False) and leases.may_hold(b, lease=False)
+        for _ in range(2):
+            ring.acquire(Holder(SEND, b.id))
+        assert not leases.may_hold(b, lease=False)  # at the limit: the rest go copied
+        assert ring.free_count == 4  # ... and the workers keep their reserve
+    finally:
+        leases.close()
