@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import stat
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError
-from batchfeed.shared.schema import Field, check_servable_dtype, describe_schema
+from batchfeed.shared.schema import MAX_FIELDS, Field, check_servable_field, describe_schema
 from batchfeed.shared.shm import SharedSegment, segment_name
 
 SYNTHETIC_NAME = "synthetic"
@@ -43,6 +45,7 @@ class FieldSource:
     rows: int
     fill: Callable[[np.ndarray], None]
     path: str | None = None  # a plain .npy file that could be memory-mapped instead
+    where: str = ""  # the file (and member) it comes from, for error messages
 
     @property
     def nbytes(self) -> int:
@@ -90,11 +93,22 @@ def _make_field(name: str, shape: tuple[int, ...], dtype: np.dtype, where: str) 
     if len(shape) == 0:
         raise DatasetError(f"{where} holds a 0-d array; every field needs one row per sample "
                            "along its first dimension")
+    row_shape = tuple(int(d) for d in shape[1:])
     try:
-        check_servable_dtype(name, dtype)
+        check_servable_field(name, dtype, row_shape)
     except ValueError as exc:
         raise DatasetError(f"{where}: {exc}") from None
-    return Field(name, dtype, tuple(int(d) for d in shape[1:]))
+    return Field(name, dtype, row_shape)
+
+
+def _regular_file(path: Path) -> None:
+    """Refuse, before opening it, anything but a regular file (a FIFO would block forever)."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device or socket"
+        raise DatasetError(f"{path} is {kind}, not a file; serve regular .npy/.npz files only "
+                           "(move it out of the data directory)")
 
 
 def _copy_stream(open_fp: Callable, where: str) -> Callable[[np.ndarray], None]:
@@ -124,6 +138,7 @@ def _copy_array(load: Callable[[], np.ndarray]) -> Callable[[np.ndarray], None]:
 
 def _npy_source(path: Path, name: str) -> FieldSource:
     where = str(path)
+    _regular_file(path)
     with open(path, "rb") as fp:
         shape, fortran, dtype = _npy_header(fp, where)
     field = _make_field(name, shape, dtype, where)
@@ -131,10 +146,11 @@ def _npy_source(path: Path, name: str) -> FieldSource:
         fill = _copy_array(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
     else:
         fill = _copy_stream(functools.partial(open, path, "rb"), where)
-    return FieldSource(field, int(shape[0]), fill, str(path))
+    return FieldSource(field, int(shape[0]), fill, str(path), where)
 
 
 def _npz_sources(path: Path) -> list[FieldSource]:
+    _regular_file(path)
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -144,11 +160,19 @@ def _npz_sources(path: Path) -> list[FieldSource]:
         members = [m for m in zf.namelist() if m.endswith(".npy")]
         if not members:
             raise DatasetError(f"{path} holds no arrays")
+        seen: set[str] = set()
         for member in members:
             name = member[: -len(".npy")]
             where = f"{path}[{name}]"
-            with zf.open(member) as fp:
-                shape, fortran, dtype = _npy_header(fp, where)
+            if name in seen:
+                raise DatasetError(f"{path} holds two arrays named {name!r}; every field needs "
+                                   "its own name: re-save it with np.savez")
+            seen.add(name)
+            try:
+                with zf.open(member) as fp:
+                    shape, fortran, dtype = _npy_header(fp, where)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise DatasetError(f"{where} is damaged ({exc}); re-create the file") from None
             field = _make_field(name, shape, dtype, where)
 
             @contextlib.contextmanager
@@ -160,7 +184,7 @@ def _npz_sources(path: Path) -> list[FieldSource]:
                 fill = _copy_array(functools.partial(_npz_member, path, name))
             else:
                 fill = _copy_stream(open_member, where)
-            sources.append(FieldSource(field, int(shape[0]), fill))
+            sources.append(FieldSource(field, int(shape[0]), fill, where=where))
     return sources
 
 
@@ -176,7 +200,7 @@ def inspect_source(path: str) -> list[FieldSource]:
     if not p.exists():
         raise DatasetError(f"no such file or directory: {path}; {hint}")
     if p.is_dir():
-        files = sorted(p.glob("*.npy"))
+        files = sorted(f for f in p.iterdir() if f.suffix == ".npy")
         if not files:
             raise DatasetError(f"directory {path} has no .npy files; {hint}")
         sources = [_npy_source(f, f.stem) for f in files]
@@ -186,11 +210,15 @@ def inspect_source(path: str) -> list[FieldSource]:
         sources = [_npy_source(p, p.stem)]
     else:
         raise DatasetError(f"{path} is neither .npz nor .npy; {hint}")
-    check_same_rows(sources, path)
+    check_fields(sources, path)
     return sources
 
 
-def check_same_rows(sources: list[FieldSource], where: str) -> None:
+def check_fields(sources: list[FieldSource], where: str) -> None:
+    """Fields of one dataset: not too many, and all with the same number of rows."""
+    if len(sources) > MAX_FIELDS:
+        raise DatasetError(f"{where} has {len(sources)} fields; at most {MAX_FIELDS} are "
+                           "allowed: combine some into one array")
     lengths = {s.field.name: s.rows for s in sources}
     if len(set(lengths.values())) > 1:
         listing = ", ".join(f"{name}: {n} rows" for name, n in lengths.items())
@@ -281,7 +309,13 @@ class SharedDataset:
                 segments.append(seg)
                 names.append(seg.name)
                 files.append(None)
-                src.fill(_as_array(seg, src.field, src.rows))
+                try:
+                    src.fill(_as_array(seg, src.field, src.rows))
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+                    raise DatasetError(
+                        f"{src.where or name}: field {src.field.name!r} cannot be read "
+                        f"({type(exc).__name__}: {exc}); the file is damaged: re-create it"
+                    ) from None
         except BaseException:
             for seg in segments:
                 seg.close()

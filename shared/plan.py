@@ -199,9 +199,9 @@ def check_weights(weights: np.ndarray, name: str) -> None:
         raise InvalidRequest(f"weights field {name!r} must hold one number per row, not "
                              f"{weights.dtype} of row shape {weights.shape[1:]}")
     w = np.asarray(weights, dtype=np.float64)
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-        raise InvalidRequest(f"weights field {name!r} must be finite and non-negative, with a "
-                             "positive sum")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.max(initial=0.0) > 0:
+        raise InvalidRequest(f"weights field {name!r} must be finite and non-negative, with at "
+                             "least one positive weight")
 
 
 def class_members(labels: np.ndarray) -> list[np.ndarray]:
@@ -244,7 +244,7 @@ def weighted_order(weights: np.ndarray, rows: int, seed: int, epoch: int) -> np.
     """``rows`` draws with replacement, row i with probability weights[i] / sum(weights)."""
     rng = np.random.default_rng([seed, epoch, _TAG_WEIGHTED])
     p = np.asarray(weights, dtype=np.float64)
-    cdf = np.cumsum(p)
+    cdf = np.cumsum(p / p.max())  # scaled first: finite weights can sum past float's range
     cdf /= cdf[-1]
     draws = np.searchsorted(cdf, rng.random(rows), side="right")
     np.minimum(draws, len(p) - 1, out=draws)

@@ -44,7 +44,28 @@ def check_servable_dtype(name: str, dtype: np.dtype) -> None:
             "bool or fixed-width string arrays (convert Python objects or structured arrays "
             "into one array per field)"
         )
-    check_dtype(dtype.str)
+    try:
+        check_dtype(dtype.str)
+    except ProtocolError as exc:
+        raise ValueError(f"field {name!r}: {exc}") from None
+
+
+def check_servable_field(name: str, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+    """Raise ValueError, saying what to change, unless clients could receive this field:
+    whatever the wire would refuse later is refused here, before anything is served."""
+    if not name:
+        raise ValueError("a field has an empty name; name every array (np.savez(path, x=..., "
+                         "y=...), or a file per field named after it)")
+    if len(name) > MAX_NAME_LEN:
+        raise ValueError(f"field name {name[:40]!r}... is {len(name)} characters long; at most "
+                         f"{MAX_NAME_LEN} are allowed: rename it")
+    if len(row_shape) > MAX_NDIM - 1:
+        raise ValueError(f"field {name!r} has {len(row_shape) + 1} dimensions; at most "
+                         f"{MAX_NDIM} (one row dimension and {MAX_NDIM - 1} per row) are "
+                         "allowed: reshape it")
+    if any(d > MAX_DIM for d in row_shape):
+        raise ValueError(f"field {name!r} has a dimension over {MAX_DIM}: reshape it")
+    check_servable_dtype(name, dtype)
 
 
 @dataclass(frozen=True)
