@@ -33,7 +33,8 @@ _headers = st.fixed_dictionaries(
     optional={k: _values for k in ("session", "stream", "epoch", "k0", "count", "params",
                                    "dtypes", "shapes", "slot", "offsets", "fields", "code",
                                    "message", "at", "nonce", "prefetch", "fastpath",
-                                   "client", "dataset", "secret", "resume", "resume_secret", "extra")})
+                                   "client", "dataset", "secret", "resume", "resume_secret",
+                                   "extra")})
 
 
 def _packed(value: object) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -322,8 +321,8 @@ def test_stalled_consumer_keeps_server_memory_bounded(serve, dataset_path) -> No
     assert max(private[half:]) - max(private[:half]) < 2 * 2**20  # no upward trend
     assert max(private) - min(private) < 8 * 2**20  # allocator noise, not a backlog
     # All the rest is the dataset and the ring, fixed in size whatever the client does.
-    slots, mib = re.search(r"(\d+) slots of ([0-9.]+) MiB", srv.ready_line).groups()
-    ring_bytes = int(slots) * float(mib) * 2**20
+    ring = srv.report()["server"]
+    ring_bytes = ring["slots"] * ring["slot_bytes"]
     data_bytes = n * (256 * 4 + 8)
     assert max(totals) <= data_bytes + ring_bytes + max(private)
     print(f"\n[stalled consumer 60 s] {len(samples)} samples: server PSS "

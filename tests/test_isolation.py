@@ -20,21 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import make_rows, server_report
+from conftest import free_port, make_rows, server_report, wait_until
 
 from batchfeed import Client
 from batchfeed.launch import ServerProcess
 from batchfeed.shared import protocol
 
 N = 2003
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout:g} s")
-        time.sleep(0.02)
 
 
 def leased(address: str) -> int:
@@ -202,8 +194,6 @@ def test_a_claim_without_the_nonce_gets_no_fast_path_and_pins_nothing(serve, dat
 
 def test_stats_and_metrics_show_labels_never_session_ids(serve, dataset_path) -> None:
     from urllib.request import urlopen
-
-    from conftest import free_port
 
     port = free_port()
     srv = serve("--data", dataset_path(N), "--workers", 1, "--metrics-port", port)

@@ -17,13 +17,15 @@ def raw(header: dict, *buffers: bytes) -> list:
 def test_every_kind_round_trips() -> None:
     messages = [
         protocol.hello({"batch_size": 4}, client="0.1.0", dataset=None, prefetch=8, fastpath=False),
-        protocol.welcome(session=5, dataset="d", rows=10, batches_per_epoch=3, prefetch=8,
-                         fields=[["x", "<f4", [2]]], server="0.1.0", ring=None),
-        protocol.request(session=5, stream=1, epoch=0, k0=0, count=2, release=[1, 2]),
-        protocol.release(session=5, slots=[0]),
+        protocol.welcome(session=5, secret="s", dataset="d", rows=10, batches_per_epoch=3,
+                         prefetch=8, fields=[["x", "<f4", [2]]], server="0.1.0", ring=None),
+        protocol.claim(session=5, nonce="ab"),
+        protocol.request(session=5, stream=1, epoch=0, k0=0, count=2, at=[0, 1]),
+        protocol.release(session=5),
         protocol.ping(5),
         protocol.ping(None),
         protocol.pong(),
+        protocol.pong(5),
         protocol.bye(5),
         protocol.error("invalid_request", "bad", session=5),
     ]
@@ -31,6 +33,16 @@ def test_every_kind_round_trips() -> None:
         msg = protocol.decode(frames)
         assert msg.header["v"] == protocol.VERSION
         assert msg.buffers == []
+
+
+def test_optional_keys_a_peer_left_out_are_filled_in() -> None:
+    msg = protocol.decode([msgpack.packb({"v": protocol.VERSION, "kind": "ping"})])
+    assert msg.header["session"] is None
+    hello = protocol.decode([msgpack.packb({"v": protocol.VERSION, "kind": "hello",
+                                            "client": "x", "params": {}, "prefetch": 0,
+                                            "fastpath": False})])
+    assert {k: hello.header[k] for k in ("dataset", "name", "resume", "resume_secret")} == \
+        dict.fromkeys(("dataset", "name", "resume", "resume_secret"))
 
 
 def test_batch_round_trip_gives_zero_copy_views() -> None:
@@ -66,15 +78,15 @@ def test_error_messages_stay_readable_across_versions() -> None:
     ([b"\xc1garbage"], "not valid msgpack"),
     ([msgpack.packb([1, 2])], "must be a msgpack map"),
     ([b"x" * (protocol.MAX_HEADER_BYTES + 1)], "at most"),
-    (raw({"v": 1, "kind": "launch_missiles"}), "unknown message kind"),
-    (raw({"v": 1}), "unknown message kind"),
-    (raw({"v": 1, "kind": "bye"}), "missing field 'session'"),
-    (raw({"v": 1, "kind": "bye", "session": "x"}), "must be int"),
-    (raw({"v": 1, "kind": "bye", "session": True}), "must be int"),
-    (raw({"v": 1, "kind": "bye", "session": 1, "extra": 2}), "unknown field"),
-    (raw({"v": 1, "kind": "bye", "session": 1}, b"data"), "single frame"),
+    (raw({"v": protocol.VERSION, "kind": "launch_missiles"}), "unknown message kind"),
+    (raw({"v": protocol.VERSION}), "unknown message kind"),
+    (raw({"v": protocol.VERSION, "kind": "bye"}), "missing field 'session'"),
+    (raw({"v": protocol.VERSION, "kind": "bye", "session": "x"}), "must be int"),
+    (raw({"v": protocol.VERSION, "kind": "bye", "session": True}), "must be int"),
+    (raw({"v": protocol.VERSION, "kind": "bye", "session": 1, "extra": 2}), "unknown field"),
+    (raw({"v": protocol.VERSION, "kind": "bye", "session": 1}, b"data"), "single frame"),
     ([msgpack.packb({1: 2})], "not valid msgpack"),
-    ([msgpack.packb({"v": 1, "kind": "ping", "session": None})] + [b""] * 300, "frames"),
+    ([msgpack.packb({"v": protocol.VERSION, "kind": "ping"})] + [b""] * 300, "frames"),
     ([msgpack.packb({"a": "x" * 10_000})], "not valid msgpack"),
     ([b"\x91" * 5000 + b"\xc0"], "not valid msgpack"),
 ])
@@ -84,8 +96,8 @@ def test_malformed_messages_raise_protocol_error(frames: list, words: str) -> No
 
 
 def _batch_header(**changes: object) -> dict:
-    h = dict(v=1, kind="batch", session=1, stream=1, epoch=0, k0=0, dtypes=[["x", "<f4"]],
-             shapes=[[[2, 3]]], slot=None, offsets=None)
+    h = dict(v=protocol.VERSION, kind="batch", session=1, stream=1, epoch=0, k0=0,
+             dtypes=[["x", "<f4"]], shapes=[[[2, 3]]], slot=None, offsets=None)
     h.update(changes)
     return h
 
