@@ -17,7 +17,7 @@ no other process can open it.
 
 **The budget.**  Leases and zero-copy sends hold slots beyond the gather.  Together they may hold
 at most ``limit`` slots, leaving ``reserve`` for the workers, and one session's leases at most
-``per_session``; past that, a batch is sent copied (the slot is free as soon as the message is
+its fair share of them (the limit split between the fast-path sessions); past that, a batch is sent copied (the slot is free as soon as the message is
 built), so no client, however it holds its views or stops reading, can stall another.
 
 ``check`` verifies that the ring agrees with the tables.
@@ -114,7 +114,6 @@ class Leases:
         self.ring = ring
         self.reserve = max(1, min(reserve, ring.n_slots - 1))
         self.limit = ring.n_slots - self.reserve
-        self.per_session = max(1, self.limit // 2)
         self.orphans: list[LeaseTable] = []
         self._serial = 0
         self._live: dict[int, LeaseTable] = {}  # table id -> table, of open sessions
@@ -178,12 +177,17 @@ class Leases:
     # ------------------------------------------------------------------ the budget
 
     def may_hold(self, s: Session, lease: bool) -> bool:
-        """Whether one more slot may wait on ``s``: a lease (at most ``per_session`` each),
+        """Whether one more slot may wait on ``s``: a lease (at most a fair share each),
         or a zero-copy send (bounded by the total only: a reading client frees them in
         microseconds, and a stalled one's are capped by its credit)."""
         if self.ring.count_kind(LEASE) + self.ring.count_kind(SEND) >= self.limit:
             return False
-        return not lease or s.table is None or len(s.table.slots) < self.per_session
+        return not lease or s.table is None or len(s.table.slots) < self.fair_share()
+
+    def fair_share(self) -> int:
+        """Leases one session may hold: the budget split between the fast-path sessions."""
+        sharing = sum(1 for t in self._live.values() if t.claimed)
+        return max(1, self.limit // max(1, sharing))
 
     # ------------------------------------------------------------------ invariants
 

@@ -471,8 +471,10 @@ def test_the_budget_keeps_slots_for_the_workers() -> None:
     leases = Leases(ring, reserve=4)
     try:
         a, b = session(1), session(2)
-        a.table = leases.offer()
-        assert a.table is not None and (leases.limit, leases.per_session) == (4, 2)
+        a.table, b.table = leases.offer(), leases.offer()
+        assert a.table is not None and b.table is not None and leases.limit == 4
+        a.table.claimed = b.table.claimed = True  # two fast-path sessions: 2 leases each
+        assert leases.fair_share() == 2
         for i in range(2):
             leases.lease(a.table, ring.acquire(Holder(TASK, i)), Holder(TASK, i))
         assert not leases.may_hold(a, lease=True)  # a holds its share of leases ...
