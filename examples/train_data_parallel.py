@@ -14,7 +14,8 @@ too).  On one host, set ``GLOO_SOCKET_IFNAME=lo`` to keep gloo on loopback.
 
 ``--verify`` regenerates the server's synthetic dataset locally and checks that batch k of epoch
 e holds exactly the rows ``BatchPlan.indices(e, k)``, that this rank saw each of its rows once,
-and, across ranks, that no row went to two ranks and only the plan's dropped tail went to none.
+and, across ranks, that every row the plan serves came as often as it serves it: the padding
+rows (drop_last=False with an odd share) twice, the dropped tail (drop_last=True) never.
 Any mismatch ends the run with exit code 1.
 
 Needs torch and tqdm (``pip install torch tqdm``).
@@ -23,6 +24,7 @@ Needs torch and tqdm (``pip install torch tqdm``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -128,30 +130,39 @@ class RowChecker:
         """Check this rank saw each of its rows once; return them and start the next epoch."""
         seen = np.concatenate(self._seen) if self._seen else np.empty(0, np.int64)
         self._seen = []
-        plan = self.plan
-        mine = sum(plan.batch_rows(k) for k in range(plan.batches_per_epoch))
-        if len(seen) != mine:
-            raise VerifyError(f"epoch {epoch}: got {len(seen)} rows, "
-                              f"the plan gives this rank {mine}")
-        if len(np.unique(seen)) != len(seen):
-            raise VerifyError(f"epoch {epoch}: {len(seen) - len(np.unique(seen))} rows came twice")
+        mine = self.plan_rows(self.plan, epoch)
+        if len(seen) != len(mine):
+            raise VerifyError(f"epoch {epoch}: got {len(seen)} rows, the plan gives this rank "
+                              f"{len(mine)}")
+        extra, missing = multiset_difference(seen, mine)
+        if extra or missing:
+            raise VerifyError(f"epoch {epoch}: {extra} rows came more often than the plan gives "
+                              f"them, {missing} less often")
         return seen
 
-    def check_ranks(self, epoch: int, per_rank: list[np.ndarray]) -> tuple[int, int]:
-        """No row in two ranks; the rows in none are exactly the plan's dropped tail."""
+    @staticmethod
+    def plan_rows(plan: BatchPlan, epoch: int) -> np.ndarray:
+        return np.concatenate([plan.indices(epoch, k) for k in range(plan.batches_per_epoch)])
+
+    def check_ranks(self, epoch: int, per_rank: list[np.ndarray]) -> tuple[int, int, int]:
+        """Across ranks: every row the plan serves, as often as it serves it (the padding rows
+        twice, the dropped tail never); returns (distinct rows, padded rows, dropped rows)."""
         everything = np.concatenate(per_rank)
-        union = np.unique(everything)
-        if len(union) != len(everything):
-            raise VerifyError(f"epoch {epoch}: {len(everything) - len(union)} rows "
-                              "went to two ranks")
-        p = self.plan.params
-        covered = self.plan.batches_per_epoch * p.world_size * p.batch_size
-        tail = np.sort(self.plan.order(epoch)[covered:])
-        missing = np.setdiff1d(np.arange(self.rows), union)
-        if not np.array_equal(missing, tail):
-            raise VerifyError(f"epoch {epoch}: {len(missing)} rows went to no rank, but the "
-                              f"plan's dropped tail has {len(tail)}")
-        return len(union), len(tail)
+        plans = [BatchPlan(self.rows, dataclasses.replace(self.plan.params, rank=r))
+                 for r in range(self.plan.params.world_size)]
+        expected = np.concatenate([self.plan_rows(p, epoch) for p in plans])
+        extra, missing = multiset_difference(everything, expected)
+        if extra or missing:
+            raise VerifyError(f"epoch {epoch}: {extra} rows went to ranks more often than the "
+                              f"plan gives them, {missing} less often (to no rank)")
+        return len(np.unique(everything)), self.plan.padded_rows, self.plan.dropped_rows
+
+
+def multiset_difference(got: np.ndarray, expected: np.ndarray) -> tuple[int, int]:
+    """How many rows ``got`` has more often than ``expected``, and how many less often."""
+    rows = max(int(got.max(initial=0)), int(expected.max(initial=0))) + 1
+    diff = np.bincount(got, minlength=rows) - np.bincount(expected, minlength=rows)
+    return int(diff[diff > 0].sum()), int(-diff[diff < 0].sum())
 
 
 def make_model(hidden: int) -> nn.Module:
@@ -198,10 +209,10 @@ def verify_epoch(checker: RowChecker, epoch: int, rank: int, world: int) -> None
     if world > 1:
         per_rank: list = [None] * world
         dist.all_gather_object(per_rank, seen)
-        union, tail = checker.check_ranks(epoch, per_rank)  # every rank checks, and fails alike
+        union, padded, tail = checker.check_ranks(epoch, per_rank)  # every rank checks alike
         if rank == 0:
-            print(f"all ranks: epoch {epoch}: {union:,} rows exactly once across {world} ranks, "
-                  f"{tail:,} in the plan's dropped tail", flush=True)
+            print(f"all ranks: epoch {epoch}: {union:,} rows across {world} ranks as the plan "
+                  f"gives them, {padded:,} padded, {tail:,} in the dropped tail", flush=True)
 
 
 def train(args: argparse.Namespace) -> None:

@@ -74,6 +74,11 @@ def dataset_sources(config: ServerConfig) -> dict[str, list[FieldSource]]:
         if name in out:
             raise ResourceError(f"two datasets are named {name!r}; name them with --data NAME=PATH")
         out[name] = inspect_source(path)
+        unnamed = [s.field.name for s in out[name] if re.fullmatch(r"arr_\d+", s.field.name)]
+        if unnamed:
+            log.warning("%s has fields named %s (np.savez numbers the arrays it gets without "
+                        "names), and batches hold them under those names; name them when saving: "
+                        "np.savez(path, x=X, y=y)", path, ", ".join(unnamed))
     return out
 
 

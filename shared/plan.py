@@ -4,20 +4,27 @@
 parameters, never on workers, timing or restarts.  That is what lets workers re-run lost tasks,
 clients resume at any batch, and ranks split an epoch without a coordinator.
 
-An epoch is an *order* of ``epoch_rows`` row indices, cut into global batches of ``batch_size``:
-- ``sampling="uniform"`` (the default): the rows themselves, each once, in the order ``shuffle``
-  says: a permutation (``full``), as they are (``none``), or a simulated shuffle buffer
-  (``buffer``);
-- ``sampling="balanced"``: classes of an integer ``label`` field laid out round-robin in one
-  random class order, so that every batch (any run of consecutive positions) holds each class
-  within one of the others; classes with fewer rows than their share are cycled through whole
-  permutations (every row appears), larger ones are cut; then each batch is shuffled;
-- ``sampling="weighted"``: ``epoch_rows`` draws with replacement, row i with probability
-  proportional to the float field ``weights``.
-Global batch ``g`` goes to rank ``g % world_size`` as its local batch ``g // world_size``.
-Every rank gets ``global_batches // world_size`` batches; the last ``global_batches %
-world_size`` global batches of the order are dropped so that ranks stay in step.  Because the
-order is reshuffled every epoch, different rows fall in that tail each epoch.
+An epoch is an *order* of ``N = epoch_rows`` positions (by default the dataset's rows), one
+order for all ranks of a job:
+- ``sampling="uniform"`` (the default): every row once, in the order ``shuffle`` says: a
+  permutation (``full``), as they are (``none``), or a simulated shuffle buffer (``buffer``);
+- ``sampling="balanced"``: classes of an integer ``label`` field round-robin, so that a batch
+  holds each class within one of the others (``balanced_order`` says when a row repeats);
+- ``sampling="weighted"``: ``N`` draws with replacement, row i with probability proportional
+  to the float field ``weights``.
+``W = world_size`` ranks cut it into batches of ``B = batch_size`` in *rounds* of W batches:
+rank r's local batch k is in round k, global batch ``g = k*W + r`` (which seeds transforms).
+Every rank takes the same number of steps with the same batch sizes.
+- ``drop_last=False``: the order is padded to ``W * ceil(N / W)`` positions, position p >= N
+  reading ``order[p % N]`` (``padded_rows``: at most W-1 rows from its start, as torch's
+  DistributedSampler does).  Each rank's ``R = ceil(N / W)`` rows make ``K = ceil(R / B)``
+  batches: a round but the last is W full batches, g at positions ``g*B``; the last is W
+  batches of ``s = R - (K-1)*B`` rows, rank r's at ``(K-1)*W*B + r*s``.  So every row reaches
+  a rank, and one rank gets the plain cut.  E.g. 1437 rows, B=64, W=4: 3 rows padded, each rank
+  5 batches of 64 and one of 40; with B=512, one batch of 360.
+- ``drop_last=True``: full batches only, ``(N // B) // W`` rounds of them at positions ``g*B``;
+  the rest of the order (``dropped_rows``, fewer than W*B, other rows each epoch) reaches no
+  rank.  A plan with no full batch per rank is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .errors import InvalidRequest
 SHUFFLE_MODES = ("full", "buffer", "none")
 SAMPLING_MODES = ("uniform", "balanced", "weighted")
 MAX_SEED = 2**63 - 1
+_INT_FIELDS = ("batch_size", "seed", "buffer_size", "rank", "world_size", "epoch_rows")
 _ORDER_CACHE_SIZE = 4  # epoch orders kept per process (shared by ranks and batch sizes)
 _ORDER_IDLE_S = 5.0  # ... and dropped once unused this long
 
@@ -52,7 +60,9 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
 
 @dataclass(frozen=True)
 class PlanParams:
-    """Everything that decides a client's batch order (validated on construction)."""
+    """Everything that decides a client's batch order (validated on construction).  Users'
+    conventions are taken and stored as ours: ``shuffle=True``/``False`` as ``"full"``/``"none"``,
+    numpy integers as ints (bools are not ints here), numpy bools as bools."""
 
     batch_size: int
     shuffle: str = "full"
@@ -67,26 +77,29 @@ class PlanParams:
     epoch_rows: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.shuffle, (bool, np.bool_)):  # torch's DataLoader(shuffle=...)
+            object.__setattr__(self, "shuffle", "full" if self.shuffle else "none")
+        for name in _INT_FIELDS:  # numpy integers count as ints (bools never do)
+            if isinstance(getattr(self, name), np.integer):
+                object.__setattr__(self, name, int(getattr(self, name)))
+        if isinstance(self.drop_last, np.bool_):
+            object.__setattr__(self, "drop_last", bool(self.drop_last))
         _check_int("batch_size", self.batch_size, 1)
         if self.shuffle not in SHUFFLE_MODES:
             modes = ", ".join(map(repr, SHUFFLE_MODES))
             raise InvalidRequest(f"shuffle must be one of {modes}, got {self.shuffle!r}")
         _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.shuffle == "buffer":
-            if type(self.buffer_size) is not int or self.buffer_size < 1:
-                raise InvalidRequest(
-                    f"shuffle='buffer' needs buffer_size >= 1, got {self.buffer_size!r}"
-                )
-        else:
-            _check_int("buffer_size", self.buffer_size, 0)
+        if self.shuffle == "buffer" and not (type(self.buffer_size) is int
+                                             and self.buffer_size >= 1):
+            raise InvalidRequest(f"shuffle='buffer' needs buffer_size >= 1, "
+                                 f"got {self.buffer_size!r}")
+        _check_int("buffer_size", self.buffer_size, 0)
         if type(self.drop_last) is not bool:
             raise InvalidRequest(f"drop_last must be True or False, got {self.drop_last!r}")
         _check_int("world_size", self.world_size, 1)
         if type(self.rank) is not int or not 0 <= self.rank < self.world_size:
-            raise InvalidRequest(
-                f"rank {self.rank!r} is out of range for world_size {self.world_size}: "
-                f"ranks go from 0 to {self.world_size - 1}"
-            )
+            raise InvalidRequest(f"rank {self.rank!r} is out of range for world_size "
+                                 f"{self.world_size}: ranks go from 0 to {self.world_size - 1}")
         self._check_sampling()
 
     def _check_sampling(self) -> None:
@@ -215,29 +228,60 @@ def class_members(labels: np.ndarray) -> list[np.ndarray]:
 def balanced_order(labels: np.ndarray, rows: int, batch_size: int, seed: int,
                    epoch: int) -> np.ndarray:
     """``rows`` positions, classes round-robin in one random class order, then each batch
-    shuffled: any batch holds every class within one of the others."""
+    (positions ``[b*batch_size, (b+1)*batch_size)``) shuffled: each holds every class within one
+    of the others.  A class with fewer rows than its share of the epoch is cycled through whole
+    permutations (every row appears), a larger one is cut (no row twice in the epoch).
+
+    Such a batch holds a row twice only when its class has fewer rows than the batch's picks of
+    that class: a permutation that starts inside a batch first takes rows the batch lacks.
+    With ranks and drop_last=False, a rank's last batch is one of these only when ``rows`` is a
+    multiple of world_size * batch_size; else it is cut regardless of their edges (and may wrap
+    to the start), so its class counts are only about even and it may hold a row twice.
+    """
     rng = np.random.default_rng([seed, epoch, _TAG_BALANCED])
     members = class_members(labels)
     n_classes = len(members)
+    edges = np.append(np.arange(0, rows, batch_size), rows)  # where each batch starts, then rows
     order: np.ndarray = np.empty(rows, dtype=index_dtype(len(labels)))
     for position, c in enumerate(rng.permutation(n_classes)):
         need = len(range(position, rows, n_classes))
-        if need == 0:
-            continue
-        pool = members[c]
-        cycles, rest = divmod(need, len(pool))
-        parts = []
-        if cycles:  # whole permutations of the class: every one of its rows appears
-            parts.append(rng.permuted(np.tile(pool, (cycles, 1)), axis=1).ravel())
-        if rest:
-            parts.append(rng.permutation(pool)[:rest])
-        order[position::n_classes] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if need:  # each batch's picks of this class: [bounds[b], bounds[b + 1]) of its sequence
+            bounds = np.clip(-((position - edges) // n_classes), 0, need)
+            order[position::n_classes] = _cycled(members[c], need, bounds, rng)
     full = rows // batch_size * batch_size
     if full:
         order[:full] = rng.permuted(order[:full].reshape(-1, batch_size), axis=1).ravel()
     if rows > full:
         order[full:] = rng.permutation(order[full:])
     return order
+
+
+def _cycled(pool: np.ndarray, need: int, bounds: np.ndarray,
+            rng: np.random.Generator) -> np.ndarray:
+    """``need`` picks from ``pool``, whole permutations one after another; where one starts
+    inside a batch (picks ``bounds[b]`` to ``bounds[b + 1]``) no larger than the pool, its picks
+    in that batch avoid the previous one's.  Permutation c is permutation c-1 reordered by a
+    random ``step`` whose first ``head`` positions come from outside its last ``tail``; the
+    steps are composed by a prefix scan (log2(cycles) vector rounds, no loop per cycle)."""
+    m = len(pool)
+    first = rng.permutation(pool)
+    cycles = -(-need // m)
+    if cycles == 1:
+        return first[:need]
+    starts = np.arange(1, cycles) * m  # the pick at which each later permutation starts
+    b = np.searchsorted(bounds, starts, side="right") - 1
+    tail, head = starts - bounds[b], bounds[b + 1] - starts
+    straddles = (tail > 0) & (tail + head <= m)
+    tail, head = np.where(straddles, tail, 0)[:, None], np.where(straddles, head, 0)[:, None]
+    pos = np.arange(m)
+    step = np.argsort(rng.random((cycles - 1, m)) + (pos >= m - tail), axis=1)
+    rest = np.where(pos < head, pos - m, rng.random((cycles - 1, m)))  # keep the head, shuffle on
+    step = np.take_along_axis(step, np.argsort(rest, axis=1), axis=1)
+    span = 1
+    while span < cycles - 1:  # step[c] becomes step[1] o ... o step[c]
+        step[span:] = np.take_along_axis(step[:-span], step[span:], axis=1)
+        span *= 2
+    return np.concatenate([first, first[step].ravel()])[:need]
 
 
 def weighted_order(weights: np.ndarray, rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -260,8 +304,7 @@ def order_key(data_key: str, n_rows: int, params: PlanParams, epoch: int) -> tup
 
 
 class OrderCache:
-    """Recently used epoch orders, keyed by what decides them: rows, shuffle, seed, buffer and
-    epoch (not rank, batch size or drop_last, so all ranks of a job share one order)."""
+    """Recently used epoch orders, keyed by ``order_key`` (so all ranks of a job share one)."""
 
     def __init__(self, size: int = _ORDER_CACHE_SIZE, idle_s: float = _ORDER_IDLE_S):
         self.size, self.idle_s = size, idle_s
@@ -315,31 +358,34 @@ def make_order(n_rows: int, params: PlanParams, epoch: int,
 
 
 class BatchPlan:
-    """The batches of one client's parameters over a dataset of ``n_rows`` rows.
-
-    Counting (``batches_per_epoch``, ``batch_rows``) is arithmetic.  ``indices`` computes the
-    epoch's order once, in an ``OrderCache`` shared by every plan of the process.
-    """
+    """One rank's batches of a client's parameters over ``n_rows`` rows.  Counting
+    (``batches_per_epoch``, ``batch_rows``, ``padded_rows``, ``dropped_rows``) is arithmetic;
+    ``indices`` computes the epoch's order once, in an ``OrderCache`` shared by the process."""
 
     def __init__(self, n_rows: int, params: PlanParams, orders: OrderCache = ORDERS,
                  columns: Columns | None = None, data_key: str = ""):
         if n_rows < 1:
             raise InvalidRequest("the dataset has no rows")
-        self.n_rows = n_rows
-        self.params = params
-        self.columns = columns
-        self.data_key = data_key
-        bs = params.batch_size
-        self.epoch_rows = params.epoch_rows or n_rows
-        rows = self.epoch_rows
-        self.global_batches = rows // bs if params.drop_last else -(-rows // bs)
-        self.batches_per_epoch = self.global_batches // params.world_size
-        if self.batches_per_epoch == 0:
-            raise InvalidRequest(
-                f"{rows} rows per epoch with batch_size {bs}, drop_last={params.drop_last} and "
-                f"world_size {params.world_size} leave no batch for each rank; "
-                "use a smaller batch_size or world_size"
-            )
+        self.n_rows, self.params, self.columns, self.data_key = n_rows, params, columns, data_key
+        self.epoch_rows = rows = params.epoch_rows or n_rows
+        bs, world = params.batch_size, params.world_size
+        if params.drop_last:
+            self.batches_per_epoch = rows // bs // world
+            if self.batches_per_epoch == 0:
+                fix = f"batch_size <= {rows // world}" if rows >= world else f"world_size <= {rows}"
+                raise InvalidRequest(
+                    f"{rows} rows per epoch make {rows // bs} full batches of {bs}: with "
+                    f"drop_last=True (full batches only) and world_size {world} that leaves no "
+                    f"batch for each rank; use drop_last=False (each rank then gets one batch of "
+                    f"{-(-rows // world)} rows) or {fix}")
+            self.rank_rows = self.batches_per_epoch * bs
+        else:
+            self.rank_rows = -(-rows // world)
+            self.batches_per_epoch = -(-self.rank_rows // bs)
+        self.padded_rows = max(0, self.rank_rows * world - rows)  # read again from the start
+        self.dropped_rows = max(0, rows - self.rank_rows * world)  # in no rank's batch
+        self.last_rows = self.rank_rows - (self.batches_per_epoch - 1) * bs
+        self.global_batches = self.batches_per_epoch * world
         self._orders = orders
 
     def global_batch(self, k: int) -> int:
@@ -347,15 +393,19 @@ class BatchPlan:
 
     def check_batch(self, k: int) -> None:
         if type(k) is not int or not 0 <= k < self.batches_per_epoch:
-            raise InvalidRequest(
-                f"batch {k!r} is out of range: an epoch has {self.batches_per_epoch} batches "
-                "for this rank"
-            )
+            raise InvalidRequest(f"batch {k!r} is out of range: an epoch has "
+                                 f"{self.batches_per_epoch} batches for this rank")
 
     def batch_rows(self, k: int) -> int:
-        """Number of rows in local batch ``k``: ``batch_size`` except a short last batch."""
-        start = self.global_batch(k) * self.params.batch_size
-        return min(self.params.batch_size, self.epoch_rows - start)
+        """Rows in local batch ``k``: ``batch_size``, or ``last_rows`` for the last one."""
+        return self.last_rows if k == self.batches_per_epoch - 1 else self.params.batch_size
+
+    def batch_start(self, k: int) -> int:
+        """The epoch position local batch ``k`` starts at (``order[p % N]`` past the end)."""
+        last, bs = self.batches_per_epoch - 1, self.params.batch_size
+        if k < last:
+            return self.global_batch(k) * bs
+        return last * self.params.world_size * bs + self.params.rank * self.last_rows
 
     def order(self, epoch: int) -> np.ndarray:
         return self._orders.get(self.n_rows, self.params, epoch, self.columns, self.data_key)
@@ -363,19 +413,23 @@ class BatchPlan:
     def indices(self, epoch: int, k: int, order: np.ndarray | None = None) -> np.ndarray:
         """Row indices of local batch ``k`` of ``epoch`` (``order``: that epoch's, if known)."""
         self.check_batch(k)
-        start = self.global_batch(k) * self.params.batch_size
         order = self.order(epoch) if order is None else order
-        return order[start : start + self.params.batch_size]
+        start = self.batch_start(k)
+        stop = start + self.batch_rows(k)
+        if stop <= self.epoch_rows:
+            return order[start:stop]
+        return order[np.arange(start, stop) % self.epoch_rows]  # the padding
 
     def chunk_indices(self, epoch: int, k0: int, count: int,
                       order: np.ndarray | None = None) -> np.ndarray:
-        """Row indices of local batches ``k0 .. k0+count-1``, concatenated."""
+        """Row indices of local batches ``k0 .. k0+count-1``, concatenated (a view with one
+        rank: its batches are contiguous)."""
         self.check_batch(k0)
         self.check_batch(k0 + count - 1)
-        bs, world = self.params.batch_size, self.params.world_size
         order = self.order(epoch) if order is None else order
-        if world == 1:
-            return order[k0 * bs : (k0 + count) * bs]
+        if self.params.world_size == 1:
+            bs = self.params.batch_size
+            return order[k0 * bs : min((k0 + count) * bs, self.epoch_rows)]
         return np.concatenate([self.indices(epoch, k, order) for k in range(k0, k0 + count)])
 
     def order_key(self, epoch: int) -> tuple:

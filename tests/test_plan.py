@@ -82,29 +82,151 @@ def test_none_is_dataset_order() -> None:
     assert [b.tolist() for b in epoch_batches(plan, 7)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+# ------------------------------------------------------------------------------ ranks
+
+# (rows, batch_size, world_size): uneven ends, fewer rows than ranks, a batch larger than a
+# rank's share, batches of one row, exact multiples.
+RANK_CASES = [(1437, 64, 1), (1437, 64, 2), (1437, 64, 4), (1437, 64, 8), (1437, 512, 4),
+              (1003, 32, 3), (1000, 10, 5), (1000, 10, 4), (100, 7, 3), (10, 3, 4), (7, 100, 2),
+              (5, 4, 8), (3, 1, 8), (1, 1, 4), (1, 5, 1), (64, 64, 1), (65, 64, 2), (50, 1, 3),
+              (129, 16, 8)]
+WITH_DROP_LAST = [(*case, drop_last) for case in RANK_CASES for drop_last in (False, True)
+                  if not drop_last or case[0] // case[1] >= case[2]]  # else refused (tested)
+
+
+def reference_positions(n: int, bs: int, world: int, rank: int, drop_last: bool) -> list[range]:
+    """The rank layout written out from its rule: each local batch's epoch positions."""
+    if drop_last:  # full global batches only, global batch g at g*bs; the rest to no rank
+        return [range((k * world + rank) * bs, (k * world + rank + 1) * bs)
+                for k in range(n // bs // world)]
+    share = -(-n // world)  # the order padded to share * world positions
+    steps = -(-share // bs)
+    last = share - (steps - 1) * bs  # every rank's last round: batches of this size
+    full = [range((k * world + rank) * bs, (k * world + rank + 1) * bs) for k in range(steps - 1)]
+    start = (steps - 1) * world * bs + rank * last
+    return full + [range(start, start + last)]
+
+
+def rank_plans(n: int, bs: int, world: int, drop_last: bool, **kw: object) -> list[BatchPlan]:
+    return [BatchPlan(n, PlanParams(batch_size=bs, seed=9, rank=r, world_size=world,
+                                    drop_last=drop_last, **kw)) for r in range(world)]
+
+
+def rank_batches(plans: list[BatchPlan], epoch: int) -> list[list[np.ndarray]]:
+    return [epoch_batches(p, epoch) for p in plans]
+
+
+@pytest.mark.parametrize("n,bs,world,drop_last", WITH_DROP_LAST)
+def test_each_rank_gets_the_batches_the_rule_gives(n: int, bs: int, world: int,
+                                                   drop_last: bool) -> None:
+    for plan in rank_plans(n, bs, world, drop_last):
+        order = plan.order(2)
+        want = [order[np.array(pos) % n].tolist()
+                for pos in reference_positions(n, bs, world, plan.params.rank, drop_last)]
+        assert [b.tolist() for b in epoch_batches(plan, 2)] == want
+        assert [plan.batch_rows(k) for k in range(plan.batches_per_epoch)] == list(map(len, want))
+        assert [plan.global_batch(k) for k in range(len(want))] == [
+            k * world + plan.params.rank for k in range(len(want))]
+
+
+@pytest.mark.parametrize("n,bs,world", RANK_CASES)
+def test_without_drop_last_every_row_reaches_a_rank(n: int, bs: int, world: int) -> None:
+    plans = rank_plans(n, bs, world, drop_last=False)
+    per_rank = rank_batches(plans, 1)
+    sizes = {tuple(map(len, batches)) for batches in per_rank}
+    assert len(sizes) == 1  # the same steps with the same batch sizes on every rank
+    padded = plans[0].padded_rows
+    assert padded == -(-n // world) * world - n <= world - 1
+    assert padded <= world * bs - 1  # the issue's bound
+    order = plans[0].order(1)
+    rows = np.concatenate([b for batches in per_rank for b in batches]).tolist()
+    # every row exactly once, plus the padding: the order's first rows again
+    assert sorted(rows) == sorted(order.tolist() + order[np.arange(padded) % n].tolist())
+    padding = set(order[np.arange(padded) % n].tolist())
+    mine = [set(np.concatenate(batches).tolist()) for batches in per_rank]
+    for a in range(world):  # ranks are disjoint but for the padded rows
+        for b in range(a + 1, world):
+            assert mine[a] & mine[b] <= padding
+    assert all(len(set(b.tolist())) == len(b) for batches in per_rank for b in batches)
+    assert all(p.dropped_rows == 0 for p in plans)
+
+
+@pytest.mark.parametrize("n,bs,world", [case[:3] for case in WITH_DROP_LAST if case[3]])
+def test_with_drop_last_ranks_get_full_batches_and_the_rest_is_counted(n: int, bs: int,
+                                                                      world: int) -> None:
+    plans = rank_plans(n, bs, world, drop_last=True)
+    per_rank = rank_batches(plans, 1)
+    assert {len(batches) for batches in per_rank} == {n // bs // world}
+    assert all(len(b) == bs for batches in per_rank for b in batches)
+    rows = np.concatenate([b for batches in per_rank for b in batches])
+    assert len(set(rows.tolist())) == len(rows)  # disjoint
+    served = len(rows)
+    assert plans[0].dropped_rows == n - served < world * bs and plans[0].padded_rows == 0
+    assert sorted(rows.tolist()) == sorted(plans[0].order(1)[:served].tolist())
+
+
+@pytest.mark.parametrize("n,bs,drop_last", [(1437, 64, False), (1437, 64, True),
+                                             (1003, 1, False), (1003, 1, True), (10, 3, False),
+                                             (10, 3, True), (64, 64, True), (5, 100, False)])
+def test_one_rank_is_the_plain_cut(n: int, bs: int, drop_last: bool) -> None:
+    plan = BatchPlan(n, PlanParams(batch_size=bs, seed=4, drop_last=drop_last))
+    order = plan.order(3).tolist()
+    cut = [order[i : i + bs] for i in range(0, n, bs) if not drop_last or i + bs <= n]
+    assert [b.tolist() for b in epoch_batches(plan, 3)] == cut
+    assert plan.padded_rows == 0 and plan.dropped_rows == (n % bs if drop_last else 0)
+
+
+def test_the_issues_examples() -> None:
+    """1437 rows in batches of 64: nothing unseen on any number of ranks; batch 512 on 4 ranks
+    is one short batch each, where it used to be refused."""
+    for world in (2, 4, 8):
+        plans = rank_plans(1437, 64, world, drop_last=False)
+        rows = {int(i) for batches in rank_batches(plans, 0) for b in batches for i in b}
+        assert rows == set(range(1437))
+    plan = BatchPlan(1437, PlanParams(batch_size=64, world_size=4, rank=1))
+    assert plan.batches_per_epoch == 6 and plan.padded_rows == 3
+    assert [plan.batch_rows(k) for k in range(6)] == [64] * 5 + [40]
+    plan = BatchPlan(1437, PlanParams(batch_size=512, world_size=4, rank=3))
+    assert plan.batches_per_epoch == 1 and plan.batch_rows(0) == 360
+    plan = BatchPlan(1437, PlanParams(batch_size=64, world_size=4, drop_last=True))
+    assert plan.batches_per_epoch == 5 and plan.dropped_rows == 157
+
+
+@pytest.mark.parametrize("n,bs,world", [(1437, 64, 4), (1437, 512, 4), (10, 3, 4), (5, 4, 8)])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_ranks_are_disjoint_and_the_same_size(world: int, drop_last: bool) -> None:
-    n, bs = 1003, 32
-    plans = [BatchPlan(n, PlanParams(batch_size=bs, seed=9, rank=r, world_size=world,
-                                     drop_last=drop_last)) for r in range(world)]
-    counts = {p.batches_per_epoch for p in plans}
-    assert len(counts) == 1
-    per_rank = [np.concatenate(epoch_batches(p, 1)) for p in plans]
-    union = np.concatenate(per_rank)
-    assert len(union) == len(set(union.tolist()))
-    # What is dropped: the last global_batches % world batches of the epoch's order.
-    single = BatchPlan(n, PlanParams(batch_size=bs, seed=9, drop_last=drop_last))
-    kept = single.global_batches - single.global_batches % world
-    expected = np.concatenate([single.indices(1, g) for g in range(kept)])
-    assert sorted(union.tolist()) == sorted(expected.tolist())
+def test_steps_and_batch_sizes_match_torchs_distributed_sampler(n: int, bs: int, world: int,
+                                                                drop_last: bool) -> None:
+    torch_data = pytest.importorskip("torch.utils.data")
+    for rank in range(world):
+        sampler = torch_data.DistributedSampler(range(n), num_replicas=world, rank=rank,
+                                                shuffle=False, drop_last=drop_last)
+        loader = torch_data.DataLoader(range(n), batch_size=bs, sampler=sampler,
+                                       drop_last=drop_last)
+        theirs = [len(b) for b in loader]
+        if not theirs:  # torch gives this rank nothing; we refuse, saying why
+            with pytest.raises(InvalidRequest, match="no batch for each rank"):
+                rank_plans(n, bs, world, drop_last)
+            continue
+        plan = rank_plans(n, bs, world, drop_last)[rank]
+        assert [plan.batch_rows(k) for k in range(plan.batches_per_epoch)] == theirs
 
 
-def test_chunk_indices_are_the_batches_concatenated() -> None:
-    for world, rank in [(1, 0), (3, 2)]:
-        plan = BatchPlan(1000, PlanParams(batch_size=10, rank=rank, world_size=world))
-        chunk = plan.chunk_indices(4, 5, 7)
-        assert chunk.tolist() == np.concatenate([plan.indices(4, k) for k in range(5, 12)]).tolist()
+@pytest.mark.parametrize("n,bs,world,rank,drop_last", [
+    (1000, 10, 1, 0, False), (1003, 10, 1, 0, False), (1003, 10, 1, 0, True),
+    (1000, 10, 3, 2, False), (1003, 10, 3, 2, False), (1003, 10, 3, 2, True),
+    (10, 3, 4, 3, False), (3, 1, 8, 7, False)])
+def test_chunk_indices_are_the_batches_concatenated(n: int, bs: int, world: int, rank: int,
+                                                    drop_last: bool) -> None:
+    plan = BatchPlan(n, PlanParams(batch_size=bs, rank=rank, world_size=world,
+                                   drop_last=drop_last))
+    order = plan.order(4)
+    for k0 in range(plan.batches_per_epoch):
+        for count in range(1, plan.batches_per_epoch - k0 + 1):
+            chunk = plan.chunk_indices(4, k0, count, order)
+            batches = [plan.indices(4, k, order) for k in range(k0, k0 + count)]
+            assert chunk.tolist() == np.concatenate(batches).tolist()
+            if world == 1:  # one slice of the order, no copy
+                assert np.shares_memory(chunk, order)
 
 
 def test_order_does_not_depend_on_cache_state() -> None:
@@ -126,17 +248,30 @@ def test_order_does_not_depend_on_cache_state() -> None:
     (dict(batch_size=8, world_size=0), "world_size"),
     (dict(batch_size=8, seed=-1), "seed"),
     (dict(batch_size=8, drop_last=1), "drop_last"),
+    (dict(batch_size=True), "batch_size must be an int"),  # bools are not ints here
+    (dict(batch_size=8, seed=True), "seed must be an int"),
+    (dict(batch_size=8, world_size=True), "world_size must be an int"),
+    (dict(batch_size=8, world_size=2, rank=np.True_), "rank .*True.* is out of range"),
+    (dict(batch_size=8, shuffle="buffer", buffer_size=True), "needs buffer_size >= 1"),
+    (dict(batch_size=np.float64(8)), "batch_size must be an int"),
+    (dict(batch_size=8, shuffle=1), "shuffle must be one of"),
 ])
 def test_bad_parameters_are_refused_with_the_reason(kwargs: dict, words: str) -> None:
     with pytest.raises(InvalidRequest, match=words):
         PlanParams(**kwargs)
 
 
-def test_a_plan_with_no_batch_per_rank_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="no batch for each rank"):
+def test_drop_last_with_no_full_batch_per_rank_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match=r"no batch for each rank; use drop_last=False \(each "
+                       r"rank then gets one batch of 10 rows\) or batch_size <= 10"):
         BatchPlan(10, PlanParams(batch_size=64, drop_last=True))
-    with pytest.raises(InvalidRequest, match="no batch for each rank"):
-        BatchPlan(10, PlanParams(batch_size=8, world_size=4, rank=1))
+    with pytest.raises(InvalidRequest, match=r"make 2 full batches of 512: .* world_size 4 .* "
+                       r"one batch of 360 rows\) or batch_size <= 359"):
+        BatchPlan(1437, PlanParams(batch_size=512, world_size=4, drop_last=True))
+    with pytest.raises(InvalidRequest, match=r"or world_size <= 3"):
+        BatchPlan(3, PlanParams(batch_size=1, world_size=8, drop_last=True))
+    plan = BatchPlan(10, PlanParams(batch_size=8, world_size=4, rank=1))  # served without it
+    assert plan.batches_per_epoch == 1 and len(plan.indices(0, 0)) == 3
 
 
 def test_wire_form_round_trips_and_rejects_unknown_keys() -> None:
@@ -152,3 +287,34 @@ def test_batch_out_of_range_is_refused() -> None:
     plan = BatchPlan(100, PlanParams(batch_size=10))
     with pytest.raises(InvalidRequest, match="out of range"):
         plan.indices(0, 10)
+
+
+def test_shuffle_true_and_false_mean_full_and_none() -> None:
+    assert PlanParams(batch_size=8, shuffle=True) == PlanParams(batch_size=8, shuffle="full")
+    off = PlanParams(batch_size=8, shuffle=False)
+    assert off.shuffle == "none" and off.to_wire()["shuffle"] == "none"  # the wire is unchanged
+    assert PlanParams(batch_size=8, shuffle=np.True_).shuffle == "full"
+    assert PlanParams.from_wire({"batch_size": 8, "shuffle": False}) == off
+    weighted = PlanParams(batch_size=8, sampling="weighted", weights="w", shuffle=True)
+    assert weighted.shuffle == "full"
+    with pytest.raises(InvalidRequest, match="shuffles by itself"):
+        PlanParams(batch_size=8, sampling="balanced", label="y", shuffle=False)
+
+
+@pytest.mark.parametrize("np_int", [np.int64, np.int32, np.int16, np.uint8, np.uint64])
+def test_numpy_integers_are_taken_as_ints(np_int: type) -> None:
+    got = [PlanParams(batch_size=np_int(8), seed=np_int(3), rank=np_int(1), world_size=np_int(2),
+                      shuffle="buffer", buffer_size=np_int(5)),
+           PlanParams(batch_size=np_int(8), sampling="weighted", weights="w",
+                      epoch_rows=np_int(100))]
+    want = [PlanParams(batch_size=8, seed=3, rank=1, world_size=2, shuffle="buffer",
+                       buffer_size=5),
+            PlanParams(batch_size=8, sampling="weighted", weights="w", epoch_rows=100)]
+    assert got == want
+    for params, plain in zip(got, want):  # stored as ints, so the wire form is unchanged
+        assert [type(v) for v in params.to_wire().values()] == [
+            type(v) for v in plain.to_wire().values()]
+    assert BatchPlan(100, got[0]).batches_per_epoch == 7
+    assert PlanParams(batch_size=8, drop_last=np.True_).drop_last is True
+    with pytest.raises(InvalidRequest, match="batch_size must be an int >= 1"):
+        PlanParams(batch_size=np_int(0))

@@ -58,6 +58,78 @@ def test_balanced_epoch_rows_and_determinism() -> None:
     assert not np.array_equal(a.indices(1, 0), a.indices(2, 0))
 
 
+def labelled(sizes: list[int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Classes of the given sizes, rows in random order."""
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    np.random.default_rng(seed).shuffle(y)
+    return {"id": np.arange(len(y)), "y": y}
+
+
+def balanced_batches(data: dict, rows: int, epoch: int = 0, **kw: object) -> list[np.ndarray]:
+    p = BatchPlan(len(data["y"]), PlanParams(sampling="balanced", label="y", epoch_rows=rows,
+                                             **kw), columns=data, data_key="l")
+    return [p.indices(epoch, k) for k in range(p.batches_per_epoch)]
+
+
+# Minority classes about as large as their picks per batch: whole permutations of them start
+# inside batches all the time (the first two used to repeat a row in 61 of 640 and 48 of 80
+# batches).
+REPEAT_CASES = [([5000, 40, 9], 32, 20480), ([3000, 300, 100, 64], 256, 20480),
+                ([20000, 37, 11, 8], 32, 20480), ([700, 70, 16, 1], 48, 5000),
+                ([50, 7, 6], 19, 3001), ([10, 3], 5, 999)]
+
+
+@pytest.mark.parametrize("sizes,batch_size,rows", REPEAT_CASES)
+def test_balanced_batches_repeat_a_row_only_when_its_class_is_too_small(
+        sizes: list[int], batch_size: int, rows: int) -> None:
+    data = labelled(sizes)
+    batches = balanced_batches(data, rows, batch_size=batch_size, seed=7)
+    assert sum(map(len, batches)) == rows
+    for k, batch in enumerate(batches):
+        labels = data["y"][batch]
+        counts = np.bincount(labels, minlength=len(sizes))
+        assert counts.max() - counts.min() <= 1, (k, counts)
+        for c, size in enumerate(sizes):
+            picks = batch[labels == c]
+            if len(picks) <= size:  # enough rows: none twice
+                assert len(np.unique(picks)) == len(picks), (k, c, np.sort(picks))
+    seen = np.bincount(np.concatenate(batches), minlength=sum(sizes))
+    for c in range(len(sizes)):  # whole permutations: a class's rows come equally often, +-1
+        of_class = seen[data["y"] == c]
+        assert of_class.max() - of_class.min() <= 1 and (of_class.min() >= 1 or
+                                                          of_class.max() <= 1)
+
+
+def test_balanced_order_is_deterministic_per_seed_and_epoch() -> None:
+    data = labelled([3000, 300, 100, 64])
+    kw: dict = dict(batch_size=256, seed=3)
+    a = balanced_batches(data, 20480, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(a, balanced_batches(data, 20480, **kw)))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(
+        balanced_batches(data, 20480, epoch=1, **kw)))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(
+        balanced_batches(data, 20480, batch_size=256, seed=4)))
+
+
+def test_balanced_with_ranks_and_whole_rounds_keeps_every_batch_balanced() -> None:
+    """With ranks and drop_last=False the last batches are cut across the order's batches
+    unless epoch_rows is a multiple of world_size * batch_size (then every batch is one)."""
+    data = labelled([5000, 40, 9])
+    world, bs = 4, 32
+    for rank in range(world):
+        p = BatchPlan(5049, PlanParams(batch_size=bs, sampling="balanced", label="y", seed=2,
+                                       rank=rank, world_size=world, epoch_rows=world * bs * 20),
+                      columns=data, data_key="l")
+        assert p.padded_rows == 0 and p.batches_per_epoch == 20
+        for k in range(20):
+            labels = data["y"][p.indices(0, k)]
+            counts = np.bincount(labels, minlength=3)
+            assert counts.max() - counts.min() <= 1
+            for c in (0, 1):  # 5000 and 40 rows, 11 picks at most
+                picks = p.indices(0, k)[labels == c]
+                assert len(np.unique(picks)) == len(picks)
+
+
 def test_weighted_frequencies_follow_the_weights() -> None:
     from scipy.stats import chisquare
 
@@ -151,3 +223,19 @@ def test_weights_must_be_finite_non_negative_with_a_positive_sum() -> None:
     for bad in ([1.0, -0.5], [0.0, 0.0], [1.0, np.nan], [np.inf, 1.0]):
         with pytest.raises(InvalidRequest, match="finite and non-negative"):
             check_weights(np.array(bad), "w")
+
+
+def test_arrays_saved_without_names_get_one_warning_at_start(serve, tmp_path) -> None:
+    path = tmp_path / "unnamed.npz"
+    np.savez(path, np.arange(100.0), np.arange(100))  # fields arr_0 and arr_1
+    srv = serve("--data", path, "--workers", 1)
+    warned = [line for line in srv.output if "np.savez" in line]
+    assert len(warned) == 1, srv.output
+    assert "WARNING" in warned[0] and "arr_0, arr_1" in warned[0]
+    assert "np.savez(path, x=X, y=y)" in warned[0]
+    with Client(srv.address, batch_size=10) as c:  # served all the same
+        assert sorted(next(iter(c.epoch(0)))) == ["arr_0", "arr_1"]
+
+
+def test_named_arrays_get_no_warning(server) -> None:
+    assert not [line for line in server.output if "WARNING" in line], server.output
