@@ -10,6 +10,9 @@ On the same-host fast path, batches live in the server's read-only shared memory
 in-place writes to them, but torch cannot mark a tensor read-only, so an in-place op on such a
 tensor would crash.  ``format="torch"`` therefore copies read-only fields (and only those) unless
 ``zero_copy_readonly=True`` says the training loop never writes to its inputs.
+
+Converted batches are ``FieldBatch`` dicts, as numpy ones are: a wrong field name raises a
+KeyError that names the fields the batch has.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from typing import Any
 import numpy as np
 
 from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.protocol import FieldBatch
 
 FORMATS = ("numpy", "torch", "jax")
 
-Batch = dict[str, Any]
+Convert = Callable[[dict[str, np.ndarray]], FieldBatch]
 
 
 def converter(format: str, *, pin_memory: bool = False, device: Any = None,
-              zero_copy_readonly: bool = False) -> Callable[[dict[str, np.ndarray]], Batch] | None:
+              zero_copy_readonly: bool = False) -> Convert | None:
     """The per-batch conversion for ``format`` (None for numpy: batches pass through)."""
     if format not in FORMATS:
         raise InvalidRequest(
@@ -45,7 +49,7 @@ def converter(format: str, *, pin_memory: bool = False, device: Any = None,
 
 
 def _torch_converter(pin_memory: bool, device: Any,
-                     zero_copy_readonly: bool) -> Callable[[dict[str, np.ndarray]], Batch]:
+                     zero_copy_readonly: bool) -> Convert:
     try:
         import torch
     except ImportError:
@@ -56,8 +60,8 @@ def _torch_converter(pin_memory: bool, device: Any,
         pin_memory = False
     target = torch.device(device) if device is not None else None
 
-    def convert(batch: dict[str, np.ndarray]) -> Batch:
-        out: Batch = {}
+    def convert(batch: dict[str, np.ndarray]) -> FieldBatch:
+        out = FieldBatch()
         for name, arr in batch.items():
             if arr.dtype.kind in "SU":
                 out[name] = arr
@@ -79,14 +83,14 @@ def _torch_converter(pin_memory: bool, device: Any,
     return convert
 
 
-def _jax_converter(device: Any) -> Callable[[dict[str, np.ndarray]], Batch]:
+def _jax_converter(device: Any) -> Convert:
     try:
         import jax
     except ImportError:
         raise InvalidRequest("format='jax' needs JAX: pip install jax") from None
 
-    def convert(batch: dict[str, np.ndarray]) -> Batch:
-        return {name: arr if arr.dtype.kind in "SU" else jax.device_put(arr, device)
-                for name, arr in batch.items()}
+    def convert(batch: dict[str, np.ndarray]) -> FieldBatch:
+        return FieldBatch((name, arr if arr.dtype.kind in "SU" else jax.device_put(arr, device))
+                          for name, arr in batch.items())
 
     return convert

@@ -7,20 +7,23 @@
 
 The constructor validates the parameters, connects and learns the dataset's schema; a
 background I/O thread then keeps up to ``prefetch`` batches on their way.  ``epoch(e,
-start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from ``k`` on.
-``state_dict()`` / ``from_state_dict()`` checkpoint and resume (refusing a dataset of another
-size).  ``close()`` (or leaving the ``with`` block) says goodbye and stops the I/O thread.
+start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from ``k`` on; a client
+serves one iterator at a time, and a newer ``epoch()`` call makes the last one raise
+IteratorSuperseded.  ``state_dict()`` / ``from_state_dict()`` checkpoint and resume (refusing a
+dataset of another size).  ``close()`` (or leaving the ``with`` block) says goodbye and stops the
+I/O thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from batchfeed.shared.errors import InvalidRequest
-from batchfeed.shared.plan import PlanParams
+from batchfeed.shared.errors import InvalidRequest, IteratorSuperseded
+from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
 from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
@@ -63,6 +66,15 @@ class Client:
             gets ServerUnavailable.
         curve: ``(client_secret_key_file, server_public_key_file)`` to encrypt and
             authenticate with CURVE (files from ``batchfeed keygen``).
+
+    Once connected, ``rows``, ``batches_per_epoch``, ``fields`` and ``prefetch`` say what the
+    server serves; ``padded_rows`` and ``dropped_rows`` say what the plan does to make the ranks'
+    epochs equal: rows repeated to pad the epoch (``drop_last=False``), and rows no rank gets
+    (``drop_last=True``), per epoch over all ranks.
+
+    One iterator at a time: ``epoch()`` returns an iterator over one epoch, and a newer call
+    replaces the last (which then raises IteratorSuperseded, also in a thread blocked in its
+    ``next()``).  Use one Client per concurrent reader.
     """
 
     def __init__(
@@ -120,6 +132,8 @@ class Client:
         )
         self._stats = _Stats()
         self._position = (0, 0)  # (epoch last iterated, first batch not yet handed out)
+        self._iterator: weakref.ref[EpochIterator] | None = None  # the last one epoch() made
+        self._plan: BatchPlan | None = None  # made from the WELCOME's rows, when first asked
         self._conn: Connection | None = Connection(config)
         self._conn.start()
 
@@ -150,6 +164,25 @@ class Client:
         return self._welcome.dataset
 
     @property
+    def padded_rows(self) -> int:
+        """Rows of an epoch read a second time (over all ranks) to pad it, so that with
+        ``drop_last=False`` every rank gets as many rows; 0 when nothing needs padding."""
+        return int(getattr(self._local_plan, "padded_rows", 0))
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows of an epoch that no rank gets with ``drop_last=True`` (those that do not make
+        a full batch for every rank); 0 when nothing is dropped."""
+        return int(getattr(self._local_plan, "dropped_rows", 0))
+
+    @property
+    def _local_plan(self) -> BatchPlan:
+        """The plan of these parameters over the server's rows (counting only: cheap)."""
+        if self._plan is None:
+            self._plan = BatchPlan(self.rows, self.params)
+        return self._plan
+
+    @property
     def prefetch(self) -> int:
         """Batches requested ahead of the trainer (as given, or as the server chose)."""
         return self._live.prefetch
@@ -171,11 +204,20 @@ class Client:
     def epoch(self, epoch: int, start_batch: int = 0, *, format: str = "numpy",
               pin_memory: bool = False, device: Any = None,
               zero_copy_readonly: bool = False) -> EpochIterator:
-        """Iterate over batches ``start_batch ..`` of ``epoch`` (a new call cancels the last).
+        """Iterate over batches ``start_batch ..`` of ``epoch``, in plan order.
 
-        ``format="torch"`` yields torch tensors (zero-copy via ``torch.from_numpy``; with
-        ``pin_memory`` and ``device`` placed for you), ``format="jax"`` jax arrays.  See
-        ``batchfeed.client.adapters`` for read-only fast-path batches.
+        Batches are ``FieldBatch`` dicts (field name -> array).  ``format="torch"`` yields torch
+        tensors (zero-copy via ``torch.from_numpy``; with ``pin_memory`` and ``device`` placed
+        for you), ``format="jax"`` jax arrays.  See ``batchfeed.client.adapters`` for read-only
+        fast-path batches.
+
+        A client serves one iterator at a time.  If the iterator the last call returned has
+        not been read to its end (nor closed), this call replaces it: that iterator stops
+        asking for batches and raises IteratorSuperseded, naming what replaced it, at its next
+        ``next()``; a thread already blocked in its ``next()`` gets that error at once.  The
+        new iterator starts a fresh stream, so it yields exactly its epoch's batches.  Asking
+        for ``epoch + 1`` after reading ``epoch`` to the end replaces nothing: it continues the
+        stream, whose batches were prefetched meanwhile.
         """
         convert = converter(format, pin_memory=pin_memory, device=device,
                             zero_copy_readonly=zero_copy_readonly)
@@ -187,9 +229,17 @@ class Client:
                 f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), "
                 f"got {start_batch!r}"
             )
+        previous = self._iterator() if self._iterator is not None else None
+        replacing = previous is not None and previous.live
+        if replacing:
+            assert previous is not None
+            previous._supersede(f"epoch {epoch} from batch {start_batch} replaced this iterator "
+                                f"over epoch {previous.epoch}")
         self._position = (epoch, start_batch)
-        stream = self._live.stream_at(epoch, start_batch, bpe)
-        return EpochIterator(self, stream, epoch, start_batch, convert)
+        stream = self._live.stream_at(epoch, start_batch, bpe, fresh=replacing)
+        iterator = EpochIterator(self, stream, epoch, start_batch, convert)
+        self._iterator = weakref.ref(iterator)
+        return iterator
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -298,7 +348,8 @@ class EpochIterator:
 
     When it is read to the end, the client goes on prefetching the next epoch, which the next
     ``client.epoch(e + 1)`` picks up; stopping early (``close()``, or dropping the iterator)
-    stops the prefetching.
+    stops the prefetching.  Another ``client.epoch()`` call while it still has batches to give
+    supersedes it: from then on ``next()`` raises IteratorSuperseded.
     """
 
     def __init__(self, client: Client, stream: Stream, epoch: int, start: int,
@@ -313,6 +364,25 @@ class EpochIterator:
         self._next = stream.position(epoch, start)
         self._end = stream.position(epoch + 1, 0)
         self._notified = self._next
+        self._superseded: str | None = None  # what replaced this iterator, once one did
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def live(self) -> bool:
+        """Whether it still has batches to give (not read to the end, closed or superseded)."""
+        return self._superseded is None and self._next < self._end
+
+    def _supersede(self, why: str) -> None:
+        """Another iterator replaced this one: raise ``why`` from now on, and wake a thread
+        that waits in ``next()`` (its stream is left: nothing else reads its queue)."""
+        self._superseded = (f"{why} (which was at batch {self._k}): a Client serves one "
+                            "iterator at a time; read an iterator to its end or close() it "
+                            "before asking for another, and use one Client per concurrent reader")
+        self._stream.abandoned = True
+        self._stream.ready.put(IteratorSuperseded(self._superseded))
 
     def __len__(self) -> int:
         return self._end - self._next
@@ -321,17 +391,24 @@ class EpochIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self._superseded is not None:
+            raise IteratorSuperseded(self._superseded)
         if self._next >= self._end:
             raise StopIteration
         stats, stream = self._stats, self._stream
         if stats.started is None:
             stats.started = time.perf_counter()
         (batch, nbytes), waited = self._conn.take(stream)
+        if self._superseded is not None:  # replaced while it waited
+            raise IteratorSuperseded(self._superseded)
         stats.wait_s += waited
         self._next += 1
         self._k += 1
         self._client._position = (self._epoch, self._k)
-        if self._next - self._notified >= self._conn.unit:
+        # Tell the I/O thread how far the trainer is every ``unit`` batches, and at its first
+        # batch of an epoch: that moves the request horizon a whole epoch on (running on, the
+        # stream asks for batches up to the end of the epoch after the trainer's).
+        if self._next - self._notified >= self._conn.unit or self._k == 1:
             self._notified = self._next
             self._conn.poke()
         stats.batches += 1
@@ -339,7 +416,7 @@ class EpochIterator:
         return batch if self._convert is None else self._convert(batch)
 
     def close(self) -> None:
-        """Stop early: the client stops requesting."""
+        """Stop early: the client stops requesting.  Safe to call twice."""
         if self._next < self._end:
             self._next = self._end
             self._stream.abandoned = True

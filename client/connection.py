@@ -87,11 +87,12 @@ class Connection:
 
     # ------------------------------------------------------------------ streams
 
-    def stream_at(self, epoch: int, start: int, bpe: int) -> Stream:
+    def stream_at(self, epoch: int, start: int, bpe: int, fresh: bool = False) -> Stream:
         """The running stream if the trainer is exactly there (epoch e+1 after epoch e), so
-        that what was prefetched is kept; otherwise a new stream (cancelling the last)."""
+        that what was prefetched is kept; otherwise, or if ``fresh``, a new stream (which
+        replaces the last)."""
         current = self._stream
-        if (current is not None and not current.abandoned and not current.broken
+        if (not fresh and current is not None and not current.abandoned and not current.broken
                 and current.at(epoch, start)):
             return current
         credit = self._io.credit
@@ -123,8 +124,17 @@ class Connection:
         return item, waited
 
     def next_items(self, stream: Stream) -> list:
-        """Block until the next in-order batches arrive; raise what went wrong otherwise."""
-        while True:
+        """Block until the next in-order batches arrive; raise what went wrong otherwise.
+
+        A trainer that has to wait wakes the I/O thread first (once), so that it sees at once
+        what the trainer consumed and asks for more, instead of at its next poll.
+        """
+        try:
+            item = stream.ready.get_nowait()
+        except queue.Empty:
+            self.poke()
+            item = None
+        while item is None:
             try:
                 item = stream.ready.get(timeout=0.25)
             except queue.Empty:
@@ -133,7 +143,6 @@ class Connection:
                 if not self._io.alive:
                     raise ServerUnavailable(
                         "the client's I/O thread has stopped (closed?)") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            return item
+        if isinstance(item, BaseException):
+            raise item
+        return item

@@ -5,7 +5,10 @@ Running on means the next epoch is prefetched while the trainer finishes this on
 boundary costs no wait.  Who writes what: the I/O thread owns ``window`` (the trainer only reads
 ``broken``) and puts lists of in-order ``(batch, nbytes)``, or the error that ends the stream,
 on ``ready``; the trainer reads ``ready`` and owns ``consumed``, ``abandoned``, ``items`` and
-``read``.  Nothing to shut down: the I/O thread drops a stream that is cancelled or replaced.
+``read``.  The one other writer: a newer ``client.epoch()`` that supersedes the iterator reading
+this stream puts IteratorSuperseded on ``ready`` (waking a trainer thread blocked there) and
+leaves the stream for a new one, so no other iterator ever reads this one's queue.  Nothing to
+shut down: the I/O thread drops a stream that is cancelled or replaced.
 """
 
 from __future__ import annotations

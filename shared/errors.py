@@ -74,6 +74,13 @@ class AuthenticationError(BatchfeedError):
     code = "auth"
 
 
+class IteratorSuperseded(BatchfeedError):
+    """A newer iteration of the same client replaced this iterator (a client serves one
+    iterator at a time); the message names what replaced it."""
+
+    code = "superseded"
+
+
 _BY_CODE: dict[str, type[BatchfeedError]] = {
     cls.code: cls
     for cls in (
@@ -88,6 +95,7 @@ _BY_CODE: dict[str, type[BatchfeedError]] = {
         CreditExceeded,
         ResourceError,
         AuthenticationError,
+        IteratorSuperseded,
     )
 }
 

@@ -371,8 +371,19 @@ def chunk_layout(header: dict) -> ChunkLayout:
                        tuple(map(tuple, starts)), tuple(map(tuple, nbytes)))
 
 
-def field_views(layout: ChunkLayout, field_buffers: Sequence) -> list[dict[str, np.ndarray]]:
-    """Split one buffer per field into per-batch dicts of zero-copy numpy views.
+class FieldBatch(dict):
+    """A batch as the trainer gets it: field name -> array.  A plain dict but for the error a
+    wrong field name raises, which says what the batch has (``__missing__`` runs only then,
+    so a lookup costs what a dict's does)."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: object) -> Any:
+        raise KeyError(f"no field {key!r} in this batch; it has: {', '.join(map(str, self))}")
+
+
+def field_views(layout: ChunkLayout, field_buffers: Sequence) -> list[FieldBatch]:
+    """Split one buffer per field into per-batch dicts (``FieldBatch``) of zero-copy numpy views.
 
     Each view's ``base`` chain ends at the buffer object (a zmq.Frame or a slot array), which
     therefore stays alive as long as any view does.
@@ -392,12 +403,12 @@ def field_views(layout: ChunkLayout, field_buffers: Sequence) -> list[dict[str, 
         flat.append(arr)
     batches = []
     for b, shapes in enumerate(layout.shapes):
-        batches.append({
-            name: flat[f][layout.starts[f][b] : layout.starts[f][b] + layout.nbytes[f][b]]
-            .view(layout.dtypes[f])
-            .reshape(shapes[f])
+        batches.append(FieldBatch(
+            (name, flat[f][layout.starts[f][b] : layout.starts[f][b] + layout.nbytes[f][b]]
+             .view(layout.dtypes[f])
+             .reshape(shapes[f]))
             for f, name in enumerate(layout.names)
-        })
+        ))
     return batches
 
 

@@ -105,3 +105,17 @@ def test_jax_format_yields_jax_arrays(server) -> None:
             assert isinstance(batch["x"], jax.Array)
             assert np.array_equal(np.asarray(batch["x"]), ref["x"])
             assert np.array_equal(np.asarray(batch["id"]), ref["id"])
+
+
+def test_a_wrong_field_name_says_what_the_batch_has(server) -> None:
+    with Client(server.address, batch_size=64) as c:
+        for format in ("numpy", "torch"):
+            batch = next(iter(c.epoch(0, format=format)))
+            with pytest.raises(KeyError, match=r"no field 'z' in this batch; it has: id, x"):
+                batch["z"]
+            assert batch.get("z") is None and "z" not in batch  # a dict for everything else
+    from batchfeed.client.adapters import converter
+
+    out = converter("torch")({"x": np.zeros(3, np.float32)})
+    with pytest.raises(KeyError, match="it has: x"):
+        out["y"]

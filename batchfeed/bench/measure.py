@@ -29,7 +29,7 @@ class Measurement:
 
 def _count(batch: Any) -> tuple[int, int]:
     """(rows, bytes) of a batch: a dict of arrays or a sequence of tensors.  Never copies."""
-    arrays = batch.values() if type(batch) is dict else batch
+    arrays = batch.values() if isinstance(batch, dict) else batch
     rows = -1
     nbytes = 0
     for a in arrays:

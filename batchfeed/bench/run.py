@@ -1,9 +1,10 @@
 """``run(options, out)``: one bench run from start to end.
 
 Per workload it makes the data, measures the in-process rows, then the batchfeed rows; then the
-transform (image) and server-PSS (tabular) tables; it prints as it goes and writes ``--json``
-at the end.  It owns the client pool and the temporary data directories: each is closed or
-removed in ``finally``, also on SIGTERM (turned into an exception while the run lasts).
+transform (image), server-PSS (tabular) and epoch-boundary stall tables; it prints as it goes
+and writes ``--json`` at the end.  It owns the client pool and the temporary data directories:
+each is closed or removed in ``finally``, also on SIGTERM (turned into an exception while the
+run lasts).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from . import report
 from .baselines import add_ratios, in_process_rows
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, server_rows, transform_scaling
+from .stalls import epoch_stalls, format_stalls
 from .workloads import BenchOptions, Workload, save_arrays, workloads
 
 
@@ -64,6 +66,8 @@ def failures(results: dict[str, Any]) -> list[str]:
                if e["status"] != "ok"]
     failed += [r["name"] for r in results.get("transform_scaling", [])
                if r["status"].startswith("failed")]
+    failed += [f"epoch stalls {r['dataset']} {r['transport']}"
+               for r in results.get("epoch_stalls", []) if r["status"] != "ok"]
     failed += results["problems"]
     failed += [p for res in results["workloads"].values() for p in res["problems"]]
     return failed
@@ -105,6 +109,14 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
             for line in report.format_pss(entries, all_workloads["tabular"]) + [
                     f"  problem: {p}" for p in problems]:
                 out(line)
+        stall_problems: list[str] = []
+        stalls = epoch_stalls(options.server_workers, options.seed, progress, stall_problems)
+        results["epoch_stalls"] = [asdict(r) for r in stalls]
+        results["problems"] += stall_problems
+        out("")
+        for line in format_stalls(results["epoch_stalls"]) + [
+                f"  problem: {p}" for p in stall_problems]:
+            out(line)
         out("")
         out(report.legend(options))
         elapsed = time.perf_counter() - started
