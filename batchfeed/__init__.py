@@ -1,7 +1,8 @@
 """batchfeed: a streaming mini-batch loader service for ML training.
 
-``from batchfeed import Client`` is the trainer-side API; ``batchfeed serve`` starts a server.
-The client is imported lazily, so that server processes never load client code.
+``from batchfeed import Client`` is the trainer-side API; ``batchfeed serve`` starts a server,
+and ``batchfeed.serve(data)`` one for data already in memory.  Both are imported lazily, so
+that server processes never load client code.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from batchfeed.shared.version import __version__
 
 if TYPE_CHECKING:
     from batchfeed.client import Client
+    from batchfeed.serving import serve
 
 __all__ = [
     "AuthenticationError",
@@ -42,6 +44,7 @@ __all__ = [
     "VersionMismatch",
     "WorkerError",
     "__version__",
+    "serve",
 ]
 
 
@@ -50,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from batchfeed.client import Client
 
         return Client
+    if name == "serve":
+        from batchfeed.serving import serve
+
+        return serve
     raise AttributeError(f"module 'batchfeed' has no attribute {name!r}")

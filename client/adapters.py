@@ -63,8 +63,8 @@ def _torch_converter(pin_memory: bool, device: Any,
     def convert(batch: dict[str, np.ndarray]) -> FieldBatch:
         out = FieldBatch()
         for name, arr in batch.items():
-            if arr.dtype.kind in "SU":
-                out[name] = arr
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind in "SU":
+                out[name] = _texts(arr)  # strings and bytes: lists, which torch has no tensor of
                 continue
             if not arr.dtype.isnative:
                 arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -83,6 +83,11 @@ def _torch_converter(pin_memory: bool, device: Any,
     return convert
 
 
+def _texts(value: Any) -> list:
+    """A batch's strings (or bytes) as a list: fixed-width numpy strings included."""
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 def _jax_converter(device: Any) -> Convert:
     try:
         import jax
@@ -90,7 +95,8 @@ def _jax_converter(device: Any) -> Convert:
         raise InvalidRequest("format='jax' needs JAX: pip install jax") from None
 
     def convert(batch: dict[str, np.ndarray]) -> FieldBatch:
-        return FieldBatch((name, arr if arr.dtype.kind in "SU" else jax.device_put(arr, device))
+        return FieldBatch((name, _texts(arr) if not isinstance(arr, np.ndarray)
+                           or arr.dtype.kind in "SU" else jax.device_put(arr, device))
                           for name, arr in batch.items())
 
     return convert

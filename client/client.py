@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from batchfeed.shared.addresses import check_address
 from batchfeed.shared.errors import InvalidRequest, IteratorSuperseded
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
@@ -80,7 +81,7 @@ class Client:
     def __init__(
         self,
         address: str | Sequence[str],
-        batch_size: int,
+        batch_size: int | None = None,
         shuffle: str = "full",
         seed: int = 0,
         drop_last: bool = False,
@@ -100,16 +101,35 @@ class Client:
         heartbeat_timeout: float = 5.0,
         name: str | None = None,
         curve: tuple[str, str] | None = None,
+        ragged: str = "pad",
+        pad_value: float = 0,
+        max_length: int | None = None,
+        pack: Mapping[str, int] | Sequence[str] | None = None,
+        pack_length: int = 0,
+        max_tokens: int | None = None,
+        token_field: str | None = None,
     ):
+        if isinstance(pack, Mapping):
+            pack, pack_length = _pack_lengths(pack)
+        if batch_size is None:
+            if max_tokens is None:
+                raise InvalidRequest("Client needs batch_size= (or max_tokens= for batches of "
+                                     "a token budget)")
+            batch_size = 1
         params = PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
                             buffer_size=buffer_size, drop_last=drop_last, rank=rank,
                             world_size=world_size, sampling=sampling, label=label,
-                            weights=weights, epoch_rows=epoch_rows)
+                            weights=weights, epoch_rows=epoch_rows, ragged=ragged,
+                            pad_value=pad_value, max_length=max_length,
+                            pack=tuple(pack) if pack is not None else None,
+                            pack_length=pack_length, max_tokens=max_tokens,
+                            token_field=token_field)
         addresses = (address,) if isinstance(address, str) else tuple(address)
-        if not addresses or len(set(addresses)) != len(addresses) or not all(
-                isinstance(a, str) and a.startswith(("tcp://", "ipc://")) for a in addresses):
+        if not addresses or len(set(addresses)) != len(addresses):
             raise InvalidRequest(f"address must be tcp://HOST:PORT or ipc://PATH (or a list of "
                                  f"distinct ones), got {address!r}")
+        for a in addresses:
+            check_address(a)
         if prefetch is not None and (type(prefetch) is not int or prefetch < 1):
             raise InvalidRequest(f"prefetch must be a positive int, got {prefetch!r}")
         for what, value in (("connect_timeout", connect_timeout),
@@ -179,7 +199,7 @@ class Client:
     def _local_plan(self) -> BatchPlan:
         """The plan of these parameters over the server's rows (counting only: cheap)."""
         if self._plan is None:
-            self._plan = BatchPlan(self.rows, self.params)
+            self._plan = BatchPlan(self.rows, self.params, units=self._welcome.units)
         return self._plan
 
     @property
@@ -321,6 +341,15 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else ", ".join(self._conn.config.addresses)
         return f"Client({state}, {self.params})"
+
+
+def _pack_lengths(pack: Mapping[str, int]) -> tuple[tuple[str, ...], int]:
+    """``pack={"tokens": 2048, "mask": 2048}`` as (fields, row length)."""
+    lengths = set(pack.values())
+    if len(lengths) != 1:
+        raise InvalidRequest(f"pack= packs aligned fields into rows of one length, e.g. "
+                             f"pack={{'tokens': 2048, 'mask': 2048}}; got {dict(pack)!r}")
+    return tuple(pack), lengths.pop()
 
 
 class _Stats:

@@ -49,6 +49,7 @@ from batchfeed.shared.schema import Field
 
 from .fastpath import Nudge
 from .link import Link, LinkConfig, Welcome
+from .ragged import RaggedDecoder
 from .stream import Stream
 from .window import Credit
 
@@ -93,6 +94,7 @@ class IOThread:
         self.welcome: Welcome | None = None  # the first server's
         self.credit: Credit | None = None  # set from the first WELCOME
         self.seen_fields: tuple[Field, ...] = ()  # from the first batch (for transforms)
+        self.decode = RaggedDecoder((), flat=False)  # str and bytes fields, once welcomed
         self.fatal: BaseException | None = None
         self.welcomed = threading.Event()  # every server answered, or ``fatal`` is set
         self.unwelcomed = set(config.addresses)
@@ -232,6 +234,7 @@ class IOThread:
         if first is None:
             self.credit = Credit.shared_by(self.config.prefetch or welcome.prefetch,
                                            len(self.config.addresses))
+            self.decode = RaggedDecoder(welcome.fields, self.config.params.ragged == "flat")
             self.welcome = welcome
         elif not welcome.same_data(first):
             raise ServerUnavailable(
@@ -284,6 +287,8 @@ class IOThread:
             buffers = link.ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
                                       layout, book, self.poke)
         batches = protocol.field_views(layout, buffers)
+        if self.decode:
+            batches = [self.decode(batch) for batch in batches]
         if not self.seen_fields:
             self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
                                      in zip(layout.names, layout.dtypes, layout.shapes[0]))

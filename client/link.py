@@ -72,11 +72,13 @@ class Welcome:
     prefetch: int
     fields: tuple[Field, ...]
     server_version: str
+    units: int | None = None  # packed rows or token-budget batches per epoch
 
     @classmethod
     def from_header(cls, h: dict) -> Welcome:
         return cls(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"], h["prefetch"],
-                   schema_from_wire(h["fields"]) if h["fields"] else (), h["server"])
+                   schema_from_wire(h["fields"]) if h["fields"] else (), h["server"],
+                   h["units"])
 
     def same_data(self, other: Welcome) -> bool:
         """Same rows, batches and fields (the dataset's name may differ between servers, and

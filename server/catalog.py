@@ -26,8 +26,11 @@ from batchfeed.shared.plan import (
 )
 from batchfeed.shared.schema import Field
 from batchfeed.shared.shm import human_bytes
+from batchfeed.shared.units import budget_bounds, plan_units
 
 from .dataset import DatasetSpec, attach_arrays
+from .gather import ALIGN
+from .sessions import BatchEstimate
 from .transform import Transform
 
 
@@ -59,11 +62,22 @@ class Catalog:
             return dataset.fields
         return transform.schema or ()
 
-    def check_plan(self, dataset: DatasetSpec, plan: BatchPlan, max_order_bytes: int) -> None:
+    def columns(self, dataset: DatasetSpec) -> dict:
+        """The dataset's columns, mapped read-only (once per dataset, kept until ``close``)."""
+        if dataset.name not in self._columns:
+            self._columns[dataset.name] = attach_arrays(dataset)
+        return self._columns[dataset.name][1]
+
+    def plan(self, dataset: DatasetSpec, params: PlanParams, max_order_bytes: int) -> BatchPlan:
+        """A session's plan, checked against the data and the server's limits."""
+        units = None
+        if params.units != "rows":
+            units = plan_units(params, self.columns(dataset), dataset.name, dataset.fields)
+        plan = BatchPlan(dataset.rows, params, data_key=dataset.name, units=units)
         itemsize = np.dtype(index_dtype(plan.n_rows)).itemsize
         budget = max(max_order_bytes, plan.n_rows * itemsize)  # one pass over the data is fine
         order_bytes = plan.epoch_rows * itemsize
-        if order_bytes > budget:
+        if order_bytes > budget and params.units == "rows":
             most = budget // itemsize
             raise InvalidRequest(
                 f"epoch_rows={plan.epoch_rows:,} needs an epoch order of "
@@ -71,14 +85,41 @@ class Catalog:
                 f"({human_bytes(budget)}, --max-order-mb): ask for at most "
                 f"{most:,} rows per epoch, or restart the server with a larger --max-order-mb")
         self._check_sampling_fields(dataset, plan.params)
+        return plan
+
+    def estimate(self, dataset: DatasetSpec, plan: BatchPlan) -> BatchEstimate:
+        """One batch's bytes in a slot, for sizing the session's messages."""
+        params, served = plan.params, self.served_fields(dataset)
+        fields = served or dataset.fields
+        growth = 1 if served or dataset.name not in self.transforms else 4
+        if params.pack is not None:
+            per_token = sum(f.dtype.itemsize for f in dataset.fields if f.name in params.pack)
+            return BatchEstimate(plan.batch_size * params.pack_length * (per_token + 8),
+                                 growth=growth, what=f"one batch of {plan.batch_size} packed rows")
+        rows, exact = plan.batch_size, True
+        if params.max_tokens is not None:
+            starts = budget_bounds(params, self.columns(dataset), dataset.name,
+                                   dataset.fields)[1]
+            rows, exact = int(np.diff(starts).max(initial=1)), False
+        nbytes = ALIGN * 2 * len(fields)
+        for f in fields:
+            st = dict(zip(dataset.fields, dataset.storage)).get(f)
+            if not f.ragged:
+                nbytes += rows * f.row_nbytes
+            elif params.max_tokens is not None and f.kind == "ragged":
+                nbytes += params.max_tokens * f.row_nbytes + 8 * (rows + 1)
+            else:  # twice the mean row (padding), plus lengths or offsets
+                mean = (st.n_values // max(1, dataset.rows) + 1) if st else 1
+                nbytes += rows * (2 * mean * f.row_nbytes + 8) + 8
+                exact = False
+        what = f"one batch of {rows} rows"
+        return BatchEstimate(nbytes, exact=exact and growth == 1, growth=growth, what=what)
 
     def _check_sampling_fields(self, dataset: DatasetSpec, params: PlanParams) -> None:
         for name, check in ((params.label, check_label), (params.weights, check_weights)):
             if name is None or (dataset.name, name, check) in self._checked:
                 continue
-            if dataset.name not in self._columns:
-                self._columns[dataset.name] = attach_arrays(dataset)
-            check(column(self._columns[dataset.name][1], name), name)
+            check(column(self.columns(dataset), name), name)
             self._checked.add((dataset.name, name, check))
 
     def close(self) -> None:

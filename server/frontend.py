@@ -35,7 +35,7 @@ import zmq
 
 from batchfeed.shared import protocol
 from batchfeed.shared.errors import BatchfeedError, ProtocolError, ResourceError
-from batchfeed.shared.plan import BatchPlan, PlanParams
+from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import schema_to_wire
 from batchfeed.shared.version import __version__
 
@@ -257,10 +257,9 @@ class Frontend:
     def _on_hello(self, owner: Owner, h: dict) -> None:
         params = PlanParams.from_wire(h["params"])
         dataset = self.catalog.dataset(h["dataset"])
-        plan = BatchPlan(dataset.rows, params, data_key=dataset.name)
-        self.catalog.check_plan(dataset, plan, self.config.max_order_bytes)
+        plan = self.catalog.plan(dataset, params, self.config.max_order_bytes)
         fields = self.catalog.served_fields(dataset)
-        sizing = size_session(params.batch_size, fields, dataset.fields, h["prefetch"],
+        sizing = size_session(self.catalog.estimate(dataset, plan), h["prefetch"],
                               self.ring.slot_bytes, self.config.chunk_bytes)
         table = self.leases.offer() if h["fastpath"] else None
         session = new_session(owner, dataset, plan, sizing, name=h["name"] or "", table=table)
@@ -277,6 +276,7 @@ class Frontend:
             prefetch=sizing.prefetch,
             fields=schema_to_wire(fields),
             server=__version__,
+            units=plan.epoch_rows if params.units != "rows" else None,
             ring=self.ring.describe() if table is not None else None,
             claim=table.name if table is not None else None,
         ))

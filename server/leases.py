@@ -17,8 +17,9 @@ no other process can open it.
 
 **The budget.**  Leases and zero-copy sends hold slots beyond the gather.  Together they may hold
 at most ``limit`` slots, leaving ``reserve`` for the workers, and one session's leases at most
-its fair share of them (the limit split between the fast-path sessions); past that, a batch is sent copied (the slot is free as soon as the message is
-built), so no client, however it holds its views or stops reading, can stall another.
+its fair share of them (the limit split between the fast-path sessions); past that, a batch is
+sent copied (the slot is free as soon as the message is built), so no client, however it holds
+its views or stops reading, can stall another.
 
 ``check`` verifies that the ring agrees with the tables.
 """

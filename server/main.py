@@ -38,6 +38,7 @@ from .dataset import (
 from .frontend import BookkeepingError, Frontend
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
+from .sources import default_names
 from .transform import Transform, load_transform
 from .worker import keep_big_allocations_out_of_the_heap
 
@@ -74,7 +75,7 @@ def dataset_sources(config: ServerConfig) -> dict[str, list[FieldSource]]:
         if name in out:
             raise ResourceError(f"two datasets are named {name!r}; name them with --data NAME=PATH")
         out[name] = inspect_source(path)
-        unnamed = [s.field.name for s in out[name] if re.fullmatch(r"arr_\d+", s.field.name)]
+        unnamed = default_names(out[name])
         if unnamed:
             log.warning("%s has fields named %s (np.savez numbers the arrays it gets without "
                         "names), and batches hold them under those names; name them when saving: "
@@ -101,8 +102,10 @@ class _Signals:
         signal.signal(signal.SIGTERM, self)
 
 
-def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -> int:
-    """Run a server until SIGINT/SIGTERM; returns the exit code."""
+def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
+          sources: dict[str, list[FieldSource]] | None = None) -> int:
+    """Run a server until SIGINT/SIGTERM; returns the exit code.  ``sources``: datasets given
+    in memory (``batchfeed.serve``) instead of ``config.data``."""
     announce = announce or (lambda line: print(line, flush=True))
     security = ServerSecurity(config.bind, config.curve_secret_key, config.authorized_keys,
                               config.insecure)
@@ -120,9 +123,10 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None) -
     frontend: Frontend | None = None
     metrics = None
     try:
-        sources = dataset_sources(config)
+        if sources is None:
+            sources = dataset_sources(config)
         transforms = load_transforms(config, list(sources))
-        widest = max(s.field.row_nbytes for srcs in sources.values() for s in srcs)
+        widest = max(s.nbytes // max(1, s.rows) for srcs in sources.values() for s in srcs)
         slot_bytes = config.slot_size(widest)
         if config.mmap:
             for name, srcs in sources.items():

@@ -143,8 +143,8 @@ class Scheduler:
         """Which worker takes the session's next task, and the shared order it reads (or
         fills); None when the order is being filled by a worker that has no room yet."""
         params = s.plan.params
-        if params.shuffle == "none" and params.sampling == "uniform":
-            return worker, None, False  # the dataset order: nothing to compute or share
+        if params.units != "rows" or (params.shuffle == "none" and params.sampling == "uniform"):
+            return worker, None, False  # nothing to compute or share (or the worker's own)
         key = s.plan.order_key(epoch)
         entry = self.orders.entry(key, s.plan)
         if entry is None:

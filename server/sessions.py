@@ -31,10 +31,8 @@ from typing import TYPE_CHECKING
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan
 from batchfeed.shared.protocol import MAX_BATCHES_PER_MESSAGE
-from batchfeed.shared.schema import Field
 
 from .dataset import DatasetSpec
-from .worker import ALIGN
 
 if TYPE_CHECKING:
     from .leases import Leases, LeaseTable
@@ -46,34 +44,39 @@ AUTO_PREFETCH_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
+class BatchEstimate:
+    """How big one batch is in a slot: exact for fixed fields, an estimate for ragged ones
+    (workers cut chunks that outgrow their slot, and refuse a single batch too big)."""
+
+    nbytes: int
+    exact: bool = True
+    growth: int = 1  # an undeclared transform's output may be this much bigger (uint8->float32)
+    what: str = "one batch"
+
+
+@dataclass(frozen=True)
 class Sizing:
     batch_bytes: int  # one batch of the served fields, as gathered into a slot
     max_chunk: int  # batches per task (and per message)
     prefetch: int
 
 
-def size_session(batch_size: int, served: tuple[Field, ...], gathered: tuple[Field, ...],
-                 prefetch: int, slot_bytes: int, chunk_bytes: int) -> Sizing:
-    """Size a session's messages; raise InvalidRequest when one batch cannot fit a slot.
-
-    ``served`` are the fields clients receive, or () when an undeclared transform decides them
-    (then the gathered input fields stand in, times 4: uint8 -> float32 is the usual growth;
-    workers cut chunks that outgrow their slot anyway).
-    """
-    sized = served or gathered
-    batch_bytes = batch_size * sum(f.row_nbytes for f in sized) + ALIGN * len(sized)
-    chunk_batch_bytes = batch_bytes * (1 if served else 4)
+def size_session(estimate: BatchEstimate, prefetch: int, slot_bytes: int,
+                 chunk_bytes: int) -> Sizing:
+    """Size a session's messages; raise InvalidRequest when one batch cannot fit a slot."""
+    batch_bytes = max(1, estimate.nbytes)
     prefetch = prefetch or auto_prefetch(batch_bytes, chunk_bytes)
     if not 1 <= prefetch <= MAX_PREFETCH:
         raise InvalidRequest(f"prefetch must be in [1, {MAX_PREFETCH}], got {prefetch}")
-    if batch_bytes > slot_bytes:
+    if estimate.exact and batch_bytes > slot_bytes:
         raise InvalidRequest(
-            f"one batch of {batch_size} rows is {batch_bytes} bytes, more than this server's "
-            f"slot size ({slot_bytes} bytes); use a smaller batch_size or restart the server "
-            f"with --slot-mb {-(-batch_bytes // 2**20)} or more"
+            f"{estimate.what} is {batch_bytes} bytes, more than this server's slot size "
+            f"({slot_bytes} bytes); use a smaller batch_size or restart the server with "
+            f"--slot-mb {-(-batch_bytes // 2**20)} or more"
         )
     budget = min(slot_bytes, chunk_bytes)
-    max_chunk = max(1, min(budget // chunk_batch_bytes, MAX_BATCHES_PER_MESSAGE))
+    max_chunk = max(1, min(budget // (batch_bytes * estimate.growth),
+                           MAX_BATCHES_PER_MESSAGE))
     return Sizing(batch_bytes, max_chunk, prefetch)
 
 

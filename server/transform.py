@@ -5,8 +5,11 @@ process before the workers are forked, so a wrong name fails at start.  Workers 
 dict of freshly gathered arrays (the transform may modify them) and a ``numpy.random.Generator``
 seeded from (seed, epoch, global batch number): the output is as deterministic as the plan.
 
-The output may change dtypes and shapes (crops, normalisation, padding tokens to the batch's
-longest sequence).  A transform may declare what it returns with an ``output_schema``
+Ragged fields (variable-length rows, strings, bytes) come in as ``Ragged(values, offsets)`` with
+offsets from 0, and a transform may return ``Ragged`` values too (a tokenizer turning strings
+into token ids); they are then served as the session asked (padded, or flat).  The output may
+change dtypes and shapes (crops, normalisation, padding tokens to the batch's longest
+sequence).  A transform may declare what it returns with an ``output_schema``
 attribute, ``{"x": ("float32", (3, 28, 28)), ...}`` (per-row shapes); the server then announces
 it at HELLO and sizes messages from it.  Otherwise clients learn the schema from the first batch.
 """
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError, WorkerError
-from batchfeed.shared.schema import Field, check_servable_dtype
+from batchfeed.shared.schema import Field, Ragged, check_servable_dtype
 
 _TAG_TRANSFORM = 0x5452414E
 
@@ -37,7 +40,7 @@ class Transform:
         return np.random.default_rng([seed, epoch, global_batch, _TAG_TRANSFORM])
 
     def apply(self, batch: dict[str, np.ndarray], rng: np.random.Generator,
-              where: str) -> dict[str, np.ndarray]:
+              where: str) -> dict:
         """Run the transform and check what it returned; errors name it and the batch."""
         try:
             out = self.fn(batch, rng)
@@ -48,21 +51,33 @@ class Transform:
             raise WorkerError(f"transform {self.name} returned {type(out).__name__} on {where}; "
                               "it must return a non-empty dict of field name -> numpy array")
         rows = None
-        checked = {}
+        checked: dict = {}
         for name, arr in out.items():
-            if not isinstance(name, str) or not isinstance(arr, np.ndarray) or arr.ndim == 0:
+            if isinstance(arr, Ragged) and isinstance(arr.values, np.ndarray) and isinstance(
+                    arr.offsets, np.ndarray) and arr.offsets.ndim == 1 and len(arr.offsets):
+                n, dtype = arr.rows, arr.values.dtype
+                arr = Ragged(np.ascontiguousarray(arr.values),
+                             np.asarray(arr.offsets, dtype=np.int64))
+            elif isinstance(arr, np.ndarray) and arr.ndim:
+                n, dtype = len(arr), arr.dtype
+                arr = np.ascontiguousarray(arr)
+            else:
                 raise WorkerError(f"transform {self.name} returned {name!r}: "
                                   f"{type(arr).__name__} on {where}; every value must be a "
-                                  "numpy array with a batch dimension")
+                                  "numpy array with a batch dimension, or a Ragged(values, "
+                                  "offsets) for variable-length rows")
+            if not isinstance(name, str):
+                raise WorkerError(f"transform {self.name} returned a field named {name!r} on "
+                                  f"{where}; field names are strings")
             try:
-                check_servable_dtype(name, arr.dtype)
+                check_servable_dtype(name, dtype)
             except ValueError as exc:
                 raise WorkerError(f"transform {self.name} on {where}: {exc}") from None
-            if rows is not None and len(arr) != rows:
+            if rows is not None and n != rows:
                 raise WorkerError(f"transform {self.name} returned fields with different "
                                   f"numbers of rows on {where}")
-            rows = len(arr)
-            checked[name] = np.ascontiguousarray(arr)
+            rows = n
+            checked[name] = arr
         return checked
 
 

@@ -8,7 +8,8 @@ from the main process (so they share its imported modules' pages), then:
 - ask the kernel to kill them when the parent dies (``PR_SET_PDEATHSIG``) and also check
   ``getppid`` whenever they are idle, so a SIGKILLed server leaves no workers behind;
 - attach the dataset (read-only) and the ring by name;
-- loop: take a TASK, ``np.take(..., out=slot)`` per field, answer DONE or FAIL.
+- loop: take a TASK, gather its batches straight into the slot (``gather.py``), answer DONE
+  or FAIL.
 
 Each worker talks to the main process over its own ``SOCK_SEQPACKET`` socketpair: one message
 per ``send``, no ZeroMQ context (and no I/O thread to wake) in the worker, and an end-of-file
@@ -36,15 +37,15 @@ import numpy as np
 from batchfeed.shared.errors import BatchfeedError, WorkerError
 from batchfeed.shared.plan import ORDERS, BatchPlan, PlanParams
 from batchfeed.shared.shm import SharedSegment
+from batchfeed.shared.units import plan_units
 
 from . import tasks
 from .dataset import DatasetSpec, attach_arrays
+from .gather import gather_chunk, transform_chunk
 from .orders import WorkerOrders
-from .transform import Transform
 
 log = logging.getLogger("batchfeed.server.worker")
 
-ALIGN = 64
 _PLAN_CACHE = 8  # plans (and their epoch orders) kept per worker ...
 _PLAN_IDLE_S = 5.0  # ... and dropped once unused this long, so memory returns to baseline
 _PR_SET_PDEATHSIG = 1
@@ -61,87 +62,6 @@ class WorkerSpec:
     slot_bytes: int
     parent_pid: int
     transforms: dict = field(default_factory=dict)  # dataset name -> Transform
-
-
-def align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def gather_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan, epoch: int,
-                 k0: int, count: int, slot: np.ndarray,
-                 order: np.ndarray | None = None) -> tuple[list, list, list, list]:
-    """Write batches ``k0 .. k0+count-1`` into ``slot`` (a uint8 array); return their layout.
-
-    Each field gets one region (64-byte aligned) holding its rows for all the batches, in batch
-    order.  Returns (dtypes, shapes per batch per field, region offsets, region sizes).
-    """
-    idx = plan.chunk_indices(epoch, k0, count, order)
-    rows = [plan.batch_rows(k) for k in range(k0, k0 + count)]
-    offsets, sizes, dtypes, offset = [], [], [], 0
-    for f in spec.fields:
-        nbytes = len(idx) * f.row_nbytes
-        if offset + nbytes > len(slot):
-            raise WorkerError(
-                f"{count} batches of {plan.params.batch_size} rows need more than the server's "
-                f"slot size of {len(slot)} bytes; restart the server with a larger --slot-mb"
-            )
-        out = slot[offset : offset + nbytes].view(f.dtype).reshape((len(idx), *f.shape))
-        # mode="clip" avoids numpy's buffered out= path; the plan's indices are in range.
-        np.take(arrays[f.name], idx, axis=0, out=out, mode="clip")
-        offsets.append(offset)
-        sizes.append(nbytes)
-        dtypes.append([f.name, f.dtype.str])
-        offset = align(offset + nbytes)
-    shapes = [[[r, *f.shape] for f in spec.fields] for r in rows]
-    return dtypes, shapes, offsets, sizes
-
-
-def transform_chunk(arrays: dict[str, np.ndarray], spec: DatasetSpec, plan: BatchPlan,
-                    epoch: int, k0: int, count: int, slot: np.ndarray, transform: Transform,
-                    order: np.ndarray | None = None) -> tuple[list, list, list, list]:
-    """Like ``gather_chunk``, with ``transform`` applied to each batch before it is written.
-
-    The outputs' sizes are known only once the transform has run, so they are gathered into
-    fresh arrays, transformed, then copied into the slot: one copy more than without.  When the
-    outputs outgrow the slot, only the batches that fit are written (the caller sees fewer
-    shapes than ``count`` and asks for the rest again); a single batch too big is an error.
-    """
-    outs: list[dict[str, np.ndarray]] = []
-    names: list[str] = []
-    field_bytes: list[int] = []
-    for k in range(k0, k0 + count):
-        idx = plan.indices(epoch, k, order)
-        batch = {f.name: np.take(arrays[f.name], idx, axis=0) for f in spec.fields}
-        rng = transform.rng(plan.params.seed, epoch, plan.global_batch(k))
-        out = transform.apply(batch, rng, f"epoch {epoch} batch {k}")
-        if not outs:
-            names, field_bytes = list(out), [0] * len(out)
-        elif list(out) != names or any(out[n].dtype != outs[0][n].dtype for n in names):
-            raise WorkerError(
-                f"transform {transform.name} returned different fields or dtypes for batches "
-                f"{k0} and {k} of epoch {epoch}; every batch must have the same field names and "
-                "dtypes (shapes may vary)")
-        grown = [size + out[n].nbytes for size, n in zip(field_bytes, names)]
-        if sum(align(size) for size in grown) > len(slot):
-            if not outs:
-                raise WorkerError(
-                    f"transform {transform.name} made batch {k} of epoch {epoch} "
-                    f"{sum(grown)} bytes, more than the server's {len(slot)}-byte slots; "
-                    "restart the server with a larger --slot-mb")
-            break
-        outs.append(out)
-        field_bytes = grown
-    offsets, dtypes, offset = [], [], 0
-    for name in names:
-        offsets.append(offset)
-        dtypes.append([name, outs[0][name].dtype.str])
-        for out in outs:
-            arr = out[name]
-            slot[offset : offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
-            offset += arr.nbytes
-        offset = align(offset)
-    shapes = [[list(out[name].shape) for name in names] for out in outs]
-    return dtypes, shapes, offsets, field_bytes
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -244,12 +164,18 @@ class PlanCache:
         self._plans: OrderedDict[tuple, tuple[BatchPlan, float]] = OrderedDict()
         self._last_sweep = time.monotonic()
 
-    def get(self, dataset: str, rows: int, params: dict, columns: dict) -> BatchPlan:
-        key = (dataset, tuple(sorted(params.items())))
+    def get(self, spec: DatasetSpec, params: dict, columns: dict) -> BatchPlan:
+        dataset, rows = spec.name, spec.rows
+        key = (dataset, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                     for k, v in params.items())))
         now = time.monotonic()
         hit = self._plans.pop(key, None)
-        plan = hit[0] if hit is not None else BatchPlan(
-            rows, PlanParams.from_wire(params), columns=columns, data_key=dataset)
+        if hit is None:
+            plan_params = PlanParams.from_wire(params)
+            plan = BatchPlan(rows, plan_params, columns=columns, data_key=dataset,
+                             units=plan_units(plan_params, columns, dataset, spec.fields))
+        else:
+            plan = hit[0]
         self._plans[key] = (plan, now)
         while len(self._plans) > _PLAN_CACHE:
             self._plans.popitem(last=False)
@@ -271,7 +197,7 @@ def _fill_order(job: tasks.OrderJob, data: dict, plans: PlanCache,
     """Compute an epoch's order into its shared segment ahead of time."""
     try:
         ds, arrays = data[job.dataset]
-        plan = plans.get(job.dataset, ds.rows, job.params, arrays)
+        plan = plans.get(ds, job.params, arrays)
         orders.get(job.order, True, plan, job.epoch)
         return True
     except Exception:  # the order is recomputed when a task needs it; nothing is lost
@@ -285,7 +211,7 @@ def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrde
     started = time.perf_counter()
     try:
         ds, arrays = data[task.dataset]
-        plan = plans.get(task.dataset, ds.rows, task.params, arrays)
+        plan = plans.get(ds, task.params, arrays)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
         order = orders.get(task.order, task.fill, plan, task.epoch) if task.order else None

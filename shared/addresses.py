@@ -50,4 +50,4 @@ def is_loopback(address: str) -> bool:
     if address.startswith("ipc://"):
         return True
     m = _TCP.match(address)
-    return bool(m) and is_loopback_host(m.group(1))
+    return m is not None and is_loopback_host(m.group(1))

@@ -106,6 +106,7 @@ _HEADERS: dict[str, dict[str, str]] = {
         "prefetch": _INT,
         "fields": _LIST,
         "server": _STR,
+        "units": _OPT_INT,  # packed rows or token-budget batches per epoch, for such plans
         "ring": _OPT_MAP,  # fast path offered: the ring to map ...
         "claim": _OPT_STR,  # ... and the lease table whose nonce a CLAIM must send back
     },
@@ -240,11 +241,11 @@ def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fast
 
 
 def welcome(*, session: int, secret: str, dataset: str, rows: int, batches_per_epoch: int,
-            prefetch: int, fields: list, server: str, ring: dict | None = None,
-            claim: str | None = None) -> list:
+            prefetch: int, fields: list, server: str, units: int | None = None,
+            ring: dict | None = None, claim: str | None = None) -> list:
     return encode(WELCOME, session=session, secret=secret, dataset=dataset, rows=rows,
                   batches_per_epoch=batches_per_epoch, prefetch=prefetch, fields=fields,
-                  server=server, ring=ring, claim=claim)
+                  server=server, units=units, ring=ring, claim=claim)
 
 
 def claim(*, session: int, nonce: str) -> list:
@@ -293,10 +294,13 @@ def report(server: dict, sessions: list) -> list:
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """Where each batch of a BATCH message lives: field dtypes, and per batch each field's shape.
+    """Where each batch of a BATCH message lives: output dtypes (and roles), and per batch each
+    output's shape.
 
-    Field ``f``'s bytes for batch ``b`` start at ``starts[f][b]`` inside that field's buffer
-    (its data frame, or its region of a ring slot) and take ``nbytes[f][b]`` bytes.
+    Output ``f``'s bytes for batch ``b`` start at ``starts[f][b]`` inside that output's buffer
+    (its data frame, or its region of a ring slot) and take ``nbytes[f][b]`` bytes.  An output
+    with a role (``values`` or ``offsets`` of a ragged field) is not one row per batch row:
+    its first dimension is the batch's elements, or its rows + 1.
     """
 
     names: tuple[str, ...]
@@ -304,6 +308,7 @@ class ChunkLayout:
     shapes: tuple[tuple[tuple[int, ...], ...], ...]  # [batch][field]
     starts: tuple[tuple[int, ...], ...]  # [field][batch]
     nbytes: tuple[tuple[int, ...], ...]  # [field][batch]
+    roles: tuple[str | None, ...] = ()
 
     @property
     def count(self) -> int:
@@ -313,7 +318,17 @@ class ChunkLayout:
         return sum(self.nbytes[f])
 
     def rows(self, b: int) -> int:
-        return self.shapes[b][0][0]
+        for f, role in enumerate(self.roles or (None,) * len(self.names)):
+            if role is None:
+                return self.shapes[b][f][0]
+            if role == ROLE_OFFSETS:
+                return self.shapes[b][f][0] - 1
+        return 0
+
+
+ROLE_VALUES = "values"
+ROLE_OFFSETS = "offsets"
+_ROLES = (ROLE_VALUES, ROLE_OFFSETS)
 
 
 def batch(*, session: int, stream: int, epoch: int, k0: int, dtypes: list, shapes: list,
@@ -330,13 +345,15 @@ def chunk_layout(header: dict) -> ChunkLayout:
         raise ProtocolError(f"a batch must have 1 to {MAX_FIELDS} fields")
     if not 0 < len(shapes_in) <= MAX_BATCHES_PER_MESSAGE:
         raise ProtocolError(f"a message must carry 1 to {MAX_BATCHES_PER_MESSAGE} batches")
-    names, dtypes = [], []
+    names, dtypes, roles = [], [], []
     for item in dtypes_in:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                and 0 < len(item[0]) <= MAX_NAME_LEN):
-            raise ProtocolError(f"a batch field must be [name, dtype], got {item!r:.80}")
+        if not (isinstance(item, list) and len(item) in (2, 3) and isinstance(item[0], str)
+                and 0 < len(item[0]) <= MAX_NAME_LEN
+                and (len(item) == 2 or item[2] in _ROLES)):
+            raise ProtocolError(f"a batch field must be [name, dtype(, role)], got {item!r:.80}")
         names.append(item[0])
         dtypes.append(check_dtype(item[1]))
+        roles.append(item[2] if len(item) == 3 else None)
     n_fields = len(names)
     itemsizes = [d.itemsize for d in dtypes]
     counts: dict[tuple, int] = {}  # each distinct shape is checked once (most batches share one)
@@ -347,6 +364,7 @@ def chunk_layout(header: dict) -> ChunkLayout:
         if not isinstance(per_field, list) or len(per_field) != n_fields:
             raise ProtocolError(f"batch {b} must give one shape per field ({n_fields})")
         batch_shapes: list[tuple[int, ...]] = []
+        rows = None
         for f, raw_shape in enumerate(per_field):
             cached = tuple(raw_shape) if isinstance(raw_shape, list) else None
             count = counts.get(cached) if cached is not None else None
@@ -357,8 +375,13 @@ def chunk_layout(header: dict) -> ChunkLayout:
                 count = counts[shape] = math.prod(shape)
             else:
                 shape = cached
-            if shape[0] != per_field[0][0]:
-                raise ProtocolError(f"fields of batch {b} disagree on the number of rows")
+            n_rows = shape[0] - 1 if roles[f] == ROLE_OFFSETS else \
+                None if roles[f] == ROLE_VALUES else shape[0]
+            if n_rows is not None:
+                if rows is None:
+                    rows = n_rows
+                elif n_rows != rows:
+                    raise ProtocolError(f"fields of batch {b} disagree on the number of rows")
             size = count * itemsizes[f]
             if size > MAX_INT:
                 raise ProtocolError(f"field {names[f]!r} of batch {b} is absurdly large")
@@ -368,7 +391,7 @@ def chunk_layout(header: dict) -> ChunkLayout:
             batch_shapes.append(shape)
         shapes.append(tuple(batch_shapes))
     return ChunkLayout(tuple(names), tuple(dtypes), tuple(shapes),
-                       tuple(map(tuple, starts)), tuple(map(tuple, nbytes)))
+                       tuple(map(tuple, starts)), tuple(map(tuple, nbytes)), tuple(roles))
 
 
 class FieldBatch(dict):

@@ -1,4 +1,12 @@
-"""Field schemas: name -> (dtype, per-row shape), and their checked wire form.
+"""Field schemas: name -> (kind, dtype, shape), and their checked wire form.
+
+A field is one of four kinds:
+
+- ``fixed``: every row has the same shape (``shape``, per row) and dtype;
+- ``ragged``: a row is a variable-length sequence of elements of ``shape`` (usually ``()``:
+  token ids); held as Arrow holds it, a ``values`` array and ``rows + 1`` offsets (``Ragged``);
+- ``str`` and ``bytes``: a row is a UTF-8 string or a byte string, held the same way with
+  uint8 values.
 
 Only fixed-size numeric, bool and fixed-width string dtypes are allowed: they are the ones a raw
 buffer can carry without pickle.  ``Field.from_wire`` validates everything a peer sends before
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +27,30 @@ MAX_FIELDS = 256
 MAX_NAME_LEN = 256
 MAX_NDIM = 16
 MAX_DIM = 2**40
+
+FIXED = "fixed"
+RAGGED = "ragged"
+STR = "str"
+BYTES = "bytes"
+KINDS = (FIXED, RAGGED, STR, BYTES)
+
+
+class Ragged(NamedTuple):
+    """Variable-length rows, as Arrow holds them: row i is ``values[offsets[i]:offsets[i+1]]``
+    (offsets: int32 or int64, ``rows + 1`` of them, non-decreasing)."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 # byte order, kind, item size: '<f4', '|u1', '|b1', '<U8', '|S16'
 _DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16)|S[0-9]{1,6}|U[0-9]{1,6})$")
@@ -70,31 +103,49 @@ def check_servable_field(name: str, dtype: np.dtype, row_shape: tuple[int, ...])
 
 @dataclass(frozen=True)
 class Field:
-    """One named array: its dtype and the shape of a single row."""
+    """One named column: its kind, its dtype, and the shape of a row (fixed) or of one
+    element of a row (ragged; () for str and bytes)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
+    kind: str = FIXED
+
+    @property
+    def ragged(self) -> bool:
+        return self.kind != FIXED
 
     @property
     def row_nbytes(self) -> int:
+        """Bytes of one row (fixed), or of one element of a row (ragged)."""
         return int(self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
 
     def describe(self) -> str:
-        dims = ",".join(str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype.name}[{dims}]"
+        if self.kind in (STR, BYTES):
+            return f"{self.name}: {self.kind}"
+        dims = ",".join(["*"] * self.ragged + [str(d) for d in self.shape])
+        return f"{self.name}: {dtype_name(self.dtype)}[{dims}]"
 
     def to_wire(self) -> list:
-        return [self.name, self.dtype.str, list(self.shape)]
+        item = [self.name, self.dtype.str, list(self.shape)]
+        return item if self.kind == FIXED else [*item, self.kind]
 
     @classmethod
     def from_wire(cls, item: object) -> Field:
-        if not (isinstance(item, list) and len(item) == 3):
-            raise ProtocolError(f"a field must be [name, dtype, shape], got {item!r:.80}")
-        name, dtype, shape = item
+        if not (isinstance(item, list) and len(item) in (3, 4)):
+            raise ProtocolError(f"a field must be [name, dtype, shape(, kind)], got {item!r:.80}")
+        name, dtype, shape = item[:3]
+        kind = item[3] if len(item) == 4 else FIXED
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN:
             raise ProtocolError(f"field name {name!r:.80} must be a non-empty string")
-        return cls(name, check_dtype(dtype), check_shape(shape))
+        if kind not in KINDS:
+            raise ProtocolError(f"field kind {kind!r:.40} is not one of {KINDS}")
+        return cls(name, check_dtype(dtype), check_shape(shape), kind)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """A dtype as people write it: float32, int64, bool, <U7 (not str224), |S16."""
+    return dtype.str if dtype.kind in "USV" else dtype.name
 
 
 def check_shape(shape: object, *, ndim_max: int = MAX_NDIM) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchfeed.shared import plan
+from batchfeed.shared import orders as plan
 from batchfeed.shared.errors import DatasetError, InvalidRequest
 from batchfeed.shared.packing import (
     _TAG_BUDGET,

@@ -21,7 +21,13 @@ from batchfeed.server.leases import TABLE_HEADER, Leases
 from batchfeed.server.orders import OrderBoard, OrderState
 from batchfeed.server.ring import LEASE, SEND, TASK, Holder, RingError, SlotRing
 from batchfeed.server.scheduler import TASKS_PER_WORKER, Scheduler
-from batchfeed.server.sessions import Session, SessionTable, new_session, size_session
+from batchfeed.server.sessions import (
+    BatchEstimate,
+    Session,
+    SessionTable,
+    new_session,
+    size_session,
+)
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
@@ -59,7 +65,7 @@ class FakeWorker:
 def session(sid: int, prefetch: int = 64, max_chunk: int = 4, shuffle: str = "none",
             batch_size: int = 10) -> Session:
     plan = BatchPlan(ROWS, PlanParams(batch_size=batch_size, shuffle=shuffle), data_key="d")
-    sizing = size_session(batch_size, SPEC.fields, SPEC.fields, prefetch, 1 << 20, 1 << 20)
+    sizing = size_session(BatchEstimate(batch_size * 16 + 128), prefetch, 1 << 20, 1 << 20)
     s = new_session((b"route", ""), SPEC, plan, sizing)
     s.id, s.max_chunk = sid, max_chunk
     return s
@@ -197,8 +203,9 @@ def test_negative_gathering_is_refused_at_once() -> None:
 
 def test_sizing_refuses_a_batch_bigger_than_a_slot() -> None:
     with pytest.raises(InvalidRequest, match="--slot-mb"):
-        size_session(10_000, SPEC.fields, SPEC.fields, 0, 64 * 1024, 1 << 20)
-    sizing = size_session(64, SPEC.fields, SPEC.fields, 0, 1 << 20, 1 << 20)
+        size_session(BatchEstimate(10_000 * 16, what="one batch of 10000 rows"), 0,
+                     64 * 1024, 1 << 20)
+    sizing = size_session(BatchEstimate(64 * 16 + 128), 0, 1 << 20, 1 << 20)
     assert sizing.max_chunk == (1 << 20) // sizing.batch_bytes and 8 <= sizing.prefetch <= 512
 
 

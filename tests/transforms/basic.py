@@ -64,3 +64,11 @@ def sleepy(batch: dict, rng: np.random.Generator) -> dict:
 
     time.sleep(0.02)
     return batch
+
+
+def tokenize_text(batch: dict, rng: np.random.Generator) -> dict:
+    """A byte-level tokenizer: the str field ``text`` (a Ragged of UTF-8 bytes) -> ``ids``."""
+    from batchfeed.shared.schema import Ragged
+
+    text = batch["text"]
+    return {"ids": Ragged(text.values.astype(np.int32), text.offsets), "label": batch["label"]}

@@ -1,0 +1,163 @@
+"""``batchfeed.serve(data)``: a server for data already in memory, for notebooks and tests.
+
+    with batchfeed.serve({"tokens": list_of_arrays, "label": labels}) as server:
+        with Client(server.address, batch_size=32) as client:
+            ...
+
+``data`` is a dict of columns (numpy arrays; lists of arrays, str or bytes for ragged fields),
+a pyarrow Table, a Hugging Face ``Dataset``, or a path as ``batchfeed serve --data`` takes.  Its
+columns are checked here, in the caller, so a bad one raises ``DatasetError`` at once; then a
+child process is forked that inherits the objects as they are (nothing is pickled or written to
+disk), loads them into shared memory and serves them.  ``ServerHandle.stop()`` (also on
+``with`` exit, and at interpreter exit) stops it: SIGTERM, then the usual ladder.  The child
+also stops when this process dies.
+
+Fork before starting threads of your own where you can (as with any fork): a process that
+already runs clients or framework thread pools may hold locks the child would inherit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+from batchfeed.shared.errors import BatchfeedError, ResourceError, error_from_code
+from batchfeed.shared.procs import stop_process
+
+_PR_SET_PDEATHSIG = 1
+READY_TIMEOUT_S = 120.0
+
+
+class ServerHandle:
+    """A server started by ``serve``: its ``address``, and ``stop()`` (safe to call twice)."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, address: str,
+                 ready_line: str, tmpdir: tempfile.TemporaryDirectory | None):
+        self.process = process
+        self.address = address
+        self.ready_line = ready_line
+        self._finalizer = weakref.finalize(self, _stop, process, tmpdir)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def stop(self) -> int | None:
+        """Stop the server; its exit code (0 for a clean stop)."""
+        self._finalizer()
+        return self.process.exitcode
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ServerHandle({self.address}, pid {self.process.pid})"
+
+
+def _stop(process: multiprocessing.process.BaseProcess,
+          tmpdir: tempfile.TemporaryDirectory | None) -> None:
+    if process.pid is not None and process.exitcode is None:
+        os.kill(process.pid, signal.SIGTERM)  # the server's own clean shutdown
+        stop_process(process, 15.0)
+    if tmpdir is not None:
+        tmpdir.cleanup()
+
+
+def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: int = 0,
+          **options: Any) -> ServerHandle:
+    """Serve ``data`` from a child process; returns once it is ready.
+
+    ``bind`` defaults to an ``ipc://`` socket in a fresh temporary directory (same-host clients
+    then get the fast path); ``options`` are ``ServerConfig`` fields (``slots``,
+    ``chunk_bytes``, ``transforms``, ...).
+    """
+    from batchfeed.launch import READY_RE
+    from batchfeed.server.config import ServerConfig
+    from batchfeed.server.sources import check_fields, inspect_source
+    from batchfeed.server.sources.memory import memory_sources
+
+    if isinstance(data, (str, Path)):
+        sources = inspect_source(str(data))
+    else:
+        sources = memory_sources(data)
+        check_fields(sources, "the data passed to batchfeed.serve")
+    tmpdir = None
+    if bind is None:
+        tmpdir = tempfile.TemporaryDirectory(prefix="batchfeed-")
+        bind = f"ipc://{tmpdir.name}/server.sock"
+    config = ServerConfig(bind=bind, workers=workers, **options)
+    read_fd, write_fd = os.pipe()
+    ctx = multiprocessing.get_context("fork")
+    process = ctx.Process(target=_child, args=(config, {name: sources}, write_fd),
+                          name="batchfeed-serve", daemon=False)
+    process.start()
+    os.close(write_fd)
+    line = _read_line(read_fd, process)
+    m = READY_RE.match(line)
+    if m is None:
+        stop_process(process, 5.0)
+        if tmpdir is not None:
+            tmpdir.cleanup()
+        code, sep, message = line.partition("\t")
+        if sep:  # the child's typed error, as the server would have printed it
+            raise error_from_code(code, message)
+        raise ResourceError(f"the server did not start: {line or 'it exited'} (its error is "
+                            "printed above)")
+    return ServerHandle(process, m.group(1), line, tmpdir)
+
+
+def _read_line(fd: int, process: multiprocessing.process.BaseProcess) -> str:
+    import select
+
+    chunks: list[bytes] = []
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], READY_TIMEOUT_S)
+            if not ready:
+                return ""
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\n" in chunk:
+                break
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
+def _child(config: Any, sources: dict, write_fd: int) -> None:
+    """The server process: dies with its parent, announces its ready line on the pipe."""
+    from batchfeed.server.main import serve as run
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
+
+    def announce(line: str) -> None:
+        os.write(write_fd, (line + "\n").encode())
+        os.close(write_fd)
+
+    code = 1
+    try:
+        code = run(config, announce=announce, sources=sources)
+    except Exception as exc:  # startup errors reach the parent as (code, message)
+        code_name = exc.code if isinstance(exc, BatchfeedError) else BatchfeedError.code
+        try:
+            os.write(write_fd, f"{code_name}\t{exc}\n".encode())
+        except OSError:
+            pass
+        code = 2
+    finally:
+        os._exit(code)

@@ -1,0 +1,82 @@
+"""Data already in memory, for ``batchfeed.serve(...)``: a dict of columns, an Arrow table or a
+Hugging Face ``Dataset``.
+
+A column of a dict may be a numpy array (a fixed field), or a list (or object array) of arrays
+of one dtype and varying length (a ragged field), of ``str`` (a ``str`` field) or of ``bytes``
+(a ``bytes`` field).  The server child process receives the objects as they are (it is forked),
+so nothing is pickled or written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from batchfeed.shared.errors import DatasetError
+from batchfeed.shared.schema import BYTES, RAGGED, STR
+
+from .base import FieldSource, make_field
+
+
+def memory_sources(data: Any, where: str = "the data passed to batchfeed.serve") \
+        -> list[FieldSource]:
+    if not isinstance(data, Mapping):
+        if hasattr(data, "column_names"):  # pyarrow.Table or datasets.Dataset
+            from .arrow import table_sources
+
+            return table_sources(data, where)
+        raise DatasetError(f"{where} must be a dict of columns, a pyarrow Table or a Hugging "
+                           f"Face Dataset, not {type(data).__name__}")
+    return [_column(str(name), value, f"{where}[{name!r}]") for name, value in data.items()]
+
+
+def _column(name: str, value: Any, where: str) -> FieldSource:
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        if value.ndim == 0:
+            raise DatasetError(f"{where} is a 0-d array; a column needs one row per sample")
+        field = make_field(name, value.shape[1:], value.dtype, where)
+        return FieldSource(field, len(value), lambda out: np.copyto(out, value), where=where)
+    if not isinstance(value, (Sequence, np.ndarray)) or isinstance(value, (str, bytes)):
+        raise DatasetError(f"{where} must be an array or a list of rows, not "
+                           f"{type(value).__name__}")
+    rows = list(value)
+    if rows and all(isinstance(r, str) for r in rows):
+        encoded = [r.encode("utf-8") for r in rows]
+        return _ragged_bytes(name, encoded, STR, where)
+    if rows and all(isinstance(r, (bytes, bytearray, memoryview)) for r in rows):
+        return _ragged_bytes(name, [bytes(r) for r in rows], BYTES, where)
+    arrays = [np.asarray(r) for r in rows]
+    if not arrays or any(a.ndim == 0 or a.dtype == object for a in arrays):
+        raise DatasetError(f"{where} must hold numbers, arrays, str or bytes per row (no "
+                           "nested Python objects)")
+    dtype = np.result_type(*arrays) if len(arrays) < 1024 else arrays[0].dtype
+    shape = arrays[0].shape[1:]
+    if any(a.shape[1:] != shape for a in arrays):
+        raise DatasetError(f"{where}: rows must differ only in length (their first dimension)")
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    field = make_field(name, shape, dtype, where, RAGGED)
+
+    def fill(out: np.ndarray) -> None:
+        if len(out):
+            np.concatenate(arrays, out=out, casting="same_kind")
+
+    return FieldSource(field, len(arrays), fill, n_values=int(lengths.sum()),
+                       fill_offsets=lambda out: _offsets_into(out, lengths), where=where)
+
+
+def _ragged_bytes(name: str, rows: list[bytes], kind: str, where: str) -> FieldSource:
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    field = make_field(name, (), np.dtype(np.uint8), where, kind)
+
+    def fill(out: np.ndarray) -> None:
+        out[:] = np.frombuffer(b"".join(rows), dtype=np.uint8)
+
+    return FieldSource(field, len(rows), fill, n_values=int(lengths.sum()),
+                       fill_offsets=lambda out: _offsets_into(out, lengths), where=where)
+
+
+def _offsets_into(out: np.ndarray, lengths: np.ndarray) -> None:
+    out[0] = 0
+    np.cumsum(lengths, out=out[1:])

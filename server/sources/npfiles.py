@@ -1,0 +1,131 @@
+"""NumPy files: a ``.npz`` archive (each array a field, under its own name), a ``.npy`` file (one
+field, named after the file stem), or a directory of ``.npy`` files.
+
+Headers only are read here; ``fill`` later re-opens the file, skips the header and reads the
+data straight into the destination (one copy).  Plain ``.npy`` files can be memory-mapped
+instead (``--mmap``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from batchfeed.shared.errors import DatasetError
+
+from .base import FieldSource, make_field, regular_file
+
+_READ_CHUNK = 16 * 2**20
+
+
+def _npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            return fmt.read_array_header_1_0(fp)
+        if version == (2, 0):
+            return fmt.read_array_header_2_0(fp)
+    except ValueError as exc:
+        raise DatasetError(f"{where} is not a valid .npy array ({exc})") from None
+    raise DatasetError(f"{where} is not a valid .npy array this server can read (format "
+                       f"version {version}); re-save it with numpy.save")
+
+
+def _array_field(name: str, shape: tuple[int, ...], dtype: np.dtype, where: str):
+    if len(shape) == 0:
+        raise DatasetError(f"{where} holds a 0-d array; every field needs one row per sample "
+                           "along its first dimension")
+    return make_field(name, tuple(shape[1:]), dtype, where)
+
+
+def _copy_stream(open_fp: Callable, where: str) -> Callable[[np.ndarray], None]:
+    """A filler that re-opens the file, skips the header and reads the data into ``out``."""
+
+    def fill(out: np.ndarray) -> None:
+        with open_fp() as fp:
+            _npy_header(fp, where)
+            view = memoryview(out.reshape(-1).view(np.uint8).data)
+            pos = 0
+            while pos < len(view):
+                got = fp.readinto(view[pos : pos + _READ_CHUNK])
+                if not got:
+                    raise DatasetError(f"{where} is truncated: expected {len(view)} data bytes, "
+                                       f"found {pos}")
+                pos += got
+
+    return fill
+
+
+def _copy_array(load: Callable[[], np.ndarray]) -> Callable[[np.ndarray], None]:
+    def fill(out: np.ndarray) -> None:
+        np.copyto(out, load())
+
+    return fill
+
+
+def npy_source(path: Path, name: str) -> FieldSource:
+    where = str(path)
+    regular_file(path, ".npy/.npz files")
+    with open(path, "rb") as fp:
+        shape, fortran, dtype = _npy_header(fp, where)
+    field = _array_field(name, shape, dtype, where)
+    if fortran:
+        fill = _copy_array(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
+    else:
+        fill = _copy_stream(functools.partial(open, path, "rb"), where)
+    return FieldSource(field, int(shape[0]), fill, path=str(path), where=where)
+
+
+def npz_sources(path: Path) -> list[FieldSource]:
+    regular_file(path, ".npy/.npz files")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise DatasetError(f"{path} is not a valid .npz file (not a zip archive)") from None
+    sources = []
+    with zf:
+        members = [m for m in zf.namelist() if m.endswith(".npy")]
+        if not members:
+            raise DatasetError(f"{path} holds no arrays")
+        seen: set[str] = set()
+        for member in members:
+            name = member[: -len(".npy")]
+            where = f"{path}[{name}]"
+            if name in seen:
+                raise DatasetError(f"{path} holds two arrays named {name!r}; every field needs "
+                                   "its own name: re-save it with np.savez")
+            seen.add(name)
+            try:
+                with zf.open(member) as fp:
+                    shape, fortran, dtype = _npy_header(fp, where)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise DatasetError(f"{where} is damaged ({exc}); re-create the file") from None
+            field = _array_field(name, shape, dtype, where)
+
+            @contextlib.contextmanager
+            def open_member(member: str = member) -> Iterator:
+                with zipfile.ZipFile(path) as archive, archive.open(member) as fp:
+                    yield fp
+
+            if fortran:
+                fill = _copy_array(functools.partial(_npz_member, path, name))
+            else:
+                fill = _copy_stream(open_member, where)
+            sources.append(FieldSource(field, int(shape[0]), fill, where=where))
+    return sources
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as archive:
+        return archive[name]
+
+
+def npy_dir_sources(path: Path) -> list[FieldSource]:
+    return [npy_source(f, f.stem) for f in sorted(path.iterdir()) if f.suffix == ".npy"]
