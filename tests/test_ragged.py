@@ -278,3 +278,13 @@ def test_a_transform_sees_ragged_fields_and_may_return_them(serve, tmp_path: Pat
             for row, length, label in zip(batch["ids"], batch["ids_lengths"], batch["label"]):
                 assert length == len((f"w{label} " * (label % 7)).encode())
                 assert bytes(row[:length].astype(np.uint8)) == (f"w{label} " * (label % 7)).encode()
+
+
+def test_the_core_never_imports_pyarrow() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, batchfeed, batchfeed.server.main, batchfeed.client; "
+            "from batchfeed.server.sources import inspect_source; "
+            "assert 'pyarrow' not in sys.modules, 'pyarrow was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
