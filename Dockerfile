@@ -6,6 +6,10 @@
 # Dependencies come from docker/wheels/ when it holds wheels (fetched on the host with
 # `pip download`, see DEVELOPERS.md), with --no-index so the build needs no network at all.
 # Otherwise they come from PyPI.  The entrypoint is `batchfeed`; the trainers override it.
+#
+# At run time it needs no root and writes nothing outside /dev/shm (and /tmp): it runs as the
+# numeric user 10001:10001, so Kubernetes can check runAsNonRoot, and works with a read-only
+# root filesystem (deploy/k8s/).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---- dependencies, in a venv, in their own stage: the wheels never reach the final image
@@ -35,7 +39,10 @@ RUN set -eu; \
 
 # ---- the application
 FROM ${BASE_IMAGE}
+# PYTHONDONTWRITEBYTECODE: the installed packages are compiled at build time; nothing else
+# should try to write .pyc files next to the code at run time (a read-only root in Kubernetes).
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 COPY --from=deps /opt/venv /opt/venv
 # What the package is made of (see [tool.setuptools] in pyproject.toml), and the examples.
@@ -53,8 +60,11 @@ RUN set -eu; \
     mkdir -p /app; \
     cp -r /tmp/src/examples /app/examples; \
     rm -rf /tmp/src; \
-    useradd --create-home --uid 10001 batchfeed
-USER batchfeed
+    groupadd --gid 10001 batchfeed; \
+    useradd --no-log-init --create-home --uid 10001 --gid 10001 batchfeed
+# Numeric, so that a runtime can tell it is not root without reading /etc/passwd
+# (Kubernetes' runAsNonRoot; deploy/k8s sets runAsUser 10001 as well).
+USER 10001:10001
 WORKDIR /app
 ENTRYPOINT ["batchfeed"]
 CMD ["--help"]

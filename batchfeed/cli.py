@@ -244,6 +244,25 @@ def _run_stats(args: argparse.Namespace) -> int:
                             timeout=args.timeout, curve=tuple(args.curve) if args.curve else None))
 
 
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from batchfeed import probe
+
+    p = sub.add_parser(
+        "probe",
+        help="ask a server for its STATS once: exit 0 if it answers, 1 if not (health checks)",
+        description="One STATS round trip to a loader server, for readiness and liveness "
+                    "probes: exit 0 if it answered within --timeout, 1 if not.",
+        epilog=probe.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    probe.add_arguments(p)
+    p.set_defaults(func=_run_probe)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from batchfeed.probe import run
+
+    return run(args.address, args.timeout, tuple(args.curve) if args.curve else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchfeed",
@@ -259,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keygen(sub)
     _add_bench(sub)
     _add_stats(sub)
+    _add_probe(sub)
     return parser
 
 
