@@ -23,6 +23,7 @@ SERVE_EXAMPLES = """examples:
   batchfeed serve --metrics-port 9100              # Prometheus: curl 127.0.0.1:9100/metrics
   batchfeed serve --data images.npz --transform myproject.augment:random_crop_flip
   batchfeed serve --data train=train.npz --data val=val.npz   # Client(..., dataset="val")
+  batchfeed serve --data big/ --shard 0/2          # half the rows; a second server: --shard 1/2
 """
 
 DEMO_EXAMPLES = """examples:
@@ -77,10 +78,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-bind", default="127.0.0.1", metavar="HOST",
                    help="interface of the metrics endpoint (default: %(default)s; another "
                         "interface needs --insecure)")
+    p.add_argument("--shard", metavar="I/N", type=_shard,
+                   help="hold only shard I of N of the rows (0 <= I < N); a client given the "
+                        "N shard servers gets the batches one server of all rows would give")
     p.add_argument("--max-order-mb", type=float, default=256,
                    help="the largest epoch order a client may ask for with epoch_rows= "
                         "(balanced or weighted sampling), in MiB (default: %(default)s)")
     p.set_defaults(func=_run_serve)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    try:
+        shard = int(i), int(n)
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/3)")
+    return shard
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -109,6 +124,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
         max_order_bytes=max(1, int(args.max_order_mb * MIB)),
+        shard=args.shard,
     )
     return serve(config)
 

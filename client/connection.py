@@ -95,10 +95,10 @@ class Connection:
         if (not fresh and current is not None and not current.abandoned and not current.broken
                 and current.at(epoch, start)):
             return current
-        credit = self._io.credit
-        assert credit is not None, "streams are opened once the servers have answered"
+        assert self._io.lanes, "streams are opened once the servers have answered"
         self._next_stream += 1
-        stream = Stream(self._next_stream, Positions(epoch, start, bpe), credit)
+        stream = Stream(self._next_stream, Positions(epoch, start, bpe), self._io.lanes,
+                        self._io.new_merger())
         self._stream = stream
         self._io.open_stream(stream)
         return stream

@@ -50,12 +50,17 @@ from batchfeed.shared.schema import Field
 from .fastpath import Nudge
 from .link import Link, LinkConfig, Welcome
 from .ragged import RaggedDecoder
+from .shards import ShardMerger
 from .stream import Stream
 from .window import Credit
 
 log = logging.getLogger("batchfeed.client")
 
 BYE_TIMEOUT_MS = 1000  # how long close() waits for a server to acknowledge BYE
+
+
+def _held(shard: tuple[int, int] | None) -> str:
+    return "all rows" if shard is None else f"shard {shard[0]}/{shard[1]}"
 
 
 def _close_fd(fd: int) -> None:
@@ -106,7 +111,8 @@ class IOThread:
         self._given_back = False  # a lease finalizer ran: tell the servers to look
         self._stream: Stream | None = None
         self._links: list[Link] = []
-        self._all_down_since: float | None = None
+        self._down_since: dict[int, float] = {}  # lane -> since when no server of it is up
+        self.lanes: list[Credit] = []  # one per shard (one: servers of the whole dataset)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="batchfeed-io", daemon=True)
 
@@ -243,10 +249,21 @@ class IOThread:
                 f"started with {first.dataset!r}: {first.rows} rows, {first.batches_per_epoch} "
                 "batches; every server of a client must serve the same dataset"
             )
-        self._all_down_since = None
         self.unwelcomed.discard(link.address)
+        if not self.lanes and not self.unwelcomed:
+            self._set_lanes()
+        elif self.lanes:
+            self._check_lane(link, welcome)
         if not self.unwelcomed:
             self.welcomed.set()
+
+    def _check_lane(self, link: Link, welcome: Welcome) -> None:
+        """A server that came back must still hold what it held."""
+        expected = (link.lane, len(self.lanes)) if len(self.lanes) > 1 else None
+        if welcome.shard != expected:
+            raise ServerUnavailable(
+                f"the server at {link.address} came back holding {_held(welcome.shard)}, not "
+                f"{_held(expected)} as before; restart it as it was")
 
     def _on_error(self, link: Link, h: dict) -> None:
         err = error_from_code(h["code"], h["message"])
@@ -263,10 +280,11 @@ class IOThread:
             return
         k0, epoch = h.get("k0"), h.get("epoch")
         p = stream.positions.position(epoch, k0) if k0 is not None and epoch is not None else None
-        if p is not None and stream.window.hold_error(p, err):
+        if p is not None and stream.windows[link.lane].hold_error(p, err):
             self._deliver(stream)  # raised when the trainer gets there
         else:
-            stream.window.break_off()
+            for window in stream.windows:
+                window.break_off()
             stream.ready.put(err)
 
     def _on_batch(self, link: Link, h: dict, buffers: list) -> None:
@@ -292,17 +310,25 @@ class IOThread:
         if not self.seen_fields:
             self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
                                      in zip(layout.names, layout.dtypes, layout.shapes[0]))
+        window = stream.windows[link.lane]
         for b, batch in enumerate(batches):
             nbytes = sum(layout.nbytes[f][b] for f in range(len(layout.names)))
-            stream.window.arrived(link.address, p0 + b, (batch, nbytes))
+            window.arrived(link.address, p0 + b, (batch, nbytes))
         del batches, buffers
         self._deliver(stream)
 
     def _deliver(self, stream: Stream) -> None:
         """Hand the trainer every batch that is next in plan order (an error in its place
-        ends the stream there: the trainer gets it when it reaches that batch)."""
-        batches, error = stream.window.take_in_order()
+        ends the stream there: the trainer gets it when it reaches that batch); with shards,
+        once every shard's piece of it is there."""
+        if stream.merger is None:
+            batches, error = stream.window.take_in_order()
+        else:
+            for lane, window in enumerate(stream.windows):
+                stream.merger.add(lane, *window.take_in_order())
+            batches, error = stream.merger.take()
         if batches:
+            stream.delivered += len(batches)
             stream.ready.put(batches)
         if error is not None:
             stream.ready.put(error)
@@ -315,15 +341,18 @@ class IOThread:
         stream = self._stream
         asked: set[str] = set()
         if stream is not None:
-            stream.window.note_consumed(stream.consumed)
             at = list(stream.positions.where(stream.consumed))
-            by_address = {link.address: link for link in self._links if link.up}
-            while (run := stream.window.next_request(list(by_address))) is not None:
-                link = by_address[run.link]
-                assert link.session is not None
-                link.send(protocol.request(session=link.session, stream=stream.id,
-                                           epoch=run.epoch, k0=run.k, count=run.count, at=at))
-                asked.add(link.address)
+            for lane, window in enumerate(stream.windows):
+                window.note_consumed(stream.consumed)
+                by_address = {link.address: link for link in self._links
+                              if link.up and link.lane == lane}
+                while (run := window.next_request(list(by_address))) is not None:
+                    link = by_address[run.link]
+                    assert link.session is not None
+                    link.send(protocol.request(session=link.session, stream=stream.id,
+                                               epoch=run.epoch, k0=run.k, count=run.count,
+                                               at=at))
+                    asked.add(link.address)
         if self._given_back:
             self._given_back = False
             for link in self._links:
@@ -336,21 +365,68 @@ class IOThread:
     def _lose(self, link: Link, fresh_socket: bool) -> None:
         """A server is gone: what it owed goes to the other links (or to it, once back)."""
         if self._stream is not None:
-            self._stream.window.forget_link(link.address)
+            self._stream.windows[link.lane].forget_link(link.address)
         link.lose(fresh_socket)
 
     def _check_reachable(self, now: float) -> None:
-        if any(link.up for link in self._links) or self.welcome is None:
-            self._all_down_since = None
+        """ServerUnavailable once a lane (all servers, or one shard's) has had no live server
+        for ``reconnect_timeout``."""
+        if not self.lanes:
             return
-        if self._all_down_since is None:
-            self._all_down_since = now
-        elif now - self._all_down_since > self.config.reconnect_timeout:
-            where = ", ".join(link.address for link in self._links)
+        for lane in range(len(self.lanes)):
+            links = [link for link in self._links if link.lane == lane]
+            if any(link.up for link in links):
+                self._down_since.pop(lane, None)
+                continue
+            since = self._down_since.setdefault(lane, now)
+            if now - since > self.config.reconnect_timeout:
+                where = ", ".join(link.address for link in links)
+                what = f"shard {lane} of {len(self.lanes)} (at {where})" \
+                    if len(self.lanes) > 1 else f"the batchfeed server at {where}"
+                raise ServerUnavailable(
+                    f"lost {what} and it did not come back within "
+                    f"reconnect_timeout={self.config.reconnect_timeout:g} s"
+                )
+
+    def new_merger(self) -> ShardMerger | None:
+        """What puts a stream's pieces together: None over servers of the whole dataset."""
+        if len(self.lanes) < 2:
+            return None
+        assert self.welcome is not None
+        params = self.config.params
+        return ShardMerger(len(self.lanes), self.welcome.fields, params.ragged == "flat",
+                           params.pad_value)
+
+    def _set_lanes(self) -> None:
+        """Once every server answered: one lane, or one per shard (checked complete)."""
+        shards = {link.address: link.welcome.shard for link in self._links
+                  if link.welcome is not None}
+        counts = {s[1] if s else None for s in shards.values()}
+        if counts == {None}:
+            self.lanes = [self._credit_for(len(self._links))]
+            return
+        if None in counts or len(counts) > 1:
+            listing = ", ".join(f"{a}: {_held(s)}" for a, s in shards.items())
             raise ServerUnavailable(
-                f"lost the batchfeed server at {where} and it did not come back within "
-                f"reconnect_timeout={self.config.reconnect_timeout:g} s"
-            )
+                f"the servers of one client must all hold the whole dataset, or together its "
+                f"N shards, one shard each (a shard may have several servers); got {listing}")
+        (n,) = counts
+        assert isinstance(n, int)
+        missing = sorted(set(range(n)) - {s[0] for s in shards.values() if s is not None})
+        if missing:
+            raise ServerUnavailable(
+                f"the dataset is split into {n} shards but no server given holds shard "
+                f"{', '.join(map(str, missing))}; give the client a server of every shard")
+        for link in self._links:
+            shard = shards[link.address]
+            assert shard is not None
+            link.lane = shard[0]
+        self.lanes = [self._credit_for(sum(1 for link in self._links if link.lane == lane))
+                      for lane in range(n)]
+
+    def _credit_for(self, links: int) -> Credit:
+        assert self.credit is not None
+        return Credit.shared_by(self.credit.prefetch, links)
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, BatchfeedError):

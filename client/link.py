@@ -73,12 +73,17 @@ class Welcome:
     fields: tuple[Field, ...]
     server_version: str
     units: int | None = None  # packed rows or token-budget batches per epoch
+    shard: tuple[int, int] | None = None  # (I, N): the server holds shard I of N
 
     @classmethod
     def from_header(cls, h: dict) -> Welcome:
+        shard = h["shard"]
+        if shard is not None and not (len(shard) == 2 and all(type(v) is int for v in shard)
+                                      and 0 <= shard[0] < shard[1]):
+            raise ProtocolError(f"the server's shard {shard!r:.40} is not [I, N]")
         return cls(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"], h["prefetch"],
                    schema_from_wire(h["fields"]) if h["fields"] else (), h["server"],
-                   h["units"])
+                   h["units"], tuple(shard) if shard is not None else None)
 
     def same_data(self, other: Welcome) -> bool:
         """Same rows, batches and fields (the dataset's name may differ between servers, and
@@ -103,6 +108,7 @@ class Link:
         self.secret: str | None = None
         self.ring: RingMap | None = None
         self.books: dict[int, LeaseBook] = {}  # by session: the current one's, and the last
+        self.lane = 0  # which shard it serves (0 for a server of the whole dataset)
         self.handshake_error: str | None = None
         self.lost_since: float | None = None
         self.bye_acked = True

@@ -71,6 +71,10 @@ class Catalog:
     def plan(self, dataset: DatasetSpec, params: PlanParams, max_order_bytes: int) -> BatchPlan:
         """A session's plan, checked against the data and the server's limits."""
         units = None
+        if dataset.shard is not None and params.pack is not None:
+            raise InvalidRequest("pack= needs every document on one server (a packed row spans "
+                                 "documents of several shards): serve the corpus unsharded, "
+                                 "as replicas")
         if params.units != "rows":
             units = plan_units(params, self.columns(dataset), dataset.name, dataset.fields)
         plan = BatchPlan(dataset.rows, params, data_key=dataset.name, units=units)

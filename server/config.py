@@ -40,6 +40,7 @@ class ServerConfig:
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
     metrics_bind: str = "127.0.0.1"
     max_order_bytes: int = 256 * MIB  # the largest epoch order a session may ask for
+    shard: tuple[int, int] | None = None  # (I, N): hold only shard I of N of every dataset
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -64,6 +65,14 @@ class ServerConfig:
                 "a sidecar, or pass --insecure on a trusted private network")
         if self.max_order_bytes < 1:
             raise InvalidRequest("--max-order-mb must be positive")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (type(i) is int and type(n) is int and 0 <= i < n):
+                raise InvalidRequest(f"--shard I/N needs 0 <= I < N, got {i}/{n}")
+            if self.transforms:
+                raise InvalidRequest("--shard serves each batch in pieces, one per shard, and a "
+                                     "transform sees whole batches: run the transform without "
+                                     "--shard (replicas), or in the trainer")
 
     @property
     def n_workers(self) -> int:

@@ -8,6 +8,11 @@ offsets (the Arrow layout), so workers gather it without Python objects.  Worker
 ``attach_arrays`` by segment name, read-only: a fixed field is an array, a ragged one a
 ``Ragged(values, offsets)``.
 
+With ``--shard I/N`` a server holds shard I of N: the contiguous rows ``shard_range(rows, I, N)``
+of every field over 8 bytes a row (small columns, such as labels and weights, and the offsets of
+ragged fields are held whole: any plan over all rows can then be computed here).  A sharded
+ragged field keeps its shard's values, and offsets shifted so that its first row starts at 0.
+
 With ``--mmap`` nothing is copied: ``.npy`` files are mapped with ``np.load(mmap_mode="r")``
 and Arrow IPC columns are viewed in place, so the page cache holds the data once for every
 process and a dataset larger than RAM can be served.
@@ -49,6 +54,7 @@ class FieldStorage:
     n_values: int = 0  # ragged: elements in all rows
     npy: str | None = None  # a .npy file, memory-mapped
     arrow: tuple[str, str] | None = None  # (Arrow IPC file, column), memory-mapped
+    sharded: bool = False  # holds only the shard's rows (ragged: values; offsets are whole)
 
     @property
     def mapped(self) -> bool:
@@ -64,6 +70,12 @@ class DatasetSpec:
     fields: tuple[Field, ...]
     storage: tuple[FieldStorage, ...]  # one per field, same order
     classes: tuple[str, ...] = ()  # the label names of an image folder
+    shard: tuple[int, int] | None = None  # (I, N): this server holds shard I of N
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """The rows of this server's shard (all rows when it holds them all)."""
+        return shard_range(self.rows, self.shard)
 
     @property
     def row_nbytes(self) -> int:
@@ -75,7 +87,25 @@ class DatasetSpec:
 
     def describe(self) -> str:
         mapped = " (memory-mapped)" if any(s.mapped for s in self.storage) else ""
-        return f"{self.name}: {self.rows:,} rows [{describe_schema(self.fields)}]{mapped}"
+        shard = ""
+        if self.shard is not None:
+            lo, hi = self.row_range
+            shard = f" (shard {self.shard[0]}/{self.shard[1]}: rows {lo:,}..{hi - 1:,})"
+        return (f"{self.name}: {self.rows:,} rows [{describe_schema(self.fields)}]{shard}"
+                f"{mapped}")
+
+
+def shard_range(rows: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Shard I of N: rows [I*rows//N, (I+1)*rows//N)."""
+    if shard is None:
+        return 0, rows
+    i, n = shard
+    return i * rows // n, (i + 1) * rows // n
+
+
+def held_whole(field: Field) -> bool:
+    """Small fixed columns (labels, weights) are held whole by every shard."""
+    return not field.ragged and field.row_nbytes <= 8
 
 
 class SharedDataset:
@@ -87,33 +117,28 @@ class SharedDataset:
 
     @classmethod
     def load(cls, name: str, sources: list[FieldSource], token: str, mmap: bool = False,
-             classes: tuple[str, ...] = ()) -> SharedDataset:
-        """Fill every field into its own segments (``mmap``: map its file instead)."""
+             classes: tuple[str, ...] = (), shard: tuple[int, int] | None = None
+             ) -> SharedDataset:
+        """Fill every field into its own segments (``mmap``: map its file instead); with
+        ``shard``, only that shard's rows of the fields that are sharded."""
         segments: list[SharedSegment] = []
         storage: list[FieldStorage] = []
+        lo, hi = shard_range(sources[0].rows, shard)
         try:
             for i, src in enumerate(sources):
                 if mmap:
                     storage.append(FieldStorage(n_values=src.n_values, npy=src.path,
                                                 arrow=src.arrow))
                     continue
-                tag = f"{_safe(name)}{i}"
-                values = SharedSegment.create(segment_name(token, tag), src.values_nbytes)
-                segments.append(values)
-                offsets = None
-                if src.field.ragged:
-                    offsets = SharedSegment.create(segment_name(token, f"{tag}o"),
-                                                   8 * (src.rows + 1))
-                    segments.append(offsets)
-                storage.append(FieldStorage(values.name, offsets.name if offsets else "",
-                                            src.n_values))
-                _fill(src, values, offsets, name)
+                sharded = shard is not None and not held_whole(src.field)
+                storage.append(_load_field(src, f"{_safe(name)}{i}", token, segments, name,
+                                           (lo, hi) if sharded else (0, src.rows)))
         except BaseException:
             for seg in segments:
                 seg.close()
             raise
         spec = DatasetSpec(name, sources[0].rows, tuple(s.field for s in sources),
-                           tuple(storage), classes)
+                           tuple(storage), classes, shard)
         return cls(spec, segments)
 
     def close(self) -> None:
@@ -122,14 +147,29 @@ class SharedDataset:
         self._segments = []
 
 
-def _fill(src: FieldSource, values: SharedSegment, offsets: SharedSegment | None,
-          name: str) -> None:
-    count = src.n_values if src.field.ragged else src.rows
+def _load_field(src: FieldSource, tag: str, token: str, segments: list[SharedSegment],
+                name: str, rows: tuple[int, int]) -> FieldStorage:
+    """Rows ``rows`` of one field into new segments (appended to ``segments``)."""
+    lo, hi = rows
+    sharded = rows != (0, src.rows)
     try:
-        src.fill(_as_array(values, src.field.dtype, (count, *src.field.shape)))
-        if offsets is not None:
-            assert src.fill_offsets is not None
-            src.fill_offsets(_as_array(offsets, np.dtype(np.int64), (src.rows + 1,)))
+        if not src.field.ragged:
+            values = SharedSegment.create(segment_name(token, tag),
+                                          (hi - lo) * src.field.row_nbytes)
+            segments.append(values)
+            src.fill(_as_array(values, src.field.dtype, (hi - lo, *src.field.shape)), lo, hi)
+            return FieldStorage(values.name, sharded=sharded)
+        offsets = SharedSegment.create(segment_name(token, f"{tag}o"), 8 * (src.rows + 1))
+        segments.append(offsets)
+        offs = _as_array(offsets, np.dtype(np.int64), (src.rows + 1,))
+        assert src.fill_offsets is not None
+        src.fill_offsets(offs)
+        offs -= offs[lo]  # this shard's first row starts at 0 (lengths are unchanged)
+        n_values = int(offs[hi])
+        values = SharedSegment.create(segment_name(token, tag), n_values * src.field.row_nbytes)
+        segments.append(values)
+        src.fill(_as_array(values, src.field.dtype, (n_values, *src.field.shape)), lo, hi)
+        return FieldStorage(values.name, offsets.name, n_values, sharded=sharded)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
         raise DatasetError(
             f"{src.where or name}: field {src.field.name!r} cannot be read "
@@ -164,7 +204,8 @@ def attach_arrays(spec: DatasetSpec) -> tuple[list[SharedSegment], dict[str, np.
         values = SharedSegment.attach(st.values)
         segments.append(values)
         if not field.ragged:
-            arrays[field.name] = _as_array(values, field.dtype, (spec.rows, *field.shape))
+            lo, hi = spec.row_range if st.sharded else (0, spec.rows)
+            arrays[field.name] = _as_array(values, field.dtype, (hi - lo, *field.shape))
             continue
         offsets = SharedSegment.attach(st.offsets)
         segments.append(offsets)

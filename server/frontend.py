@@ -277,6 +277,7 @@ class Frontend:
             fields=schema_to_wire(fields),
             server=__version__,
             units=plan.epoch_rows if params.units != "rows" else None,
+            shard=list(dataset.shard) if dataset.shard is not None else None,
             ring=self.ring.describe() if table is not None else None,
             claim=table.name if table is not None else None,
         ))

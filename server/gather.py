@@ -31,6 +31,7 @@ import numpy as np
 
 from batchfeed.shared.errors import WorkerError
 from batchfeed.shared.plan import BatchPlan
+from batchfeed.shared.protocol import POSITIONS, ROLE_POSITIONS
 from batchfeed.shared.schema import BYTES, STR, Field, Ragged
 
 from .dataset import DatasetSpec
@@ -215,13 +216,29 @@ def gather_chunk(arrays: Mapping[str, Column], spec: DatasetSpec, plan: BatchPla
                              slot, what)
     idx, rows = chunk_rows(arrays, spec, plan, epoch, k0, count, order)
     outputs: list[Output] = []
-    for f in spec.fields:
+    if spec.shard is not None:
+        idx, rows, positions = own_rows(spec, idx, rows)
+        outputs.append(copied_output(POSITIONS, positions, ROLE_POSITIONS))
+    first = spec.row_range[0]
+    for f, st in zip(spec.fields, spec.storage):
         column = arrays[f.name]
-        if isinstance(column, Ragged):
+        if isinstance(column, Ragged):  # offsets whole (a shard's values start at its rows)
             outputs += ragged_outputs(f, column, idx, rows, fmt)
         else:
-            outputs.append(take_output(f.name, column, idx, rows))
+            outputs.append(take_output(f.name, column, idx - first if st.sharded else idx,
+                                       rows))
     return write_outputs(outputs, count, slot, what)
+
+
+def own_rows(spec: DatasetSpec, idx: np.ndarray,
+             rows: list[int]) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+    """A shard's rows of each batch: their indices, counts, and positions in the batch."""
+    lo, hi = spec.row_range
+    mine = (idx >= lo) & (idx < hi)
+    bounds = np.cumsum([0, *rows])
+    positions = [np.flatnonzero(mine[bounds[b] : bounds[b + 1]]).astype(np.int32)
+                 for b in range(len(rows))]
+    return idx[mine], [len(p) for p in positions], positions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +312,7 @@ def _dtype(value: Column) -> np.dtype:
     return value.values.dtype if isinstance(value, Ragged) else value.dtype
 
 
-def copied_output(name: str, parts: list[np.ndarray]) -> Output:
+def copied_output(name: str, parts: list[np.ndarray], role: str | None = None) -> Output:
     """An output whose parts were computed first (then copied into the slot)."""
 
     def write(region: np.ndarray, n: int) -> None:
@@ -304,4 +321,4 @@ def copied_output(name: str, parts: list[np.ndarray]) -> Output:
             region[pos : pos + p.size] = p.reshape(-1)
             pos += p.size
 
-    return Output(name, parts[0].dtype, None, [p.shape for p in parts], write)
+    return Output(name, parts[0].dtype, role, [p.shape for p in parts], write)

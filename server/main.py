@@ -32,7 +32,9 @@ from .dataset import (
     FieldSource,
     SharedDataset,
     check_mappable,
+    held_whole,
     inspect_source,
+    shard_range,
     synthetic_sources,
 )
 from .frontend import BookkeepingError, Frontend
@@ -131,13 +133,15 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         if config.mmap:
             for name, srcs in sources.items():
                 check_mappable(name, srcs)
-        data_bytes = 0 if config.mmap else sum(s.nbytes for srcs in sources.values() for s in srcs)
+        data_bytes = 0 if config.mmap else sum(shard_nbytes(s, config.shard)
+                                               for srcs in sources.values() for s in srcs)
         ring_bytes = HEADER_BYTES + config.n_slots * slot_bytes
         check_shm_room(data_bytes + ring_bytes,
                        f"the data ({human_bytes(data_bytes)}) and the slot ring "
                        f"({config.n_slots} x {human_bytes(slot_bytes)})")
         for name, srcs in sources.items():
-            datasets.append(SharedDataset.load(name, srcs, token, mmap=config.mmap))
+            datasets.append(SharedDataset.load(name, srcs, token, mmap=config.mmap,
+                                               shard=config.shard))
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
         frontend = Frontend(config, specs, ring, security, transforms)
@@ -182,6 +186,16 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.stdout.flush()
+
+
+def shard_nbytes(src: FieldSource, shard: tuple[int, int] | None) -> int:
+    """About what one field of a shard holds in shared memory (ragged values are split by
+    rows, so this is an estimate; the segments are reserved up front anyway)."""
+    if shard is None or held_whole(src.field):
+        return src.nbytes
+    lo, hi = shard_range(src.rows, shard)
+    offsets = 8 * (src.rows + 1) if src.field.ragged else 0
+    return offsets + src.values_nbytes * (hi - lo) // max(1, src.rows)
 
 
 def _trim_heap() -> None:

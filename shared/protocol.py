@@ -107,6 +107,7 @@ _HEADERS: dict[str, dict[str, str]] = {
         "fields": _LIST,
         "server": _STR,
         "units": _OPT_INT,  # packed rows or token-budget batches per epoch, for such plans
+        "shard": _OPT_LIST,  # [I, N]: the server holds shard I of N (pieces of batches)
         "ring": _OPT_MAP,  # fast path offered: the ring to map ...
         "claim": _OPT_STR,  # ... and the lease table whose nonce a CLAIM must send back
     },
@@ -242,10 +243,11 @@ def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fast
 
 def welcome(*, session: int, secret: str, dataset: str, rows: int, batches_per_epoch: int,
             prefetch: int, fields: list, server: str, units: int | None = None,
-            ring: dict | None = None, claim: str | None = None) -> list:
+            shard: list | None = None, ring: dict | None = None,
+            claim: str | None = None) -> list:
     return encode(WELCOME, session=session, secret=secret, dataset=dataset, rows=rows,
                   batches_per_epoch=batches_per_epoch, prefetch=prefetch, fields=fields,
-                  server=server, units=units, ring=ring, claim=claim)
+                  server=server, units=units, shard=shard, ring=ring, claim=claim)
 
 
 def claim(*, session: int, nonce: str) -> list:
@@ -299,8 +301,9 @@ class ChunkLayout:
 
     Output ``f``'s bytes for batch ``b`` start at ``starts[f][b]`` inside that output's buffer
     (its data frame, or its region of a ring slot) and take ``nbytes[f][b]`` bytes.  An output
-    with a role (``values`` or ``offsets`` of a ragged field) is not one row per batch row:
-    its first dimension is the batch's elements, or its rows + 1.
+    with a role ``values`` or ``offsets`` (of a ragged field) is not one row per batch row: its
+    first dimension is the batch's elements, or its rows + 1.  A shard server adds the output
+    ``_positions`` (role ``positions``): where each of its rows goes in the whole batch.
     """
 
     names: tuple[str, ...]
@@ -328,7 +331,9 @@ class ChunkLayout:
 
 ROLE_VALUES = "values"
 ROLE_OFFSETS = "offsets"
-_ROLES = (ROLE_VALUES, ROLE_OFFSETS)
+ROLE_POSITIONS = "positions"  # a shard's rows: where each goes in the whole batch
+_ROLES = (ROLE_VALUES, ROLE_OFFSETS, ROLE_POSITIONS)
+POSITIONS = "_positions"  # the name of a shard's positions output
 
 
 def batch(*, session: int, stream: int, epoch: int, k0: int, dtypes: list, shapes: list,

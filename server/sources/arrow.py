@@ -150,9 +150,9 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
         return chunk
 
     if kind == FIXED:
-        def fill(out: np.ndarray) -> None:
+        def fill(out: np.ndarray, lo: int, hi: int) -> None:
             pos = 0
-            for chunk in chunks():
+            for chunk in _window(chunks(), lo, hi):
                 arr = _flat_values(plain(chunk), shape)
                 out[pos : pos + len(arr)] = arr
                 pos += len(arr)
@@ -164,9 +164,9 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
         off = _offsets(plain(chunk))
         n_values += int(off[-1] - off[0])
 
-    def fill_values(out: np.ndarray) -> None:
+    def fill_values(out: np.ndarray, lo: int, hi: int) -> None:
         pos = 0
-        for chunk in chunks():
+        for chunk in _window(chunks(), lo, hi):
             rag = _ragged(chunk, kind, shape)
             part = rag.values[rag.offsets[0] : rag.offsets[-1]]
             out[pos : pos + len(part)] = part
@@ -184,6 +184,17 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
 
     return FieldSource(field, rows, fill_values, n_values=n_values, fill_offsets=fill_offsets,
                        arrow=arrow, where=where)
+
+
+def _window(chunks: list, lo: int, hi: int) -> list:
+    """The parts of ``chunks`` (consecutive rows) that hold rows ``lo .. hi-1``."""
+    out, start = [], 0
+    for chunk in chunks:
+        a, b = max(start, lo), min(start + len(chunk), hi)
+        if a < b:
+            out.append(chunk.slice(a - start, b - a))
+        start += len(chunk)
+    return out
 
 
 def _chunks_of(column: Any) -> list:

@@ -20,23 +20,26 @@ import numpy as np
 from batchfeed.shared.errors import DatasetError
 from batchfeed.shared.schema import MAX_FIELDS, Field, check_servable_field
 
-Fill = Callable[[np.ndarray], None]
+Fill = Callable[[np.ndarray, int, int], None]  # fill(out, lo, hi): rows lo..hi-1 into out
+Offsets = Callable[[np.ndarray], None]  # fill_offsets(out): all rows + 1 offsets, from 0
 
 
 @dataclass(frozen=True)
 class FieldSource:
     """A field before loading: its schema and how to fill destination arrays with it.
 
-    Fixed fields fill one ``(rows, *shape)`` array; ragged ones fill ``values``
-    (``(n_values, *shape)``) and ``offsets`` (``rows + 1`` int64, from 0).  ``path`` names a
-    ``.npy`` file, ``arrow`` an Arrow IPC file and column, that could be memory-mapped instead.
+    Fixed fields fill rows ``lo .. hi-1`` into a ``(hi - lo, *shape)`` array; ragged ones fill
+    the values of those rows (``(offsets[hi] - offsets[lo], *shape)``) and, whole, the
+    ``rows + 1`` int64 offsets from 0.  A server holding one shard asks for its rows only.
+    ``path`` names a ``.npy`` file, ``arrow`` an Arrow IPC file and column, that could be
+    memory-mapped instead.
     """
 
     field: Field
     rows: int
     fill: Fill
     n_values: int = 0  # ragged: elements in all rows
-    fill_offsets: Fill | None = None  # ragged
+    fill_offsets: Offsets | None = None  # ragged
     path: str | None = None
     arrow: tuple[str, str] | None = None  # (IPC file, column)
     where: str = ""  # the file (and member or column) it comes from, for error messages

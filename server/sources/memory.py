@@ -37,7 +37,8 @@ def _column(name: str, value: Any, where: str) -> FieldSource:
         if value.ndim == 0:
             raise DatasetError(f"{where} is a 0-d array; a column needs one row per sample")
         field = make_field(name, value.shape[1:], value.dtype, where)
-        return FieldSource(field, len(value), lambda out: np.copyto(out, value), where=where)
+        return FieldSource(field, len(value), lambda out, lo, hi: np.copyto(out, value[lo:hi]),
+                           where=where)
     if not isinstance(value, (Sequence, np.ndarray)) or isinstance(value, (str, bytes)):
         raise DatasetError(f"{where} must be an array or a list of rows, not "
                            f"{type(value).__name__}")
@@ -58,9 +59,9 @@ def _column(name: str, value: Any, where: str) -> FieldSource:
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     field = make_field(name, shape, dtype, where, RAGGED)
 
-    def fill(out: np.ndarray) -> None:
+    def fill(out: np.ndarray, lo: int, hi: int) -> None:
         if len(out):
-            np.concatenate(arrays, out=out, casting="same_kind")
+            np.concatenate(arrays[lo:hi], out=out, casting="same_kind")
 
     return FieldSource(field, len(arrays), fill, n_values=int(lengths.sum()),
                        fill_offsets=lambda out: _offsets_into(out, lengths), where=where)
@@ -70,8 +71,8 @@ def _ragged_bytes(name: str, rows: list[bytes], kind: str, where: str) -> FieldS
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     field = make_field(name, (), np.dtype(np.uint8), where, kind)
 
-    def fill(out: np.ndarray) -> None:
-        out[:] = np.frombuffer(b"".join(rows), dtype=np.uint8)
+    def fill(out: np.ndarray, lo: int, hi: int) -> None:
+        out[:] = np.frombuffer(b"".join(rows[lo:hi]), dtype=np.uint8)
 
     return FieldSource(field, len(rows), fill, n_values=int(lengths.sum()),
                        fill_offsets=lambda out: _offsets_into(out, lengths), where=where)

@@ -19,7 +19,7 @@ import numpy as np
 
 from batchfeed.shared.errors import DatasetError
 
-from .base import FieldSource, make_field, regular_file
+from .base import FieldSource, Fill, make_field, regular_file
 
 _READ_CHUNK = 16 * 2**20
 
@@ -45,12 +45,14 @@ def _array_field(name: str, shape: tuple[int, ...], dtype: np.dtype, where: str)
     return make_field(name, tuple(shape[1:]), dtype, where)
 
 
-def _copy_stream(open_fp: Callable, where: str) -> Callable[[np.ndarray], None]:
-    """A filler that re-opens the file, skips the header and reads the data into ``out``."""
+def _copy_stream(open_fp: Callable, where: str, row_nbytes: int) -> Fill:
+    """A filler that re-opens the file, skips the header and the rows before ``lo``, and reads
+    rows ``lo .. hi-1`` into ``out``."""
 
-    def fill(out: np.ndarray) -> None:
+    def fill(out: np.ndarray, lo: int, hi: int) -> None:
         with open_fp() as fp:
             _npy_header(fp, where)
+            _skip(fp, lo * row_nbytes)
             view = memoryview(out.reshape(-1).view(np.uint8).data)
             pos = 0
             while pos < len(view):
@@ -63,9 +65,22 @@ def _copy_stream(open_fp: Callable, where: str) -> Callable[[np.ndarray], None]:
     return fill
 
 
-def _copy_array(load: Callable[[], np.ndarray]) -> Callable[[np.ndarray], None]:
-    def fill(out: np.ndarray) -> None:
-        np.copyto(out, load())
+def _skip(fp, nbytes: int) -> None:
+    if not nbytes:
+        return
+    if fp.seekable():
+        fp.seek(nbytes, 1)
+        return
+    while nbytes:  # a compressed archive member: read past it
+        got = len(fp.read(min(nbytes, _READ_CHUNK)))
+        if not got:
+            return
+        nbytes -= got
+
+
+def _copy_array(load: Callable[[], np.ndarray]) -> Fill:
+    def fill(out: np.ndarray, lo: int, hi: int) -> None:
+        np.copyto(out, load()[lo:hi])
 
     return fill
 
@@ -79,7 +94,7 @@ def npy_source(path: Path, name: str) -> FieldSource:
     if fortran:
         fill = _copy_array(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
     else:
-        fill = _copy_stream(functools.partial(open, path, "rb"), where)
+        fill = _copy_stream(functools.partial(open, path, "rb"), where, field.row_nbytes)
     return FieldSource(field, int(shape[0]), fill, path=str(path), where=where)
 
 
@@ -117,7 +132,7 @@ def npz_sources(path: Path) -> list[FieldSource]:
             if fortran:
                 fill = _copy_array(functools.partial(_npz_member, path, name))
             else:
-                fill = _copy_stream(open_member, where)
+                fill = _copy_stream(open_member, where, field.row_nbytes)
             sources.append(FieldSource(field, int(shape[0]), fill, where=where))
     return sources
 

@@ -25,22 +25,26 @@ def synthetic_sources(rows: int, seed: int = 0) -> list[FieldSource]:
     chunks = _synthetic_chunks(rows, seed)
     x_field = Field("x", np.dtype(np.float32), (SYNTHETIC_FEATURES,))
     y_field = Field("y", np.dtype(np.int64), ())
-    state: dict[str, np.ndarray] = {}
+    def fill_x(out: np.ndarray, lo: int, hi: int) -> None:
+        for start, x, _ in chunks():
+            _copy_window(out, x, start, lo, hi)
 
-    def fill_x(out: np.ndarray) -> None:
-        state["y"] = np.empty(rows, np.int64)
-        for start, x, y in chunks():
-            out[start : start + len(x)] = x
-            state["y"][start : start + len(y)] = y
-
-    def fill_y(out: np.ndarray) -> None:
-        out[:] = state.pop("y")
+    def fill_y(out: np.ndarray, lo: int, hi: int) -> None:
+        for start, _, y in chunks():
+            _copy_window(out, y, start, lo, hi)
 
     return [FieldSource(x_field, rows, fill_x, where=SYNTHETIC_NAME),
             FieldSource(y_field, rows, fill_y, where=SYNTHETIC_NAME)]
 
 
 Chunk = tuple[int, np.ndarray, np.ndarray]  # (first row, x, y)
+
+
+def _copy_window(out: np.ndarray, part: np.ndarray, start: int, lo: int, hi: int) -> None:
+    """Copy the rows of ``part`` (rows ``start ..``) that fall in ``lo .. hi-1`` into ``out``."""
+    a, b = max(start, lo), min(start + len(part), hi)
+    if a < b:
+        out[a - lo : b - lo] = part[a - start : b - start]
 
 
 def _synthetic_chunks(rows: int, seed: int) -> Callable[[], Iterator[Chunk]]:
@@ -62,6 +66,6 @@ def synthetic_arrays(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     out = {}
     for src in synthetic_sources(rows, seed):
         arr = np.empty((src.rows, *src.field.shape), src.field.dtype)
-        src.fill(arr)
+        src.fill(arr, 0, src.rows)
         out[src.field.name] = arr
     return out
