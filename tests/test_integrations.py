@@ -1,0 +1,154 @@
+"""The framework examples: Lightning DDP, Keras 3 (torch backend) and the pytorch/examples loop.
+
+Each script serves scikit-learn's digits itself with ``batchfeed.serve`` and is run here as a
+subprocess with a timeout, at its own small size.  The promises: the loss falls, every epoch
+comes in a new order, and (Lightning, two DDP ranks, half of each epoch) each pass over the
+loader starts the next epoch and the ranks' rows are exactly their share of the plan.  A test
+skips, naming the package, where lightning, keras or scikit-learn is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchfeed import Client
+from batchfeed.shared.params import PlanParams
+from batchfeed.shared.plan import BatchPlan
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DIGITS = 1797  # rows of sklearn.datasets.load_digits()
+
+
+def needs(*modules: str) -> None:
+    """Skip unless every module is installed (found, not imported: they are slow to import)."""
+    for name in ["torch", "sklearn", *modules]:
+        if importlib.util.find_spec(name) is None:
+            package = {"sklearn": "scikit-learn"}.get(name, name)
+            pytest.skip(f"{name} is not installed (pip install {package})")
+
+
+def run_example(script: str, *args: object, timeout: float) -> str:
+    """Run ``examples/<script>``; its stdout, after asserting it exited 0.  Killed on a timeout."""
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, out + err
+    return out
+
+
+def line(out: str, name: str) -> list[str]:
+    found = re.findall(rf"^{name}: (.+)$", out, re.M)
+    assert len(found) == 1, out
+    return found[0].split()
+
+
+def assert_loss_falls(out: str, epochs: int, by: float) -> None:
+    losses = [float(v) for v in line(out, "losses")]
+    assert len(losses) == epochs, out
+    assert losses[-1] < by * losses[0], f"the loss did not fall enough: {losses}\n{out}"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------ Lightning
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lightning_ddp_ranks_get_their_share_and_each_epoch_a_new_order(tmp_path):
+    needs("lightning")
+    record = tmp_path / "rows.json"
+    out = run_example("train_lightning.py", "--devices", 2, "--epochs", 3,
+                      "--limit-train-batches", 0.5, "--no-progress", "--record", record,
+                      timeout=240)
+    assert_loss_falls(out, 3, by=0.7)
+    assert re.search(r"^epoch 0 .* [0-9,]+ samples/s, waiting on data [0-9.]+%$", out, re.M), out
+    epochs = json.loads(record.read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2], out
+    # Lightning stops each pass half-way; the next pass is still the next epoch.
+    assert [e["batchfeed_epoch"] for e in epochs] == [0, 1, 2], out
+    plans = [BatchPlan(DIGITS, PlanParams(batch_size=64, seed=0, rank=r, world_size=2))
+             for r in range(2)]
+    steps = int(plans[0].batches_per_epoch * 0.5)  # Lightning's limit_train_batches=0.5
+    for e in epochs:
+        for rank, rows in enumerate(e["rows"]):  # exactly the plan's first batches of the epoch
+            expected = np.concatenate([plans[rank].indices(e["epoch"], k) for k in range(steps)])
+            assert rows == expected.tolist(), (e["epoch"], rank)
+        shared = set(e["rows"][0]) & set(e["rows"][1])
+        assert len(shared) <= plans[0].padded_rows, shared  # disjoint but for padding
+    seen = [tuple(r for rows in e["rows"] for r in rows) for e in epochs]
+    assert len(set(seen)) == 3  # three orders
+    assert len({frozenset(s) for s in seen}) == 3  # and, half an epoch each, three row sets
+
+
+# ------------------------------------------------------------------------ Keras
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_keras_fit_on_a_pydataset_learns_and_reads_a_new_order_each_epoch():
+    needs("keras")
+    out = run_example("train_keras.py", "--epochs", 3, "--verbose", 2, timeout=150)
+    assert_loss_falls(out, 3, by=0.7)
+    for epoch in range(3):  # every row once per epoch
+        assert re.search(rf"^epoch {epoch} \(batchfeed epoch \d+\): loss [0-9.]+, [0-9,]+ "
+                         rf"samples/s, waiting on data [0-9.]+%, 1,797 rows \(1,797 distinct\)",
+                         out, re.M), out
+    orders = line(out, "orders")
+    assert len(orders) == 3 and len(set(orders)) == 3, out
+    assert "0 out-of-order reads" in out, out
+
+
+@pytest.mark.slow
+def test_keras_pydataset_serves_batch_i_of_the_plan_in_any_order(serve, dataset_path,
+                                                                monkeypatch):
+    needs("keras")
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    example = load_example("train_keras")
+    server = serve("--data", dataset_path(300), "--workers", 1)  # field "id" = the row number
+    plan = BatchPlan(300, PlanParams(batch_size=32, seed=3))
+    with Client(server.address, batch_size=32, seed=3) as client:
+        dataset = example.BatchfeedPyDataset(client, x="x", y="id")
+        assert len(dataset) == plan.batches_per_epoch == 10
+        for i, seeks in [(0, 0), (1, 0), (2, 0), (6, 1), (3, 2), (3, 3), (4, 3), (9, 4)]:
+            assert dataset[i][1].tolist() == plan.indices(0, i).tolist(), i
+            assert dataset.seeks == seeks, i
+        with pytest.raises(IndexError):
+            dataset[10]
+        dataset.on_epoch_end()
+        assert dataset[0][1].tolist() == plan.indices(1, 0).tolist()
+        assert not np.array_equal(plan.indices(1, 0), plan.indices(0, 0))
+
+
+# ------------------------------------------------------------------------ pytorch/examples
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_mnist_loop_on_digits_reaches_90_percent_and_reshuffles_every_epoch():
+    needs()
+    out = run_example("mnist_digits.py", "--epochs", 3, timeout=150)
+    assert_loss_falls(out, 3, by=0.5)
+    assert float(line(out, "test accuracy")[0]) > 0.9, out
+    orders = line(out, "orders")
+    assert len(orders) == 3 and len(set(orders)) == 3, out
+    assert re.search(r"^Test set: Average loss: [0-9.]+, Accuracy: \d+/360", out, re.M), out
+    assert re.search(r"^epoch 1: .* [0-9,]+ samples/s, waiting on data [0-9.]+%", out, re.M), out
