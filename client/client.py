@@ -180,6 +180,12 @@ class Client:
         return self._welcome.fields or self._live.seen_fields
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """The label's class names, as the server knows them (an image folder's sub-directory
+        names, in label order), or ()."""
+        return self._welcome.classes
+
+    @property
     def dataset(self) -> str:
         return self._welcome.dataset
 

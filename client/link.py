@@ -74,6 +74,7 @@ class Welcome:
     server_version: str
     units: int | None = None  # packed rows or token-budget batches per epoch
     shard: tuple[int, int] | None = None  # (I, N): the server holds shard I of N
+    classes: tuple[str, ...] = ()  # the label's class names, if the server knows them
 
     @classmethod
     def from_header(cls, h: dict) -> Welcome:
@@ -81,9 +82,12 @@ class Welcome:
         if shard is not None and not (len(shard) == 2 and all(type(v) is int for v in shard)
                                       and 0 <= shard[0] < shard[1]):
             raise ProtocolError(f"the server's shard {shard!r:.40} is not [I, N]")
+        classes = h["classes"] or []
+        if not all(isinstance(c, str) for c in classes):
+            raise ProtocolError("the server's class names are not strings")
         return cls(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"], h["prefetch"],
                    schema_from_wire(h["fields"]) if h["fields"] else (), h["server"],
-                   h["units"], tuple(shard) if shard is not None else None)
+                   h["units"], tuple(shard) if shard is not None else None, tuple(classes))
 
     def same_data(self, other: Welcome) -> bool:
         """Same rows, batches and fields (the dataset's name may differ between servers, and

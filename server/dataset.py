@@ -137,6 +137,7 @@ class SharedDataset:
             for seg in segments:
                 seg.close()
             raise
+        classes = classes or next((s.classes for s in sources if s.classes), ())
         spec = DatasetSpec(name, sources[0].rows, tuple(s.field for s in sources),
                            tuple(storage), classes, shard)
         return cls(spec, segments)

@@ -278,6 +278,7 @@ class Frontend:
             server=__version__,
             units=plan.epoch_rows if params.units != "rows" else None,
             shard=list(dataset.shard) if dataset.shard is not None else None,
+            classes=list(dataset.classes) or None,
             ring=self.ring.describe() if table is not None else None,
             claim=table.name if table is not None else None,
         ))

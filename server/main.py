@@ -53,9 +53,8 @@ def load_transforms(config: ServerConfig, names: list[str]) -> dict[str, Transfo
     """Dataset name -> transform, from ``--transform [DATASET=]package.module:function``."""
     out: dict[str, Transform] = {}
     for entry in config.transforms:
-        target, sep, spec = entry.partition("=")
-        if not sep:
-            target, spec = "", entry
+        m = _NAMED.match(entry)  # DATASET=spec (a factory's own "key=value" has a ':' before)
+        target, spec = (m.group(1), m.group(2)) if m else ("", entry)
         if target and target not in names:
             raise DatasetError(f"--transform {entry}: no dataset is named {target!r} "
                                f"(datasets: {', '.join(names)})")

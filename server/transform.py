@@ -1,7 +1,9 @@
 """Server-side transforms: ``fn(batch, rng) -> batch``, run by the workers on every batch.
 
 ``batchfeed serve --transform package.module:function`` imports the function once, in the main
-process before the workers are forked, so a wrong name fails at start.  Workers call it with a
+process before the workers are forked, so a wrong name fails at start;
+``package.module:factory(size=224)`` calls a factory with literal arguments for a configured
+transform (``batchfeed.transforms:train_images(size=224)``).  Workers call it with a
 dict of freshly gathered arrays (the transform may modify them) and a ``numpy.random.Generator``
 seeded from (seed, epoch, global batch number): the output is as deterministic as the plan.
 
@@ -16,6 +18,7 @@ it at HELLO and sizes messages from it.  Otherwise clients learn the schema from
 
 from __future__ import annotations
 
+import ast
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,10 +85,15 @@ class Transform:
 
 
 def load_transform(spec: str) -> Transform:
-    """Import ``package.module:function`` (at server start: errors here stop the start)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise DatasetError(f"--transform {spec!r} must look like package.module:function")
+    """Import ``package.module:function``, or call ``package.module:factory(key=value, ...)``
+    (literal arguments only) for a configured one, at server start: errors here stop it."""
+    module_name, sep, rest = spec.partition(":")
+    attr, paren, args = rest.partition("(")
+    attr = attr.strip()
+    if not sep or not module_name or not attr.isidentifier() or (paren and not
+                                                                  args.endswith(")")):
+        raise DatasetError(f"--transform {spec!r} must look like package.module:function or "
+                           "package.module:factory(key=value, ...)")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module itself failing
@@ -96,7 +104,28 @@ def load_transform(spec: str) -> Transform:
     if not callable(fn):
         raise DatasetError(f"transform {spec!r}: module {module_name!r} has no function "
                            f"{attr!r}")
+    if paren:
+        positional, keywords = _literal_arguments(spec, args[:-1])
+        try:
+            fn = fn(*positional, **keywords)
+        except Exception as exc:
+            raise DatasetError(f"transform {spec!r}: {attr}(...) refused its arguments "
+                               f"({type(exc).__name__}: {exc})") from None
+        if not callable(fn):
+            raise DatasetError(f"transform {spec!r}: {attr}(...) did not return a function")
     return Transform(spec, fn, _declared_schema(spec, getattr(fn, "output_schema", None)))
+
+
+def _literal_arguments(spec: str, text: str) -> tuple[list, dict]:
+    """The arguments of ``factory(...)``: Python literals only (numbers, strings, tuples)."""
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        assert isinstance(call, ast.Call)
+        return ([ast.literal_eval(a) for a in call.args],
+                {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg})
+    except (SyntaxError, ValueError, AssertionError) as exc:
+        raise DatasetError(f"transform {spec!r}: its arguments must be Python literals, e.g. "
+                           f"(size=224, scale=(0.08, 1.0)) ({exc})") from None
 
 
 def _declared_schema(spec: str, declared: object) -> tuple[Field, ...] | None:

@@ -108,6 +108,7 @@ _HEADERS: dict[str, dict[str, str]] = {
         "server": _STR,
         "units": _OPT_INT,  # packed rows or token-budget batches per epoch, for such plans
         "shard": _OPT_LIST,  # [I, N]: the server holds shard I of N (pieces of batches)
+        "classes": _OPT_LIST,  # the label's class names (an image folder's classes)
         "ring": _OPT_MAP,  # fast path offered: the ring to map ...
         "claim": _OPT_STR,  # ... and the lease table whose nonce a CLAIM must send back
     },
@@ -243,11 +244,12 @@ def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fast
 
 def welcome(*, session: int, secret: str, dataset: str, rows: int, batches_per_epoch: int,
             prefetch: int, fields: list, server: str, units: int | None = None,
-            shard: list | None = None, ring: dict | None = None,
-            claim: str | None = None) -> list:
+            shard: list | None = None, classes: list | None = None,
+            ring: dict | None = None, claim: str | None = None) -> list:
     return encode(WELCOME, session=session, secret=secret, dataset=dataset, rows=rows,
                   batches_per_epoch=batches_per_epoch, prefetch=prefetch, fields=fields,
-                  server=server, units=units, shard=shard, ring=ring, claim=claim)
+                  server=server, units=units, shard=shard, classes=classes, ring=ring,
+                  claim=claim)
 
 
 def claim(*, session: int, nonce: str) -> list:

@@ -149,8 +149,9 @@ def test_a_restarted_shard_resumes_exactly(data_file, tmp_path: Path) -> None:
     ports = [free_port(), free_port()]
     args = [["--data", str(data_file), "--workers", "1", "--shard", f"{i}/2"] for i in range(2)]
     servers = [ServerProcess(a, bind=f"tcp://127.0.0.1:{p}").start() for a, p in zip(args, ports)]
+    whole = ServerProcess(["--data", str(data_file), "--workers", "1"])
     try:
-        whole = ServerProcess(["--data", str(data_file), "--workers", "1"]).start()
+        whole.start()
         with Client([s.address for s in servers], batch_size=25, seed=2, prefetch=8,
                     reconnect_timeout=30) as client, Client(whole.address, batch_size=25,
                                                             seed=2) as one:
@@ -163,9 +164,8 @@ def test_a_restarted_shard_resumes_exactly(data_file, tmp_path: Path) -> None:
                     time.sleep(0.5)
                     servers[1] = ServerProcess(args[1], bind=f"tcp://127.0.0.1:{ports[1]}").start()
             same_batches(got, expected)
-        whole.stop()
     finally:
-        for s in servers:
+        for s in (*servers, whole):
             s.stop()
         remove_stale_segments()  # the SIGKILLed one's, as the next server start would
 

@@ -4,6 +4,7 @@ its fields (from headers and metadata only); each reader lives in its own module
 - ``npfiles``: ``.npz``, ``.npy``, a directory of ``.npy`` files;
 - ``arrow``: Parquet (a file or a directory), Arrow IPC (``.arrow``, ``.feather``), a Hugging
   Face ``save_to_disk`` directory (pyarrow, an optional extra);
+- ``images``: a folder of images in torchvision's ImageFolder layout;
 - ``synthetic``: the built-in default;
 - ``memory``: columns already in memory, for ``batchfeed.serve(...)``.
 """
@@ -21,13 +22,13 @@ __all__ = ["SYNTHETIC_NAME", "FieldSource", "check_fields", "default_names", "in
            "synthetic_arrays", "synthetic_sources"]
 
 HINT = ("--data takes a .npz or .npy file, a directory of .npy files, a Parquet file or "
-        "directory, an Arrow IPC file (.arrow, .feather), or a Hugging Face save_to_disk "
-        "directory")
+        "directory, an Arrow IPC file (.arrow, .feather), a Hugging Face save_to_disk "
+        "directory, or an image folder (DIR/<class>/<image>.jpg|png)")
 
 
 def inspect_source(path: str) -> list[FieldSource]:
     """The fields of the data at ``path``, read from headers and metadata only."""
-    from . import arrow, npfiles
+    from . import arrow, images, npfiles
 
     p = Path(path)
     if not p.exists():
@@ -40,6 +41,8 @@ def inspect_source(path: str) -> list[FieldSource]:
             sources = arrow.parquet_sources(p)
         elif ".npy" in suffixes:
             sources = npfiles.npy_dir_sources(p)
+        elif images.is_image_folder(p):
+            sources = images.image_folder_sources(p)
         else:
             raise DatasetError(f"directory {path} holds no data batchfeed can serve; {HINT}")
     elif p.suffix == ".npz":

@@ -43,6 +43,7 @@ class FieldSource:
     path: str | None = None
     arrow: tuple[str, str] | None = None  # (IPC file, column)
     where: str = ""  # the file (and member or column) it comes from, for error messages
+    classes: tuple[str, ...] = ()  # a label field's class names (an image folder's classes)
 
     @property
     def values_nbytes(self) -> int:
