@@ -7,7 +7,9 @@
 Each rank opens its own ``batchfeed.Client`` with its rank and the world size, so the ranks get
 disjoint batches of the same epoch plan, and DDP averages the gradients across them.  Given
 several ``--address`` (loaders serving the same dataset), rank r uses the (r mod n)-th: the
-batches depend on the plan only, not on which loader serves them.  With
+batches depend on the plan only, not on which loader serves them.  With ``--shards`` the
+addresses are the shard servers of one dataset (``batchfeed serve --shard I/N``) and every
+rank's client gets them all.  With
 ``--world-size`` > 1, every rank runs this script with its own ``--rank``; the ranks meet at
 ``--master-addr:--master-port`` (default: ``$MASTER_ADDR``/``$MASTER_PORT``, so torchrun works
 too).  On one host, set ``GLOO_SOCKET_IFNAME=lo`` to keep gloo on loopback.
@@ -51,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--address", action="append", dest="addresses", metavar="ADDRESS",
                    help="a batchfeed server (default: tcp://127.0.0.1:5555); repeat it to "
-                        "spread the ranks over several loaders: rank r uses the (r mod n)-th")
+                        "spread the ranks over several loaders: rank r uses the (r mod n)-th, "
+                        "or with --shards every rank uses them all")
+    p.add_argument("--shards", action="store_true",
+                   help="the --address servers hold the dataset's shards (batchfeed serve "
+                        "--shard I/N): every rank's client gets them all")
     p.add_argument("--rank", type=int, default=int(env.get("RANK", 0)))
     p.add_argument("--world-size", type=int, default=int(env.get("WORLD_SIZE", 1)))
     p.add_argument("--master-addr", default=env.get("MASTER_ADDR", "127.0.0.1"),
@@ -72,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.rank < args.world_size:
         p.error(f"--rank {args.rank} is out of range for --world-size {args.world_size}")
     addresses = args.addresses or ["tcp://127.0.0.1:5555"]
-    args.address = addresses[args.rank % len(addresses)]
+    args.address = addresses if args.shards else addresses[args.rank % len(addresses)]
     return args
 
 

@@ -110,8 +110,9 @@ def without_progress_bars(logs: str) -> str:
     return "\n".join(line for line in logs.splitlines() if "batch/s" not in line)
 
 
-@pytest.mark.timeout(900)
-def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
+def compose_job(files: list[str], loaders: list[str], ports: list[str]) -> str:
+    """Build what is needed, run the compose job, check both trainers and the loaders' clean
+    stop; returns the logs."""
     reason = docker_engine()
     if reason:
         pytest.skip(reason)
@@ -127,8 +128,8 @@ def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
 
     project = f"bftest{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "BATCHFEED_IMAGE": IMAGE, "BATCHFEED_BASE_IMAGE": BASE_IMAGE,
-           "BATCHFEED_PORT": str(free_port()), "BATCHFEED_MASTER_PORT": str(free_port())}
-    dc = [*compose, "-p", project, "-f", "docker-compose.yml", "-f", "docker/compose.hostnet.yml"]
+           "BATCHFEED_MASTER_PORT": str(free_port()), **{p: str(free_port()) for p in ports}}
+    dc = [*compose, "-p", project, *(a for f in files for a in ("-f", f))]
     logs = ""
     t0 = time.monotonic()
     try:
@@ -141,21 +142,13 @@ def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
         assert waited.returncode == 0, waited.stderr
         codes = [int(line) for line in waited.stdout.split()]
         assert codes == [0, 0], f"trainer exit codes {codes}:\n{without_progress_bars(logs)}"
-        for rank in (0, 1):
-            for epoch in range(EPOCHS):
-                line = f"rank {rank}: epoch {epoch}: "
-                assert any(line in ln and ln.endswith("rows exactly once")
-                           for ln in logs.splitlines()), without_progress_bars(logs)
-        for epoch in range(EPOCHS):
-            assert (f"all ranks: epoch {epoch}: 200,000 rows exactly once across 2 ranks"
-                    in logs), without_progress_bars(logs)
-
-        # The loader shuts down cleanly on SIGTERM.
-        loader = checked([*dc, "ps", "-q", "loader"], timeout=60, env=env).stdout.strip()
-        checked([*dc, "stop", "-t", "20", "loader"], timeout=120, env=env)
-        code = checked(["docker", "inspect", "--format", "{{.State.ExitCode}}", loader],
-                       timeout=30).stdout.strip()
-        assert code == "0", f"the loader exited with {code}:\n{without_progress_bars(logs)}"
+        for loader in loaders:  # each loader shuts down cleanly on SIGTERM
+            cid = checked([*dc, "ps", "-q", loader], timeout=60, env=env).stdout.strip()
+            checked([*dc, "stop", "-t", "20", loader], timeout=120, env=env)
+            code = checked(["docker", "inspect", "--format", "{{.State.ExitCode}}", cid],
+                           timeout=30).stdout.strip()
+            assert code == "0", f"{loader} exited with {code}:\n{without_progress_bars(logs)}"
+        return without_progress_bars(logs)
     finally:
         down = run([*dc, "down", "--volumes", "--remove-orphans", "-t", "10"], timeout=180,
                    env=env)
@@ -163,3 +156,30 @@ def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
             print(f"compose down failed:\n{down.stderr}", file=sys.stderr)
         timings["compose run"] = time.monotonic() - t0
         print("docker test timings:", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+def check_ranks(logs: str, rows_per_rank: int) -> None:
+    for rank in (0, 1):
+        for epoch in range(EPOCHS):
+            assert f"rank {rank}: epoch {epoch}: {rows_per_rank:,} rows exactly once" in logs, \
+                logs
+    for epoch in range(EPOCHS):
+        assert (f"all ranks: epoch {epoch}: 200,000 rows across 2 ranks as the plan gives "
+                "them, 0 padded, 0 in the dropped tail") in logs, logs
+
+
+@pytest.mark.timeout(900)
+def test_compose_runs_a_loader_and_two_ranks_that_see_every_row_once():
+    logs = compose_job(["docker-compose.yml", "docker/compose.hostnet.yml"], ["loader"],
+                       ["BATCHFEED_PORT"])
+    check_ranks(logs, 100_000)
+
+
+@pytest.mark.timeout(900)
+def test_sharded_compose_three_shard_loaders_and_two_ranks():
+    logs = compose_job(["docker-compose.sharded.yml", "docker/compose.sharded.hostnet.yml"],
+                       ["loader0", "loader1", "loader2"],
+                       ["BATCHFEED_PORT", "BATCHFEED_PORT1", "BATCHFEED_PORT2"])
+    check_ranks(logs, 100_000)
+    for i in range(3):
+        assert f"(shard {i}/3: rows" in logs, logs
