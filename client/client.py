@@ -17,13 +17,12 @@ I/O thread.
 from __future__ import annotations
 
 import dataclasses
-import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchfeed.shared.addresses import check_address
-from batchfeed.shared.errors import InvalidRequest, IteratorSuperseded
+from batchfeed.shared.errors import InvalidRequest
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
 from batchfeed.shared.security import check_libzmq, load_public, load_secret
@@ -31,7 +30,7 @@ from batchfeed.shared.security import check_libzmq, load_public, load_secret
 from .adapters import converter
 from .connection import Connection
 from .io_thread import ClientConfig
-from .stream import Stream
+from .iteration import EpochIterator, Stats
 
 STATE_FORMAT = "batchfeed-client-1"
 _SIZES = {"rows": "rows", "batches_per_epoch": "batches per epoch"}  # what a state was taken on
@@ -150,7 +149,7 @@ class Client:
             connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
             heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}", curve=keys,
         )
-        self._stats = _Stats()
+        self._stats = Stats()
         self._position = (0, 0)  # (epoch last iterated, first batch not yet handed out)
         self._iterator: weakref.ref[EpochIterator] | None = None  # the last one epoch() made
         self._plan: BatchPlan | None = None  # made from the WELCOME's rows, when first asked
@@ -356,109 +355,3 @@ def _pack_lengths(pack: Mapping[str, int]) -> tuple[tuple[str, ...], int]:
         raise InvalidRequest(f"pack= packs aligned fields into rows of one length, e.g. "
                              f"pack={{'tokens': 2048, 'mask': 2048}}; got {dict(pack)!r}")
     return tuple(pack), lengths.pop()
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.batches = 0
-        self.bytes = 0
-        self.wait_s = 0.0
-        self.started: float | None = None
-
-    def snapshot(self) -> dict[str, float]:
-        wall = time.perf_counter() - self.started if self.started is not None else 0.0
-        return {
-            "batches": self.batches,
-            "bytes": self.bytes,
-            "wait_s": self.wait_s,
-            "wall_s": wall,
-            "wait_fraction": self.wait_s / wall if wall > 0 else 0.0,
-            "batches_per_s": self.batches / wall if wall > 0 else 0.0,
-            "bytes_per_s": self.bytes / wall if wall > 0 else 0.0,
-        }
-
-
-class EpochIterator:
-    """Batches of one epoch in plan order; ``len()`` is the number still to come.
-
-    When it is read to the end, the client goes on prefetching the next epoch, which the next
-    ``client.epoch(e + 1)`` picks up; stopping early (``close()``, or dropping the iterator)
-    stops the prefetching.  Another ``client.epoch()`` call while it still has batches to give
-    supersedes it: from then on ``next()`` raises IteratorSuperseded.
-    """
-
-    def __init__(self, client: Client, stream: Stream, epoch: int, start: int,
-                 convert: Callable[[dict], dict] | None = None):
-        self._client = client
-        self._conn = client._live
-        self._convert = convert
-        self._stream = stream
-        self._stats = client._stats
-        self._epoch = epoch
-        self._k = start
-        self._next = stream.position(epoch, start)
-        self._end = stream.position(epoch + 1, 0)
-        self._notified = self._next
-        self._superseded: str | None = None  # what replaced this iterator, once one did
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def live(self) -> bool:
-        """Whether it still has batches to give (not read to the end, closed or superseded)."""
-        return self._superseded is None and self._next < self._end
-
-    def _supersede(self, why: str) -> None:
-        """Another iterator replaced this one: raise ``why`` from now on, and wake a thread
-        that waits in ``next()`` (its stream is left: nothing else reads its queue)."""
-        self._superseded = (f"{why} (which was at batch {self._k}): a Client serves one "
-                            "iterator at a time; read an iterator to its end or close() it "
-                            "before asking for another, and use one Client per concurrent reader")
-        self._stream.abandoned = True
-        self._stream.ready.put(IteratorSuperseded(self._superseded))
-
-    def __len__(self) -> int:
-        return self._end - self._next
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._superseded is not None:
-            raise IteratorSuperseded(self._superseded)
-        if self._next >= self._end:
-            raise StopIteration
-        stats, stream = self._stats, self._stream
-        if stats.started is None:
-            stats.started = time.perf_counter()
-        (batch, nbytes), waited = self._conn.take(stream)
-        if self._superseded is not None:  # replaced while it waited
-            raise IteratorSuperseded(self._superseded)
-        stats.wait_s += waited
-        self._next += 1
-        self._k += 1
-        self._client._position = (self._epoch, self._k)
-        # Tell the I/O thread how far the trainer is every ``unit`` batches, and at its first
-        # batch of an epoch: that moves the request horizon a whole epoch on (running on, the
-        # stream asks for batches up to the end of the epoch after the trainer's).
-        if self._next - self._notified >= self._conn.unit or self._k == 1:
-            self._notified = self._next
-            self._conn.poke()
-        stats.batches += 1
-        stats.bytes += nbytes
-        return batch if self._convert is None else self._convert(batch)
-
-    def close(self) -> None:
-        """Stop early: the client stops requesting.  Safe to call twice."""
-        if self._next < self._end:
-            self._next = self._end
-            self._stream.abandoned = True
-            self._conn.cancel(self._stream)
-
-    def __del__(self) -> None:
-        # Best effort: an abandoned iterator stops asking the server for more batches.
-        if getattr(self, "_end", None) is not None and self._next < self._end:
-            self._stream.abandoned = True
-            self._conn.cancel(self._stream)

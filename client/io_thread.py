@@ -50,17 +50,13 @@ from batchfeed.shared.schema import Field
 from .fastpath import Nudge
 from .link import Link, LinkConfig, Welcome
 from .ragged import RaggedDecoder
-from .shards import ShardMerger
+from .shards import ShardMerger, assign_lanes, held
 from .stream import Stream
 from .window import Credit
 
 log = logging.getLogger("batchfeed.client")
 
 BYE_TIMEOUT_MS = 1000  # how long close() waits for a server to acknowledge BYE
-
-
-def _held(shard: tuple[int, int] | None) -> str:
-    return "all rows" if shard is None else f"shard {shard[0]}/{shard[1]}"
 
 
 def _close_fd(fd: int) -> None:
@@ -262,8 +258,8 @@ class IOThread:
         expected = (link.lane, len(self.lanes)) if len(self.lanes) > 1 else None
         if welcome.shard != expected:
             raise ServerUnavailable(
-                f"the server at {link.address} came back holding {_held(welcome.shard)}, not "
-                f"{_held(expected)} as before; restart it as it was")
+                f"the server at {link.address} came back holding {held(welcome.shard)}, not "
+                f"{held(expected)} as before; restart it as it was")
 
     def _on_error(self, link: Link, h: dict) -> None:
         err = error_from_code(h["code"], h["message"])
@@ -399,34 +395,13 @@ class IOThread:
 
     def _set_lanes(self) -> None:
         """Once every server answered: one lane, or one per shard (checked complete)."""
-        shards = {link.address: link.welcome.shard for link in self._links
-                  if link.welcome is not None}
-        counts = {s[1] if s else None for s in shards.values()}
-        if counts == {None}:
-            self.lanes = [self._credit_for(len(self._links))]
-            return
-        if None in counts or len(counts) > 1:
-            listing = ", ".join(f"{a}: {_held(s)}" for a, s in shards.items())
-            raise ServerUnavailable(
-                f"the servers of one client must all hold the whole dataset, or together its "
-                f"N shards, one shard each (a shard may have several servers); got {listing}")
-        (n,) = counts
-        assert isinstance(n, int)
-        missing = sorted(set(range(n)) - {s[0] for s in shards.values() if s is not None})
-        if missing:
-            raise ServerUnavailable(
-                f"the dataset is split into {n} shards but no server given holds shard "
-                f"{', '.join(map(str, missing))}; give the client a server of every shard")
-        for link in self._links:
-            shard = shards[link.address]
-            assert shard is not None
-            link.lane = shard[0]
-        self.lanes = [self._credit_for(sum(1 for link in self._links if link.lane == lane))
-                      for lane in range(n)]
-
-    def _credit_for(self, links: int) -> Credit:
         assert self.credit is not None
-        return Credit.shared_by(self.credit.prefetch, links)
+        lanes = assign_lanes({link.address: link.welcome.shard for link in self._links
+                              if link.welcome is not None})
+        for link in self._links:
+            link.lane = lanes[link.address]
+        self.lanes = [Credit.shared_by(self.credit.prefetch, list(lanes.values()).count(lane))
+                      for lane in range(max(lanes.values()) + 1)]
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, BatchfeedError):

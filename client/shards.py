@@ -18,10 +18,37 @@ from typing import Any
 
 import numpy as np
 
+from batchfeed.shared.errors import ServerUnavailable
 from batchfeed.shared.protocol import FieldBatch
 from batchfeed.shared.schema import BYTES, FIXED, STR, Field
 
 POSITIONS = "_positions"  # the output that says where a shard's rows go in the batch
+
+
+def held(shard: tuple[int, int] | None) -> str:
+    return "all rows" if shard is None else f"shard {shard[0]}/{shard[1]}"
+
+
+def assign_lanes(shards: dict[str, tuple[int, int] | None]) -> dict[str, int]:
+    """Each server's lane (its shard, or 0 when every server holds all rows), from what each
+    said it holds; ServerUnavailable, with the reason, for a set that does not make one
+    dataset: a mix of whole and sharded servers, shards of different splits, a missing one."""
+    counts = {s[1] if s else None for s in shards.values()}
+    if counts == {None}:
+        return dict.fromkeys(shards, 0)
+    if None in counts or len(counts) > 1:
+        listing = ", ".join(f"{a}: {held(s)}" for a, s in shards.items())
+        raise ServerUnavailable(
+            f"the servers of one client must all hold the whole dataset, or together its N "
+            f"shards, one shard each (a shard may have several servers); got {listing}")
+    n = next(iter(counts))
+    assert n is not None
+    missing = sorted(set(range(n)) - {s[0] for s in shards.values() if s is not None})
+    if missing:
+        raise ServerUnavailable(
+            f"the dataset is split into {n} shards but no server given holds shard "
+            f"{', '.join(map(str, missing))}; give the client a server of every shard")
+    return {address: s[0] for address, s in shards.items() if s is not None}
 
 
 def merge(parts: Sequence[dict], fields: Sequence[Field], flat: bool,

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from batchfeed.shared.batches import MAX_BATCHES_PER_MESSAGE
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan
-from batchfeed.shared.protocol import MAX_BATCHES_PER_MESSAGE
 
 from .dataset import DatasetSpec
 
