@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections import Counter, defaultdict
 
 import zmq
 
 from batchfeed.shared import protocol
-from batchfeed.shared.errors import BatchfeedError, ProtocolError, ResourceError
+from batchfeed.shared.errors import BatchfeedError, ProtocolError
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import schema_to_wire
 from batchfeed.shared.version import __version__
@@ -46,9 +45,10 @@ from .dataset import DatasetSpec
 from .leases import TABLE_HEADER, Leases
 from .orders import OrderBoard
 from .ratelog import RateLimitedLog
-from .ring import LEASE, SEND, TASK, Holder, SlotRing
+from .report import describe_server, session_list
+from .ring import SlotRing
 from .scheduler import TASKS_PER_WORKER, InFlight, Scheduler
-from .security import ServerSecurity
+from .security import ServerSecurity, check_ipc_free
 from .sessions import Owner, Session, SessionTable, new_session, size_session
 from .supervisor import Supervisor, WorkerHandle
 from .transform import Transform
@@ -58,7 +58,6 @@ log = logging.getLogger("batchfeed.server")
 
 CLIENT_MAX_MSG = 1 << 20  # client -> server messages are small headers
 DRAIN_MAX = 512
-MAX_REPORTED = 200  # sessions listed in a REPORT (its header must stay under the size limit)
 TIMER_PERIOD = 0.25
 
 
@@ -85,7 +84,6 @@ class Frontend:
         self.poller = zmq.Poller()
         self.supervisor = Supervisor(self._worker_spec, config.n_workers, config.task_timeout,
                                      self.poller)
-        self.sends: list[tuple[zmq.MessageTracker, int, Holder]] = []  # zero-copy sends
         self.counters: Counter[str] = Counter()
         self.worker_busy: dict[int, float] = defaultdict(float)  # seconds each worker spent busy
         self.snapshot: dict = {}  # describe() with sessions, refreshed by the loop for readers
@@ -145,7 +143,6 @@ class Frontend:
         if self.clients is not None:
             self.clients.close(linger=0)
         self.clients = None
-        self.sends.clear()
         self.leases.close()
         if self.security is not None:
             self.security.close()
@@ -179,7 +176,7 @@ class Frontend:
         for w in list(self.workers):
             if w.fd in events or w.sentinel in events:
                 self._drain_worker(w, exited=w.sentinel in events)
-        self._reap_sends()
+        self.leases.reap_sends()
         if self.scheduler.runnable and not self.ring.free_count:
             self.leases.collect_all()  # starved: look for slots given back
         self.scheduler.dispatch(self.workers)
@@ -190,7 +187,7 @@ class Frontend:
             self._check_timers(now)
 
     def _poll_timeout_ms(self) -> int | float:
-        if self.sends:
+        if self.leases.sends:
             # Tracker completion has no file descriptor; look again soon, sooner if starved.
             return 0.2 if self.scheduler.runnable and not self.ring.free_count else 2
         return 100
@@ -202,13 +199,6 @@ class Frontend:
         self.scheduler.check()
         self.sessions.check()
         self.leases.check()
-        for _, slot, holder in self.sends:
-            if self.ring.holder(slot) != holder:
-                raise AssertionError(f"a send holds slot {slot}, which is held by "
-                                     f"{self.ring.holder(slot)}")
-        if self.ring.held()[SEND] != len(self.sends):
-            raise AssertionError(f"the ring counts {self.ring.held()[SEND]} sends; the front "
-                                 f"end has {len(self.sends)}")
 
     # ------------------------------------------------------------------ clients
 
@@ -294,27 +284,11 @@ class Frontend:
         log.info("session %x (%s): fast path granted", s.id, s.label)
 
     def _on_stats(self, owner: Owner, h: dict) -> None:
-        self._send(owner[0], protocol.report(self.describe(), [
-            s.describe(time.monotonic()) for s in list(self.sessions)[:MAX_REPORTED]]))
+        self._send(owner[0], protocol.report(self.describe(), session_list(self.sessions)))
 
     def describe(self) -> dict:
         """The server's counters, for ``batchfeed stats`` and the metrics endpoint."""
-        held = self.ring.held()
-        counters = self.counters + self.scheduler.counters
-        counters["worker_restarts"] = self.supervisor.restarts
-        counters["worker_timeouts"] = self.supervisor.timeouts
-        return {
-            "version": __version__, "address": self.address,
-            "uptime_s": round(time.monotonic() - self.started, 1),
-            "datasets": ", ".join(self.datasets), "workers": len(self.workers),
-            "worker_pids": [w.pid or 0 for w in self.workers],
-            "slots": self.ring.n_slots, "slot_bytes": self.ring.slot_bytes,
-            "slots_free": self.ring.free_count,
-            "slots_busy": held[TASK] + held[SEND], "slots_leased": held[LEASE],
-            "sessions": len(self.sessions),
-            "counters": dict(counters), "errors": dict(self.errors),
-            "worker_busy_s": {str(i): round(v, 3) for i, v in self.worker_busy.items()},
-        }
+        return describe_server(self)
 
     def _on_request(self, owner: Owner, h: dict) -> None:
         s = self.sessions.find(h["session"], owner)
@@ -408,7 +382,7 @@ class Frontend:
         self.counters["bytes"] += nbytes
         views = [self.ring.view(slot, off, n) for off, n in zip(done.offsets, done.nbytes)]
         if not self.leases.may_hold(s, s.fastpath):
-            self._reap_sends()
+            self.leases.reap_sends()
             self.leases.collect_all()  # maybe some came back meanwhile
         if not self.leases.may_hold(s, s.fastpath):
             # Over the budget: a copy, so the slot is free at once and nobody waits on it.
@@ -426,47 +400,13 @@ class Frontend:
             # Every data frame points into the slot (zero-copy); the slot is free again once
             # ZeroMQ has released all of them.
             frames = [zmq.Frame(view, copy=False, track=True) for view in views]
-            holder = Holder(SEND, s.id)
-            self.ring.hand_over(slot, job.holder, holder)
+            self.leases.track(s.id, slot, job.holder, zmq.MessageTracker(*frames))
             self._send(s.route, protocol.batch(buffers=frames, **where), copy=False)
-            self.sends.append((zmq.MessageTracker(*frames), slot, holder))
-
-    def _reap_sends(self) -> None:
-        if not self.sends:
-            return
-        still = []
-        for tracker, slot, holder in self.sends:
-            if tracker.done:
-                self.ring.release(slot, holder)
-            else:
-                still.append((tracker, slot, holder))
-        self.sends = still
 
     # ------------------------------------------------------------------ timers
 
     def _check_timers(self, now: float) -> None:
-        self.snapshot = {**self.describe(),
-                         "session_list": [s.describe(now) for s in self.sessions]}
+        self.snapshot = {**self.describe(), "session_list": session_list(self.sessions, None)}
         self.leases.collect_all()
         self.sessions.expire(now, self.config.session_timeout)
         self.supervisor.kill_stuck(now)
-
-
-
-def check_ipc_free(path: str) -> None:
-    """Refuse to take over the socket of a live server (ZeroMQ would silently replace it, and
-    new clients would reach this server instead); a stale file of a dead one is replaced."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return  # nobody listens there: a leftover, which bind replaces
-    except OSError as exc:
-        raise ResourceError(f"cannot bind ipc://{path}: {exc.strerror or exc}") from None
-    finally:
-        probe.close()
-    raise ResourceError(f"ipc://{path} is in use by a running server; stop it, or pick another "
-                        "--bind address")

@@ -21,7 +21,10 @@ its fair share of them (the limit split between the fast-path sessions); past th
 sent copied (the slot is free as soon as the message is built), so no client, however it holds
 its views or stops reading, can stall another.
 
-``check`` verifies that the ring agrees with the tables.
+**Sends.**  A zero-copy send holds its slot until ZeroMQ's ``MessageTracker`` says the frames
+pointing into it are released (``track``, ``reap_sends``).
+
+``check`` verifies that the ring agrees with the tables and the sends.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import fcntl
 import hmac
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchfeed.shared.errors import ResourceError
 from batchfeed.shared.shm import (
@@ -116,6 +119,7 @@ class Leases:
         self.reserve = max(1, min(reserve, ring.n_slots - 1))
         self.limit = ring.n_slots - self.reserve
         self.orphans: list[LeaseTable] = []
+        self.sends: list[tuple[Any, int, Holder]] = []  # (MessageTracker, slot, its holder)
         self._serial = 0
         self._live: dict[int, LeaseTable] = {}  # table id -> table, of open sessions
 
@@ -169,7 +173,25 @@ class Leases:
         table.slots.clear()
         table.close()
 
+    def track(self, session: int, slot: int, gathered_by: Holder, tracker: Any) -> None:
+        """A zero-copy send of ``slot``: held until ``tracker`` is done."""
+        holder = Holder(SEND, session)
+        self.ring.hand_over(slot, gathered_by, holder)
+        self.sends.append((tracker, slot, holder))
+
+    def reap_sends(self) -> None:
+        if not self.sends:
+            return
+        still = []
+        for tracker, slot, holder in self.sends:
+            if tracker.done:
+                self.ring.release(slot, holder)
+            else:
+                still.append((tracker, slot, holder))
+        self.sends = still
+
     def close(self) -> None:
+        self.sends.clear()
         for table in [*self._live.values(), *self.orphans]:
             table.close()
         self._live.clear()
@@ -203,6 +225,13 @@ class Leases:
         if self.ring.count_kind(LEASE) != known:
             raise AssertionError(f"the ring counts {self.ring.count_kind(LEASE)} leased slots; "
                                  f"the lease tables hold {known}")
+        for _, slot, holder in self.sends:
+            if self.ring.holder(slot) != holder:
+                raise AssertionError(f"a send holds slot {slot}, which is held by "
+                                     f"{self.ring.holder(slot)}")
+        if self.ring.count_kind(SEND) != len(self.sends):
+            raise AssertionError(f"the ring counts {self.ring.count_kind(SEND)} sends; "
+                                 f"{len(self.sends)} are tracked")
 
     def leased(self) -> int:
         return self.ring.count_kind(LEASE)

@@ -1,6 +1,7 @@
 """Who may connect: the loopback-only default, and CURVE encryption with ZAP authentication.
 
-``ServerSecurity.check`` runs before anything is loaded: a non-loopback bind without CURVE is
+``check_ipc_free`` refuses to take over a live server's ipc:// socket.  ``ServerSecurity.check``
+runs before anything is loaded: a non-loopback bind without CURVE is
 refused unless ``--insecure``.  ``apply`` starts pyzmq's ZAP authenticator thread (allowing
 exactly the public keys in the authorized-keys directory) and makes the client socket a CURVE
 server.  ``close`` stops the authenticator.
@@ -9,13 +10,15 @@ server.  ``close`` stops the authenticator.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from batchfeed.shared.addresses import is_loopback
-from batchfeed.shared.errors import AuthenticationError, InvalidRequest
+from batchfeed.shared.errors import AuthenticationError, InvalidRequest, ResourceError
 from batchfeed.shared.security import check_libzmq, load_secret
 
 log = logging.getLogger("batchfeed.server")
@@ -72,3 +75,22 @@ class ServerSecurity:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+def check_ipc_free(path: str) -> None:
+    """Refuse to take over the socket of a live server (ZeroMQ would silently replace it, and
+    new clients would reach this server instead); a stale file of a dead one is replaced."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # nobody listens there: a leftover, which bind replaces
+    except OSError as exc:
+        raise ResourceError(f"cannot bind ipc://{path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise ResourceError(f"ipc://{path} is in use by a running server; stop it, or pick another "
+                        "--bind address")
