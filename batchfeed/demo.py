@@ -92,4 +92,9 @@ def run_demo(rows: int = 1_000_000, epochs: int = 3, trainers: int = 2, batch_si
         print(f"batchfeed demo: a trainer failed (exit codes {failed})", file=sys.stderr)
         return 1
     print("batchfeed demo: done; the loss falls epoch after epoch on every rank.")
+    print("(waiting: the share of each rank's time spent waiting for its next batch.  A numpy "
+          "softmax step on 256 rows takes microseconds, so these trainers run as fast as the "
+          "data comes and the share shows the service's rate, highest in epoch 0 while the "
+          "ranks start together; a real model's step is slower and the share falls toward 0: "
+          "`batchfeed bench` measures a trainer at half the service's rate.)")
     return 0

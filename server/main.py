@@ -163,7 +163,8 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         signals.frontend = frontend
         if signals.received is not None:
             return 0
-        announce(ready_line(frontend, datasets, config, slot_bytes))
+        announce(ready_line(frontend, datasets, config, slot_bytes,
+                            metrics.url if metrics is not None else None))
         frontend.run()
         return 0
     except KeyboardInterrupt:
@@ -205,10 +206,15 @@ def _trim_heap() -> None:
 
 
 def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: ServerConfig,
-               slot_bytes: int) -> str:
+               slot_bytes: int, metrics_url: str | None = None) -> str:
     described = "; ".join(d.spec.describe() for d in datasets)
-    secured = ", CURVE" if config.curve_secret_key else ""
-    secured += "".join(f", transform {t}" for t in config.transforms)
+    extra = ", CURVE" if config.curve_secret_key else ""
+    extra += "".join(f", transform {t}" for t in config.transforms)
+    extra += f", metrics at {metrics_url}" if metrics_url else ""
     return (f"batchfeed serve: ready: {described} at {frontend.address} "
-            f"({config.n_workers} workers, {config.n_slots} slots of {human_bytes(slot_bytes)}"
-            f"{secured})")
+            f"({_count(config.n_workers, 'worker')}, {_count(config.n_slots, 'slot')} of "
+            f"{human_bytes(slot_bytes)}{extra})")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
