@@ -140,10 +140,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rows", type=int, default=1_000_000,
                    help="dataset rows (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--trainers", type=int, default=2, help="data-parallel ranks (processes)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3, help="epochs (default: %(default)s)")
+    p.add_argument("--trainers", type=int, default=2,
+                   help="data-parallel ranks, one process each (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="rows per batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="the server's worker processes (default: one per core)")
     p.set_defaults(func=_run_demo)
 
 
@@ -156,7 +159,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     examples = """examples:
-  batchfeed bench                             # every workload, about 2 minutes
+  batchfeed bench                             # every workload, about 3 minutes
   batchfeed bench --workload image --json bench-image.json
   batchfeed bench --quick --workload tabular  # tiny, a few seconds (a smoke test)
 """
@@ -169,7 +172,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         epilog=examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--workload", default="all", choices=["tabular", "image", "large", "all"],
+    p.add_argument("--workload", default="all",
+                   choices=["tabular", "image", "large", "tokens", "all"],
                    help="which dataset to measure (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--quick", action="store_true",

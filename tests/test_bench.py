@@ -6,6 +6,7 @@ group so that, whatever happens, the fixture can stop it and everything it start
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from conftest import pid_alive
 
 from batchfeed.bench import (
     COLUMNS,
+    MEMORY_ROWS,
     ROW_CURVE,
     ROW_IPC_FAST,
     ROW_IPC_SOCKET,
@@ -29,6 +31,7 @@ from batchfeed.bench import (
     ROW_TORCH0,
     ROW_TORCH2,
     TCP_CLIENTS,
+    TOKEN_ROWS,
     BenchOptions,
 )
 
@@ -134,6 +137,37 @@ def test_quick_run_stops_every_server_and_removes_its_data(bench, tmp_path) -> N
     assert len(pids) == 2
     assert not any(pid_alive(pid) for pid in pids)
     assert list((tmp_path / "tmp").iterdir()) == []  # its data, sockets and the servers' dirs
+
+
+@pytest.mark.slow
+def test_quick_tokens_prints_throughput_memory_and_goal_rows(bench, tmp_path) -> None:
+    pytest.importorskip("pyarrow", reason="the token rows serve an Arrow file")
+    has_torch = importlib.util.find_spec("torch") is not None
+    json_path = tmp_path / "bench.json"
+    code, out, err = bench("--quick", "--workload", "tokens", "--json",
+                           str(json_path)).run(RUN_TIMEOUT)
+    assert code == 0, f"bench failed:\n{out}\n{err}"
+    for row in TOKEN_ROWS + MEMORY_ROWS:  # a table line each (rows padded to one width)
+        lines = [line for line in out.splitlines() if line.strip().startswith(row + "  ")]
+        assert len(lines) == 1 and "failed" not in lines[0], (row, out)
+    assert out.count("goals:") == 1 and "tokens/s" in out
+
+    tokens = json.loads(json_path.read_text())["tokens"]
+    assert [r["name"] for r in tokens["rows"]] == list(TOKEN_ROWS)
+    assert [r["name"] for r in tokens["memory"]] == list(MEMORY_ROWS)
+    for r in tokens["rows"] + tokens["memory"]:
+        if r["name"].startswith("torch") and not has_torch:
+            assert r["status"] == "not installed", r
+            continue
+        assert r["status"] == "ok", r
+        assert (r.get("tokens_per_s") or r.get("pss_bytes")) > 0
+    for r in tokens["rows"]:
+        assert r["status"] != "ok" or r["vs_inprocess"] > 0
+    for r in tokens["memory"]:
+        assert r["status"] != "ok" or (r["pss_bytes"] > r["arrow_bytes"] > 0 and r["tokens"] > 0)
+    assert [g["goal"] for g in tokens["goals"] if g["met"] is None] == (
+        [] if has_torch else [g["goal"] for g in tokens["goals"] if "torch" in g["goal"]])
+    assert list((tmp_path / "tmp").iterdir()) == []  # the corpora, sockets and servers' dirs
 
 
 def test_bad_options_are_refused_at_the_edge() -> None:

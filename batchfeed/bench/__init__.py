@@ -12,7 +12,8 @@ is shared and noisy, so the ratios between rows of one run are what mean somethi
 - ``baselines``: the in-process rows;              ``pool``: the spawned client processes;
 - ``served``: the rows against real servers;      ``probes``: a server's ring, CPU and PSS;
 - ``report``: tables and JSON;                     ``run``: ``run(options, out)``, the whole run;
-- ``stalls``: the epoch-boundary stall table.
+- ``stalls``: the epoch-boundary stall table;   ``tokens``: packed token data (``--workload
+  tokens``): throughput against in-process packing and torch, and the memory of two ranks.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from .served import (
     TCP_CLIENTS,
 )
 from .stalls import STALL_GOAL_MS, epoch_stalls
+from .tokens import MEMORY_ROWS, TOKEN_ROWS
 from .workloads import WORKLOAD_NAMES, BenchOptions
 
 __all__ = [
     "COLUMNS",
+    "MEMORY_ROWS",
     "ROW_CURVE",
     "ROW_IPC_FAST",
     "ROW_IPC_SOCKET",
@@ -47,6 +50,7 @@ __all__ = [
     "ROW_TRANSFORM",
     "STALL_GOAL_MS",
     "TCP_CLIENTS",
+    "TOKEN_ROWS",
     "WORKLOAD_NAMES",
     "BenchError",
     "BenchOptions",

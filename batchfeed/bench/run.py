@@ -1,10 +1,10 @@
 """``run(options, out)``: one bench run from start to end.
 
 Per workload it makes the data, measures the in-process rows, then the batchfeed rows; then the
-transform (image), server-PSS (tabular) and epoch-boundary stall tables; it prints as it goes
-and writes ``--json`` at the end.  It owns the client pool and the temporary data directories:
-each is closed or removed in ``finally``, also on SIGTERM (turned into an exception while the
-run lasts).
+transform (image), server-PSS (tabular), token (``tokens``, its own section) and epoch-boundary
+stall tables; it prints as it goes and writes ``--json`` at the end.  It owns the client pool
+and the temporary data directories: each is closed or removed in ``finally``, also on SIGTERM
+(turned into an exception while the run lasts).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from .baselines import add_ratios, in_process_rows
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, server_rows, transform_scaling
 from .stalls import epoch_stalls, format_stalls
+from .tokens import failures as token_failures
+from .tokens import format_tokens, token_section
 from .workloads import BenchOptions, Workload, save_arrays, workloads
 
 
@@ -68,6 +70,7 @@ def failures(results: dict[str, Any]) -> list[str]:
                if r["status"].startswith("failed")]
     failed += [f"epoch stalls {r['dataset']} {r['transport']}"
                for r in results.get("epoch_stalls", []) if r["status"] != "ok"]
+    failed += token_failures(results["tokens"]) if "tokens" in results else []
     failed += results["problems"]
     failed += [p for res in results["workloads"].values() for p in res["problems"]]
     return failed
@@ -89,6 +92,8 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
         results: dict[str, Any] = {"header": report.header_lines(), "options": asdict(options),
                                    "workloads": {}, "pss_by_workers": None, "problems": []}
         for name in options.workloads:
+            if name == "tokens":  # its own section, below
+                continue
             result = run_workload(all_workloads[name], options, pool, progress)
             results["workloads"][name] = result
             out("")
@@ -108,6 +113,11 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
             out("")
             for line in report.format_pss(entries, all_workloads["tabular"]) + [
                     f"  problem: {p}" for p in problems]:
+                out(line)
+        if "tokens" in options.workloads:
+            results["tokens"] = token_section(options, progress)
+            out("")
+            for line in format_tokens(results["tokens"], options):
                 out(line)
         stall_problems: list[str] = []
         stalls = epoch_stalls(options.server_workers, options.seed, progress, stall_problems)

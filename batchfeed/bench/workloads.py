@@ -12,7 +12,7 @@ from batchfeed.shared.errors import InvalidRequest
 
 GB = 1e9
 MIB = 2**20
-WORKLOAD_NAMES = ("tabular", "image", "large")
+WORKLOAD_NAMES = ("tabular", "image", "large", "tokens")  # tokens: see tokens.py
 
 
 @dataclass(frozen=True)
