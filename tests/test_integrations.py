@@ -3,8 +3,10 @@
 Each script serves scikit-learn's digits itself with ``batchfeed.serve`` and is run here as a
 subprocess with a timeout, at its own small size.  The promises: the loss falls, every epoch
 comes in a new order, and (Lightning, two DDP ranks, half of each epoch) each pass over the
-loader starts the next epoch and the ranks' rows are exactly their share of the plan.  A test
-skips, naming the package, where lightning, keras or scikit-learn is not installed.
+loader starts the next epoch and the ranks' rows are exactly their share of the plan.  A
+Lightning run resumed from a checkpoint (one process) trains on exactly the batches, and to
+the same losses, as the run that was not stopped.  A test skips, naming the package, where
+lightning, torchdata, keras or scikit-learn is not installed.
 """
 
 from __future__ import annotations
@@ -97,6 +99,84 @@ def test_lightning_ddp_ranks_get_their_share_and_each_epoch_a_new_order(tmp_path
     seen = [tuple(r for rows in e["rows"] for r in rows) for e in epochs]
     assert len(set(seen)) == 3  # three orders
     assert len({frozenset(s) for s in seen}) == 3  # and, half an epoch each, three row sets
+
+
+# ------------------------------------------------------------------------ Lightning: resuming
+
+STEPS = 14  # one rank: 29 batches of 64 per epoch, limit_train_batches=0.5 takes 14
+EVERY = 7  # checkpoints at steps 7, 14 (epoch 0's last), 21 (epoch 1, batch 7), 28, ...
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory):
+    """A run of 3 epochs in one process, not stopped, with a checkpoint at each epoch's end
+    and every 7 steps: its recorded epochs, and the folder of its checkpoints (those a run
+    stopped there would have left)."""
+    needs("lightning", "torchdata")
+    folder = tmp_path_factory.mktemp("lightning")
+    record = folder / "rows.json"
+    run_example("train_lightning.py", "--devices", 1, "--epochs", 3, "--no-progress",
+                "--record", record, "--ckpt-dir", folder / "ckpt", "--ckpt-every", EVERY,
+                timeout=120)
+    return json.loads(record.read_text())["epochs"], folder / "ckpt"
+
+
+def resume(checkpoint: Path, tmp_path: Path) -> list[dict]:
+    """The epochs recorded by a new process that resumes ``checkpoint`` and runs to epoch 3."""
+    record = tmp_path / "resumed.json"
+    run_example("train_lightning.py", "--devices", 1, "--epochs", 3, "--no-progress",
+                "--record", record, "--resume", checkpoint, timeout=120)
+    return json.loads(record.read_text())["epochs"]
+
+
+def plan_rows(epoch: int, first_batch: int = 0) -> list[int]:
+    """The plan's rows for batches ``first_batch`` to ``STEPS - 1`` of ``epoch`` (one rank)."""
+    plan = BatchPlan(DIGITS, PlanParams(batch_size=64, seed=0))
+    return np.concatenate([plan.indices(epoch, k) for k in range(first_batch, STEPS)]).tolist()
+
+
+def assert_same_epochs(resumed: list[dict], run: list[dict]) -> None:
+    """Whole resumed epochs are the run's: the same rows, and the same loss on them."""
+    for epoch in resumed:
+        then = run[epoch["epoch"]]
+        assert epoch["rows"] == then["rows"], epoch["epoch"]
+        assert epoch["loss"] == pytest.approx(then["loss"], abs=1e-6), epoch["epoch"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lightning_resumed_after_epoch_1_trains_epoch_2_not_epoch_0(lightning_run, tmp_path):
+    run, checkpoints = lightning_run
+    assert [(e["epoch"], e["batchfeed_epoch"]) for e in run] == [(0, 0), (1, 1), (2, 2)]
+    assert [e["rows"] for e in run] == [[plan_rows(e)] for e in range(3)]
+    resumed = resume(checkpoints / "epoch1-end.ckpt", tmp_path)
+    assert [(e["epoch"], e["batchfeed_epoch"]) for e in resumed] == [(2, 2)]
+    assert resumed[0]["rows"] != run[0]["rows"]  # the bug: epoch 0's order again
+    assert_same_epochs(resumed, run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lightning_resumed_mid_epoch_gets_exactly_the_rest_of_that_epoch(lightning_run,
+                                                                         tmp_path):
+    run, checkpoints = lightning_run
+    done = 3 * EVERY - STEPS  # step 21: 7 of epoch 1's 14 batches were trained on
+    resumed = resume(checkpoints / f"step{3 * EVERY}.ckpt", tmp_path)
+    assert [(e["epoch"], e["batchfeed_epoch"]) for e in resumed] == [(1, 1), (2, 2)]
+    assert resumed[0]["rows"] == [plan_rows(1, done)]
+    assert resumed[0]["rows"][0] == run[1]["rows"][0][done * 64:]
+    assert_same_epochs(resumed[1:], run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lightning_resumed_from_an_epochs_last_step_starts_the_next_epoch(lightning_run,
+                                                                          tmp_path):
+    run, checkpoints = lightning_run
+    # step 14 is epoch 0's last: Lightning resumes with epoch 1 but makes no new pass
+    resumed = resume(checkpoints / f"step{STEPS}.ckpt", tmp_path)
+    assert [(e["epoch"], e["batchfeed_epoch"]) for e in resumed] == [(1, 1), (2, 2)]
+    assert_same_epochs(resumed, run)
 
 
 # ------------------------------------------------------------------------ Keras
