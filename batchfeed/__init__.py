@@ -23,6 +23,7 @@ from batchfeed.shared.errors import (
     VersionMismatch,
     WorkerError,
 )
+from batchfeed.shared.schema import Ragged
 from batchfeed.shared.version import __version__
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidRequest",
     "IteratorSuperseded",
     "ProtocolError",
+    "Ragged",
     "ResourceError",
     "ServerUnavailable",
     "UnknownSession",

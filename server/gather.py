@@ -23,6 +23,7 @@ ragged outputs) are then written the same way: one copy more than without.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -63,17 +64,19 @@ class RaggedFormat:
 @dataclass
 class Output:
     """One output of a chunk: its name, dtype, role, each batch's shape, and how to write the
-    first ``n`` batches into a region."""
+    first ``n`` batches into a region (or None when the chunk's outputs are written together)."""
 
     name: str
     dtype: np.dtype
     role: str | None
     shapes: list[tuple[int, ...]]
-    write: Callable[[np.ndarray, int], None]
+    write: Callable[[np.ndarray, int], None] | None = None  # None: written by write_outputs' fill
 
-    def nbytes(self, n: int) -> int:
-        item = self.dtype.itemsize
-        return sum(int(np.prod(s, dtype=np.int64)) * item for s in self.shapes[:n])
+    def sizes(self) -> np.ndarray:
+        """Bytes of the first n batches, for n = 0 .. len(shapes)."""
+        out = np.zeros(len(self.shapes) + 1, np.int64)
+        np.cumsum([math.prod(s) * self.dtype.itemsize for s in self.shapes], out=out[1:])
+        return out
 
     def wire_dtype(self) -> list:
         return [self.name, self.dtype.str] + ([self.role] if self.role else [])
@@ -82,23 +85,37 @@ class Output:
 Layout = tuple[list, list, list, list]  # dtypes, shapes per batch per output, offsets, sizes
 
 
-def write_outputs(outputs: list[Output], count: int, slot: np.ndarray, what: str) -> Layout:
-    """Write as many of the ``count`` batches as fit in ``slot``; return their layout."""
-    fit = count
-    while fit and sum(align(o.nbytes(fit)) for o in outputs) > len(slot):
-        fit -= 1
+Fill = Callable[[list[np.ndarray], int], None]
+
+
+def write_outputs(outputs: list[Output], count: int, slot: np.ndarray, what: str,
+                  fill: Fill | None = None) -> Layout:
+    """Write as many of the ``count`` batches as fit in ``slot``; return their layout.
+
+    Each output writes its own region, or ``fill(regions, n)`` writes them all at once (packed
+    rows compute every output in one pass)."""
+    cumulative = [o.sizes() for o in outputs]
+    aligned = np.zeros(count + 1, np.int64)  # slot bytes for n = 0 .. count batches
+    for c in cumulative:
+        aligned += -(-c[: count + 1] // ALIGN) * ALIGN
+    fit = min(count, int(np.searchsorted(aligned, len(slot), side="right")) - 1)
     if not fit:
-        need = sum(align(o.nbytes(1)) for o in outputs)
+        need = int(aligned[1])
         raise WorkerError(f"{what} is {need} bytes, more than the server's {len(slot)}-byte "
                           "slots; restart the server with a larger --slot-mb, or ask for "
                           "smaller batches (batch_size, max_length)")
-    offsets, sizes, offset = [], [], 0
-    for o in outputs:
-        nbytes = o.nbytes(fit)
-        o.write(slot[offset : offset + nbytes].view(o.dtype), fit)
+    offsets, sizes, regions, offset = [], [], [], 0
+    for o, c in zip(outputs, cumulative):
+        nbytes = int(c[fit])
+        regions.append(slot[offset : offset + nbytes].view(o.dtype))
         offsets.append(offset)
         sizes.append(nbytes)
         offset = align(offset + nbytes)
+    if fill is not None:
+        fill(regions, fit)
+    for o, region in zip(outputs, regions):
+        if o.write is not None:
+            o.write(region, fit)
     shapes = [[list(o.shapes[b]) for o in outputs] for b in range(fit)]
     return [o.wire_dtype() for o in outputs], shapes, offsets, sizes
 
@@ -212,8 +229,8 @@ def gather_chunk(arrays: Mapping[str, Column], spec: DatasetSpec, plan: BatchPla
     if plan.params.units == "packed":
         from .units import packed_outputs
 
-        return write_outputs(packed_outputs(plan, arrays, epoch, k0, count, fmt)[0], count,
-                             slot, what)
+        packed, fill = packed_outputs(plan, arrays, epoch, k0, count, fmt)
+        return write_outputs(packed, count, slot, what, fill)
     idx, rows = chunk_rows(arrays, spec, plan, epoch, k0, count, order)
     outputs: list[Output] = []
     if spec.shard is not None:
@@ -268,9 +285,9 @@ def transform_chunk(arrays: Mapping[str, Column], spec: DatasetSpec, plan: Batch
     fmt = RaggedFormat.of(plan)
     results: list[dict[str, Column]] = []
     if plan.params.units == "packed":
-        from .units import packed_outputs
+        from .units import packed_batches
 
-        inputs: list[dict] = packed_outputs(plan, arrays, epoch, k0, count, fmt)[1]
+        inputs: list[dict] = packed_batches(plan, arrays, epoch, k0, count, fmt)
     else:
         idx, rows = chunk_rows(arrays, spec, plan, epoch, k0, count, order)
         bounds = np.cumsum([0, *rows])

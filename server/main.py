@@ -130,17 +130,21 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         widest = max(s.nbytes // max(1, s.rows) for srcs in sources.values() for s in srcs)
         slot_bytes = config.slot_size(widest)
         if config.mmap:
-            for name, srcs in sources.items():
-                check_mappable(name, srcs)
+            for name in sources:
+                check_mappable(name, sources[name])
         data_bytes = 0 if config.mmap else sum(shard_nbytes(s, config.shard)
                                                for srcs in sources.values() for s in srcs)
         ring_bytes = HEADER_BYTES + config.n_slots * slot_bytes
         check_shm_room(data_bytes + ring_bytes,
                        f"the data ({human_bytes(data_bytes)}) and the slot ring "
                        f"({config.n_slots} x {human_bytes(slot_bytes)})")
-        for name, srcs in sources.items():
-            datasets.append(SharedDataset.load(name, srcs, token, mmap=config.mmap,
+        for name in list(sources):
+            datasets.append(SharedDataset.load(name, sources[name], token, mmap=config.mmap,
                                                shard=config.shard))
+        # The sources may pin what they read (a memory-mapped Arrow file's pages count in every
+        # process's PSS until unmapped): drop them before the workers fork.  Data passed to
+        # batchfeed.serve() stays with its caller.
+        sources = None
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
         frontend = Frontend(config, specs, ring, security, transforms)

@@ -136,18 +136,23 @@ class PackedEpoch:
         ends.flags.writeable = False
         return cls(L, len(lengths), docs, ends, total, rows, rows * L - total)
 
-    def gather(self, r0: int, r1: int, fields: Sequence[Ragged],
-               pad_value: PadValue = 0) -> PackedRows:
+    def gather(self, r0: int, r1: int, fields: Sequence[Ragged], pad_value: PadValue = 0,
+               out: PackedRows | None = None) -> PackedRows:
         """Rows ``r0 .. r1-1`` of every field in ``fields`` (aligned ragged fields: the same
         lengths per document, e.g. tokens and a loss mask), plus segment ids and positions.
 
-        ``pad_value``: one for every field, or one per field.  Cost: a few vectorised passes over
-        the ``(r1 - r0) * L`` tokens and over the documents they touch, nothing over the epoch.
+        ``pad_value``: one for every field, or one per field.  ``out``: arrays of shape
+        ``(r1 - r0, L)`` to write into (a server's slot) instead of fresh ones; every element is
+        written.  Cost: a few vectorised passes over the ``(r1 - r0) * L`` tokens and over the
+        documents they touch, nothing over the epoch.
         """
         r0, r1 = self._check_rows(r0, r1)
         pads = _pad_values(pad_value, len(fields))
         L = self.row_length
-        size = (r1 - r0) * L
+        if out is None:
+            out = PackedRows([np.empty((r1 - r0, L), values.dtype) for values, _ in fields],
+                             np.empty((r1 - r0, L), np.int32), np.empty((r1 - r0, L), np.int32))
+        _check_out(out, fields, (r1 - r0, L))
         t0, t1 = r0 * L, min(r1 * L, self.total_tokens)
         used = max(t1 - t0, 0)  # real tokens; the rest (only in the epoch's last row) is padding
         lo, hi = self._window(t0, t1)
@@ -159,27 +164,27 @@ class PackedEpoch:
         pieces = np.minimum(ends, t1) - np.maximum(starts, t0)  # tokens of each doc in [t0, t1)
         stream = np.arange(t0, t1, dtype=np.int64)
 
-        segment_ids = np.zeros(size, dtype=np.int32)
+        segment_ids = out.segment_ids.reshape(-1)
         segment_ids[:used] = np.repeat(np.arange(hi - lo, dtype=np.int32), pieces)
-        by_row = segment_ids.reshape(-1, L)
-        by_row -= by_row[:, :1] - 1  # every row starts with a real token: its first is segment 1
-        segment_ids[used:] = 0
-        positions = np.zeros(size, dtype=np.int32)
-        positions[:used] = stream - np.repeat(starts, pieces)
+        if used:  # every row starts with a real token: its first is segment 1
+            by_row = out.segment_ids[: -(-used // L)]
+            by_row -= by_row[:, :1] - 1
+            segment_ids[used:] = 0
+        positions = out.positions.reshape(-1)
+        np.subtract(stream, np.repeat(starts, pieces), out=positions[:used], casting="unsafe")
+        positions[used:] = 0
 
         docs = self.docs[lo:hi]
         sources: dict[int, np.ndarray] = {}  # aligned fields usually share one offsets array
-        out = []
-        for i, ((values, offsets), pad) in enumerate(zip(fields, pads)):
+        for i, ((values, offsets), pad, packed) in enumerate(zip(fields, pads, out.fields)):
             field_starts = self._field_starts(i, values, offsets, docs, ends - starts)
             key = id(offsets)
             if key not in sources:
                 sources[key] = np.repeat(field_starts - starts, pieces) + stream
-            packed = np.empty(size, dtype=values.dtype)
-            np.take(values, sources[key], out=packed[:used])
-            packed[used:] = _pad_as(pad, values.dtype, i)
-            out.append(packed.reshape(-1, L))
-        return PackedRows(out, by_row, positions.reshape(-1, L))
+            flat = packed.reshape(-1)
+            np.take(values, sources[key], out=flat[:used], mode="clip")
+            flat[used:] = _pad_as(pad, values.dtype, i)
+        return out
 
     def _check_rows(self, r0: int, r1: int) -> tuple[int, int]:
         try:
@@ -217,6 +222,16 @@ class PackedEpoch:
         if docs.size and (field_starts.min() < 0 or (field_starts + lengths).max() > len(values)):
             raise DatasetError(f"field {i}'s offsets point outside its {len(values)} values")
         return field_starts
+
+
+def _check_out(out: PackedRows, fields: Sequence[Ragged], shape: tuple[int, int]) -> None:
+    arrays = [*out.fields, out.segment_ids, out.positions]
+    dtypes = [np.dtype(values.dtype) for values, _ in fields] + [np.dtype(np.int32)] * 2
+    if len(out.fields) != len(fields) or any(
+            a.shape != shape or a.dtype != d or not a.flags.c_contiguous
+            for a, d in zip(arrays, dtypes)):
+        raise InvalidRequest(f"out must hold one C-contiguous {shape} array per field (in its "
+                             "dtype) and int32 segment ids and positions of that shape")
 
 
 def _pad_values(pad_value: PadValue, n_fields: int) -> list[int | float]:

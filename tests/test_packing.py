@@ -335,3 +335,59 @@ def test_numpy_integers_count_as_ints_and_bools_do_not() -> None:
     assert PackedEpoch.build(lengths, np.arange(50), np.int64(16)).row_length == 16
     with pytest.raises(InvalidRequest, match="max_tokens"):
         token_budget_batches(lengths, True, 0, 0)
+
+
+def test_out_arrays_are_filled_whole_and_checked() -> None:
+    rng = np.random.default_rng(12)
+    lengths = random_lengths(rng, 300, L=16)
+    fields = [ragged(lengths, rng), ragged(lengths, rng, np.uint8)]
+    fields[1] = (fields[1][0], fields[0][1])  # aligned: one offsets array
+    packed = PackedEpoch.build(lengths, rng.permutation(300), L=16)
+    r0, r1 = packed.rows - 5, packed.rows  # ends with the epoch's padded row
+    want = packed.gather(r0, r1, fields, pad_value=[PAD, 7])
+    garbage = [np.full((5, 16), 99, np.int32), np.full((5, 16), 99, np.uint8)]
+    out = PackedRows(garbage, np.full((5, 16), 99, np.int32), np.full((5, 16), 99, np.int32))
+    assert packed.gather(r0, r1, fields, pad_value=[PAD, 7], out=out) is out
+    assert all(np.array_equal(a, b) for a, b in zip(flat(out), flat(want)))
+    wrong = PackedRows([np.zeros((5, 16), np.int64), garbage[1]], out.segment_ids, out.positions)
+    with pytest.raises(InvalidRequest, match="out must hold"):
+        packed.gather(r0, r1, fields, out=wrong)
+
+
+@pytest.mark.parametrize("world_size,fits", [(1, None), (3, None), (3, 3)])
+def test_a_server_writes_packed_rows_straight_into_its_slot(world_size: int, fits: int | None,
+                                                            monkeypatch) -> None:
+    """The worker's path (every output in one pass, in the slot, in blocks of rows) against
+    fresh arrays, for ranks whose last batch wraps to the epoch's first rows and for a slot too
+    small for the chunk."""
+    from batchfeed.server import units
+    from batchfeed.server.gather import ALIGN, RaggedFormat, write_outputs
+    from batchfeed.server.units import packed_batches, packed_outputs
+
+    monkeypatch.setattr(units, "_GATHER_TOKENS", 3 * 32)  # blocks of 3 rows: cut every batch
+    from batchfeed.shared.plan import BatchPlan, PlanParams
+    from batchfeed.shared.schema import Ragged
+    from batchfeed.shared.units import plan_units
+
+    rng = np.random.default_rng(5)
+    lengths = random_lengths(rng, 400, L=32)
+    values, offsets = ragged(lengths, rng)
+    columns = {"tokens": Ragged(values, offsets),
+               "mask": Ragged((values % 2).astype(np.int8), offsets)}
+    params = PlanParams(batch_size=4, seed=3, pack=("tokens", "mask"), pack_length=32,
+                        rank=world_size - 1, world_size=world_size, pad_value=-1)
+    plan = BatchPlan(400, params, columns=columns, data_key="t",
+                     units=plan_units(params, columns, "t", []))
+    fmt = RaggedFormat.of(plan)
+    k0, count = 1, plan.batches_per_epoch - 1
+    batch_bytes = 4 * 32 * (4 + 1 + 4 + 4)  # tokens, mask, segment ids, positions
+    slot = np.zeros((fits or count) * batch_bytes + 4 * ALIGN, np.uint8)
+    outputs, fill = packed_outputs(plan, columns, 1, k0, count, fmt)
+    dtypes, shapes, where, sizes = write_outputs(outputs, count, slot, "test", fill)
+    want = packed_batches(plan, columns, 1, k0, len(shapes), fmt)
+    assert [d[0] for d in dtypes] == ["tokens", "mask", "tokens_segment_ids", "tokens_positions"]
+    assert len(shapes) == (fits or count)
+    for i, (name, dtype) in enumerate(dtypes):
+        got = slot[where[i] : where[i] + sizes[i]].view(dtype)
+        expected = np.concatenate([b[name].reshape(-1) for b in want])
+        assert np.array_equal(got, expected), name

@@ -107,6 +107,29 @@ def test_bytes_come_as_a_list_of_bytes() -> None:
     assert got == blobs
 
 
+def test_a_flat_token_array_and_its_offsets_serve_like_a_list_of_documents() -> None:
+    documents = corpus()["tokens"]
+    offsets = np.zeros(N + 1, np.int64)
+    np.cumsum([len(d) for d in documents], out=offsets[1:])
+    flat = batchfeed.Ragged(np.concatenate(documents), offsets)
+    got = {}
+    for name, column in (("list", documents), ("Ragged", flat)):
+        with batchfeed.serve({"tokens": column}, workers=1) as srv, \
+                Client(srv.address, batch_size=8, seed=2, pack={"tokens": 128}) as client:
+            got[name] = [b["tokens"] for b in client.epoch(1)]
+    assert all(np.array_equal(a, b) for a, b in zip(got["list"], got["Ragged"], strict=True))
+
+
+@pytest.mark.parametrize("offsets,match", [
+    (np.array([0, 5, 3]), "non-decreasing"),
+    (np.array([0, 5, 11]), "within the 10 values"),
+    (np.array([[0, 10]]), "1-D integer array"),
+])
+def test_bad_ragged_offsets_are_refused_before_serving(offsets: np.ndarray, match: str) -> None:
+    with pytest.raises(DatasetError, match=match):
+        batchfeed.serve({"tokens": batchfeed.Ragged(np.arange(10), offsets)})
+
+
 def test_the_ragged_data_is_held_once_in_shared_memory() -> None:
     data = corpus()
     tokens = sum(len(t) for t in data["tokens"])

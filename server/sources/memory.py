@@ -1,10 +1,11 @@
 """Data already in memory, for ``batchfeed.serve(...)``: a dict of columns, an Arrow table or a
 Hugging Face ``Dataset``.
 
-A column of a dict may be a numpy array (a fixed field), or a list (or object array) of arrays
-of one dtype and varying length (a ragged field), of ``str`` (a ``str`` field) or of ``bytes``
-(a ``bytes`` field).  The server child process receives the objects as they are (it is forked),
-so nothing is pickled or written to disk.
+A column of a dict may be a numpy array (a fixed field); a list (or object array) of arrays
+of one dtype and varying length, or a ``batchfeed.Ragged(values, offsets)`` (the Arrow layout,
+say a tokenised corpus as one flat array), for a ragged field; a list of ``str`` (a ``str``
+field) or of ``bytes`` (a ``bytes`` field).  The server child process receives the objects as
+they are (it is forked), so nothing is pickled or written to disk.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError
-from batchfeed.shared.schema import BYTES, RAGGED, STR
+from batchfeed.shared.schema import BYTES, RAGGED, STR, Ragged
 
 from .base import FieldSource, make_field
 
@@ -33,6 +34,8 @@ def memory_sources(data: Any, where: str = "the data passed to batchfeed.serve")
 
 
 def _column(name: str, value: Any, where: str) -> FieldSource:
+    if isinstance(value, Ragged):
+        return _flat_ragged(name, value, where)
     if isinstance(value, np.ndarray) and value.dtype != object:
         if value.ndim == 0:
             raise DatasetError(f"{where} is a 0-d array; a column needs one row per sample")
@@ -64,6 +67,31 @@ def _column(name: str, value: Any, where: str) -> FieldSource:
             np.concatenate(arrays[lo:hi], out=out, casting="same_kind")
 
     return FieldSource(field, len(arrays), fill, n_values=int(lengths.sum()),
+                       fill_offsets=lambda out: _offsets_into(out, lengths), where=where)
+
+
+def _flat_ragged(name: str, column: Ragged, where: str) -> FieldSource:
+    """A ragged field given as Arrow holds it: checked, then filled without per-row objects."""
+    values, offsets = np.asarray(column.values), np.asarray(column.offsets)
+    if values.ndim < 1 or values.dtype == object:
+        raise DatasetError(f"{where}: Ragged values must be a numeric array of every row's "
+                           f"elements back to back, not {values.dtype} of shape {values.shape}")
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1:
+        raise DatasetError(f"{where}: Ragged offsets must be a 1-D integer array of rows + 1 "
+                           f"entries, not {offsets.dtype} of shape {offsets.shape}")
+    offsets = offsets.astype(np.int64, copy=False)
+    lengths = np.diff(offsets)
+    if offsets[0] < 0 or offsets[-1] > len(values) or (lengths < 0).any():
+        raise DatasetError(f"{where}: Ragged offsets must be non-decreasing and within the "
+                           f"{len(values)} values (row i is values[offsets[i]:offsets[i + 1]]); "
+                           f"these run from {int(offsets[0])} to {int(offsets[-1])}"
+                           + (", and decrease" if (lengths < 0).any() else ""))
+    field = make_field(name, values.shape[1:], values.dtype, where, RAGGED)
+
+    def fill(out: np.ndarray, lo: int, hi: int) -> None:
+        np.copyto(out, values[offsets[lo] : offsets[hi]])
+
+    return FieldSource(field, len(lengths), fill, n_values=int(offsets[-1] - offsets[0]),
                        fill_offsets=lambda out: _offsets_into(out, lengths), where=where)
 
 
