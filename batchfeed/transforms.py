@@ -16,8 +16,9 @@ through):
   shapes then vary; clients take them as they come.
 
 Encoded images (an image folder's ``image`` bytes field, or a Parquet/HF image column), with
-per-image decoding in ``batchfeed.images`` (Pillow, the ``batchfeed[images]`` extra); these are
-factories, configured on the command line, e.g.
+per-image decoding in ``batchfeed.images`` (simplejpeg and Pillow, the ``batchfeed[images]``
+extra; OpenCV's resize with ``batchfeed[images-fast]``); these are factories, configured on the
+command line, e.g.
 ``--transform "batchfeed.transforms:train_images(size=224)"``:
 
 - ``train_images(size, scale, ratio, flip, normalize)``: random-resized-crop (torchvision's
@@ -27,6 +28,7 @@ factories, configured on the command line, e.g.
   size * 8 / 7), then a centre crop of size x size;
 - ``decode_image(size)``: the whole image resized to size x size, RGB uint8 HWC.
 
+``backend``: ``"auto"`` (OpenCV's resize if it imports, else Pillow's), ``"pil"`` or ``"cv2"``.
 Each keeps the fields named in ``keep`` (default ``("label",)``) and declares its output, so
 the server sizes messages (and refuses a batch bigger than a slot) at HELLO.  The randomness
 comes from the batch's rng, so every image gets the same crop whichever worker or server
@@ -107,10 +109,11 @@ ImageTransform = Callable[[dict, np.random.Generator], dict]
 
 
 def _image_transform(size: int, box_of: Callable, flips: bool, normalize: bool, field: str,
-                     keep: Sequence[str], name: str) -> ImageTransform:
+                     keep: Sequence[str], name: str, backend: str) -> ImageTransform:
     if type(size) is not int or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     keep = tuple(keep)
+    resize = images.resize_backend(backend)  # at server start: a missing library stops it
 
     def transform(batch: dict, rng: np.random.Generator) -> dict:
         data = batch[field]
@@ -122,7 +125,8 @@ def _image_transform(size: int, box_of: Callable, flips: bool, normalize: bool, 
                 else f"row {i} of the batch"
             flip = flips and bool(rng.random() < 0.5)
             out[i] = images.crop_resize(data.row(i).data, size,
-                                        lambda w, h: box_of(w, h, rng), flip, name=where)
+                                        lambda w, h: box_of(w, h, rng), flip, name=where,
+                                        backend=resize)
         result = {field: images.to_float_chw(out) if normalize else out}
         for k in keep:
             result[k] = batch[k]
@@ -138,24 +142,25 @@ def _image_transform(size: int, box_of: Callable, flips: bool, normalize: bool, 
 def train_images(size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                  normalize: bool = True, field: str = "image",
-                 keep: Sequence[str] = ("label",)) -> ImageTransform:
+                 keep: Sequence[str] = ("label",), backend: str = "auto") -> ImageTransform:
     """Random-resized-crop, flip and normalise encoded images (the training recipe)."""
     return _image_transform(
         size, lambda w, h, rng: images.random_resized_crop_box(w, h, rng, scale, ratio), flip,
-        normalize, field, keep, "train_images")
+        normalize, field, keep, "train_images", backend)
 
 
 def eval_images(size: int = 224, resize: int | None = None, normalize: bool = True,
-                field: str = "image", keep: Sequence[str] = ("label",)) -> ImageTransform:
+                field: str = "image", keep: Sequence[str] = ("label",),
+                backend: str = "auto") -> ImageTransform:
     """Resize the shorter side, centre-crop and normalise encoded images (evaluation)."""
     shorter = resize if resize is not None else round(size * 8 / 7)
     return _image_transform(
         size, lambda w, h, rng: images.center_crop_box(w, h, size, shorter), False, normalize,
-        field, keep, "eval_images")
+        field, keep, "eval_images", backend)
 
 
-def decode_image(size: int = 224, field: str = "image",
-                 keep: Sequence[str] = ("label",)) -> ImageTransform:
+def decode_image(size: int = 224, field: str = "image", keep: Sequence[str] = ("label",),
+                 backend: str = "auto") -> ImageTransform:
     """Decode encoded images to RGB uint8 HWC, each resized whole to size x size."""
     return _image_transform(size, lambda w, h, rng: (0, 0, w, h), False, False, field, keep,
-                            "decode_image")
+                            "decode_image", backend)

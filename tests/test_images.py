@@ -4,11 +4,14 @@ SIGKILL; a corrupt file is a WorkerError naming it."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,3 +124,82 @@ def test_a_transform_factory_with_bad_arguments_stops_the_start(tmp_path: Path) 
                            "batchfeed.transforms:train_images(size='big')"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "size must be a positive int" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoders, in process
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth image with some texture, so that JPEG and resampling errors stay small."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 9 + c) * np.cos(yy / 13 - c) for c in range(3)], -1)
+    return ((base + 1) * 110 + rng.integers(0, 6, (h, w, 3))).astype(np.uint8)
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def without(hidden: str, real: Callable[[str], Any], module: str) -> Any:
+    return None if module == hidden else real(module)
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_every_decoder_and_resize_give_the_same_crop_within_a_few_levels(size: int,
+                                                                          monkeypatch) -> None:
+    from batchfeed import images
+
+    data = jpeg(photo(300, 260, 1))
+    box = (20.5, 31.0, 230.0, 280.5)
+    results = {}
+    for name, hide, backend in (("pillow", "simplejpeg", "pil"), ("simplejpeg", None, "pil"),
+                                ("cv2", None, "cv2")):
+        if backend == "cv2" and images._optional("cv2") is None:
+            continue
+        if name == "simplejpeg" and images._optional("simplejpeg") is None:
+            continue
+        with monkeypatch.context() as m:
+            if hide:  # as on a server without simplejpeg
+                m.setattr(images, "_optional", functools.partial(without, hide,
+                                                                 images._optional))
+            results[name] = images.crop_resize(data, size, lambda w, h: box, backend=backend)
+    exact = np.asarray(Image.fromarray(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                       .resize((size, size), Image.Resampling.BILINEAR, box=box))
+    # Measured: Pillow paths ~1 level off the full decode; OpenCV 3 (to 96) to 8 (to 32, from a
+    # 1/4-scale decode: the box rounded to whole pixels there is a 4-pixel step of the source).
+    for name, got in results.items():
+        assert got.shape == (size, size, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(int) - exact).mean() < (10 if name == "cv2" else 2), name
+
+
+def test_the_crop_draws_the_rng_once_whichever_decoder_reads_the_file(monkeypatch) -> None:
+    """A JPEG simplejpeg cannot read falls back to Pillow without a second draw: servers with
+    and without simplejpeg give the same crops."""
+    from batchfeed import images
+
+    pixels = photo(120, 90, 2)
+    cmyk = io.BytesIO()
+    Image.fromarray(pixels).convert("CMYK").save(cmyk, "JPEG", quality=92)
+    draws = []
+
+    def box_of(w: int, h: int) -> tuple[float, float, float, float]:
+        draws.append((w, h))
+        return 0, 0, w, h
+
+    out = images.crop_resize(cmyk.getvalue(), 32, box_of)
+    assert out.shape == (32, 32, 3) and draws == [(90, 120)]
+
+
+def test_a_missing_opencv_is_a_clear_error_at_start(monkeypatch) -> None:
+    from batchfeed import images, transforms
+
+    monkeypatch.setattr(images, "_optional", lambda mod: None)
+    with pytest.raises(ImportError, match=r"batchfeed\[images-fast\]"):
+        transforms.train_images(size=32, backend="cv2")
+    assert images.resize_backend("auto") == "pil"
+    with pytest.raises(ValueError, match="backend must be one of auto, pil, cv2"):
+        transforms.train_images(size=32, backend="fast")
