@@ -48,9 +48,11 @@ class Client:
         shuffle: ``"full"`` (a fresh permutation per seed and epoch), ``"buffer"`` (a shuffle
             buffer of ``buffer_size`` over the dataset order) or ``"none"``.
         seed: makes the order reproducible; the same seed and epoch give the same batches.
-        rank, world_size: data-parallel ranks get disjoint batches of the same epoch plan,
-            each the same number (the last ``global_batches % world_size`` batches of the
-            epoch are dropped for that).
+        rank, world_size: data-parallel ranks split one epoch plan, each taking the same
+            number of steps.  ``drop_last=False``: every row reaches a rank; the epoch is
+            padded with at most ``world_size - 1`` rows from its start, as torch's
+            DistributedSampler does (``padded_rows``).  ``drop_last=True``: full batches only,
+            disjoint; the rest reaches no rank (``dropped_rows``).
         sampling: ``"uniform"`` (every row once per epoch), ``"balanced"`` (every batch holds
             each class of the integer field ``label`` within one of the others; minority
             classes oversampled, majority ones undersampled) or ``"weighted"`` (rows drawn
@@ -66,6 +68,17 @@ class Client:
             gets ServerUnavailable.
         curve: ``(client_secret_key_file, server_public_key_file)`` to encrypt and
             authenticate with CURVE (files from ``batchfeed keygen``).
+        ragged, pad_value, max_length: how variable-length fields arrive: ``"pad"`` (padded
+            to the batch's longest, plus ``<field>_lengths``) or ``"flat"`` (values plus
+            ``<field>_offsets``); ``max_length`` truncates every row first.
+        pack: ``{"tokens": L}`` packs the epoch's documents into rows of exactly L tokens
+            (``batch_size`` is then rows per batch), with ``tokens_segment_ids`` and
+            ``tokens_positions``; more fields of the same lengths may be packed alongside.
+        max_tokens: batches of whole documents whose padded size stays within this budget
+            (fairseq's scheme; the batch count is the same every epoch).
+
+    Several addresses may also name the shards of one dataset (servers run with ``--shard
+    I/N``): each batch is put together from every shard's rows, identical to one server's.
 
     Once connected, ``rows``, ``batches_per_epoch``, ``fields`` and ``prefetch`` say what the
     server serves; ``padded_rows`` and ``dropped_rows`` say what the plan does to make the ranks'
