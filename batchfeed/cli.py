@@ -157,10 +157,14 @@ def _run_demo(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, workers=args.workers)
 
 
+# batchfeed.bench.WORKLOAD_NAMES, without importing the bench for every command (a test checks).
+BENCH_WORKLOADS = ("tabular", "image", "large", "tokens", "jpeg", "shards")
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     examples = """examples:
-  batchfeed bench                             # every workload, about 3 minutes
-  batchfeed bench --workload image --json bench-image.json
+  batchfeed bench                             # every workload, about 10 minutes
+  batchfeed bench --workload tokens --json bench-tokens.json
   batchfeed bench --quick --workload tabular  # tiny, a few seconds (a smoke test)
 """
     p = sub.add_parser(
@@ -168,12 +172,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="measure batchfeed against in-process loaders, side by side in one run",
         description="Measure, on the same data in the same run: the raw in-process copy limit, "
                     "a naive per-sample loop, torch's DataLoader (0 and 2 workers) and batchfeed "
-                    "over tcp (1, 2, 4 clients), ipc and the same-host fast path.",
+                    "over tcp (1, 2, 4 clients), ipc and the same-host fast path; packed tokens "
+                    "(tokens), JPEG decoding (jpeg) and sharded servers (shards) against their "
+                    "own baselines.",
         epilog=examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workload", default="all",
-                   choices=["tabular", "image", "large", "tokens", "all"],
+                   choices=[*BENCH_WORKLOADS, "all"],
                    help="which dataset to measure (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--quick", action="store_true",

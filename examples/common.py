@@ -62,15 +62,17 @@ def argument_parser(doc: str, *, epochs: int, batch_size: int,
     return p
 
 
-def add_run_options(p: argparse.ArgumentParser, *, rows: int, noun: str) -> None:
-    """--threads, --connect-timeout, --no-progress, --make-data, and --rows (default ``rows``)."""
+def add_run_options(p: argparse.ArgumentParser, *, rows: int, noun: str, count: str = "--rows",
+                    make_data: str = "write the dataset to PATH (.npz, or else a directory of "
+                                     ".npy files), print the command that serves it, and exit",
+                    metavar: str = "PATH") -> None:
+    """--threads, --connect-timeout, --no-progress, --make-data (``make_data`` says what it
+    writes), and ``count`` (default ``rows``), how many ``noun`` it writes."""
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--make-data", metavar="PATH",
-                   help="write the dataset to PATH (.npz, or else a directory of .npy files), "
-                        "print the command that serves it, and exit")
-    p.add_argument("--rows", type=int, default=rows, help=f"{noun} to write with --make-data")
+    p.add_argument("--make-data", metavar=metavar, help=make_data)
+    p.add_argument(count, type=int, default=rows, help=f"{noun} to write with --make-data")
 
 
 def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -105,6 +107,22 @@ def make_data(arrays: dict[str, np.ndarray], path: str, noun: str,
 
 
 # ------------------------------------------------------------------------------ training
+
+
+def classifier_step(model: torch.nn.Module, lr: float, x: str, y: str) -> Step:
+    """A step of Adam on the cross-entropy of ``model(batch[x])`` against ``batch[y]``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, target = model(batch[x]), batch[y]
+        loss = loss_fn(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits, target
+
+    return step
 
 
 def run_epoch(client: Client, epoch: int, step: Step, *, check: Callable[[Batch], None],
@@ -146,10 +164,13 @@ def run_epoch(client: Client, epoch: int, step: Step, *, check: Callable[[Batch]
     return mean_loss, accuracy
 
 
-def train(args: argparse.Namespace, step: Step, *, name: str, noun: str,
-          check: Callable[[Batch], None], postfix_every: int = 20,
-          note: Callable[[], str] | None = None) -> list[tuple[float, float]]:
-    """Train ``args.epochs`` epochs with ``step`` on the batches of ``args.addresses``.
+def train(args: argparse.Namespace, step: Step | Callable[[Client], Step], *, name: str,
+          noun: str, check: Callable[[Batch], None], postfix_every: int = 20,
+          note: Callable[[], str] | None = None,
+          per_client: bool = False) -> list[tuple[float, float]]:
+    """Train ``args.epochs`` epochs with ``step`` on the batches of ``args.addresses``
+    (``per_client``: ``step(client)`` makes the step, for a model that needs what the server
+    serves, e.g. its classes).
 
     Prints what is served, each epoch's line (see ``run_epoch``), the ``done:`` summary, and
     last the per-epoch mean losses and accuracies, which it returns.  ``name`` is the client's
@@ -160,6 +181,8 @@ def train(args: argparse.Namespace, step: Step, *, name: str, noun: str,
                 connect_timeout=args.connect_timeout, name=name) as client:
         print(f"{client.rows:,} {noun} of {client.dataset!r} from {', '.join(args.addresses)}, "
               f"{client.batches_per_epoch} batches of {args.batch_size} per epoch", flush=True)
+        if per_client:
+            step = step(client)  # type: ignore[call-arg,assignment]
         history = [run_epoch(client, epoch, step, check=check, no_progress=args.no_progress,
                              postfix_every=postfix_every, note=note)
                    for epoch in range(args.epochs)]

@@ -81,13 +81,13 @@ def make_images(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": x, "y": y}
 
 
-def make_model(width: int) -> nn.Module:
+def make_model(width: int, classes: int = CLASSES) -> nn.Module:
     w = width
     return nn.Sequential(
         nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),          # 16 x 16
         nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),      # 8 x 8
         nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, CLASSES),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes),
     )
 
 
@@ -106,18 +106,8 @@ def check_batch(batch: dict[str, torch.Tensor]) -> None:
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = make_model(args.width)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch["x"], batch["y"]  # x: float32 images, augmented by the server's workers
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss, logits, y
+    # x: float32 images, augmented by the server's workers
+    step = common.classifier_step(make_model(args.width), args.lr, "x", "y")
 
     common.train(args, step, name="train-cnn", noun=NOUN, check=check_batch, postfix_every=10)
 

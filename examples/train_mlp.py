@@ -63,18 +63,7 @@ def check_batch(batch: dict[str, torch.Tensor]) -> None:
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = make_model(args.hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch["x"], batch["y"]
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss, logits, y
+    step = common.classifier_step(make_model(args.hidden), args.lr, "x", "y")
 
     common.train(args, step, name="train-mlp", noun=NOUN, check=check_batch)
 

@@ -8,6 +8,8 @@ what they expect with ``wait_until`` (bounded), not with a fixed sleep.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,3 +132,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(script: str, *args: object, timeout: float = 90.0) -> tuple[int, str, str]:
+    """Run ``examples/<script>``; returns (exit code, stdout, stderr).  Killed on a timeout."""
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    return proc.returncode, out, err

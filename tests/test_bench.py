@@ -175,3 +175,12 @@ def test_bad_options_are_refused_at_the_edge() -> None:
         BenchOptions(workloads=("video",))
     with pytest.raises(Exception, match="--seconds"):
         BenchOptions(seconds=0)
+
+
+def test_the_cli_offers_every_workload_and_each_section_is_registered() -> None:
+    from batchfeed.bench.run import SECTIONS
+    from batchfeed.bench.workloads import WORKLOAD_NAMES
+    from batchfeed.cli import BENCH_WORKLOADS
+
+    assert BENCH_WORKLOADS == WORKLOAD_NAMES
+    assert set(SECTIONS) <= set(WORKLOAD_NAMES)

@@ -10,33 +10,22 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES, run_example
 
 torch = pytest.importorskip("torch", reason="the example trains with torch")
 pytest.importorskip("tqdm", reason="the example shows a tqdm progress bar")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
+SCRIPT = EXAMPLES / "train_lm.py"
 LOSSES_RE = re.compile(r"^losses: ([0-9. ]+)$", re.M)
 TINY = ("--files", 40, "--seq-len", 128, "--batch-size", 8, "--dim", 64, "--steps", 25,
         "--epochs", 3, "--seed", 1)
 
 
 def run_script(*args: object, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run the script; (exit code, stdout, stderr).  Killed on a timeout."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
-    return proc.returncode, out, err
+    return run_example("train_lm.py", *args, timeout=timeout)
 
 
 def falling_losses(out: str, epochs: int) -> list[float]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES, run_example
 
 pytest.importorskip("torch", reason="the examples train with torch (pip install '.[examples]')")
 pytest.importorskip("tqdm", reason="the examples show a tqdm progress bar (pip install tqdm)")
@@ -25,22 +24,8 @@ from batchfeed import Client
 from batchfeed.server.dataset import synthetic_arrays
 from batchfeed.transforms import trim_padding
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LOSSES_RE = re.compile(r"^losses: ([0-9. ]+)$", re.M)
 WIDTH_RE = re.compile(r"^epoch \d+: .*batch width (\d+) on average", re.M)
-
-
-def run_example(script: str, *args: object, timeout: float = 90.0) -> tuple[int, str, str]:
-    """Run ``examples/<script>``; returns (exit code, stdout, stderr).  Killed on a timeout."""
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
-    return proc.returncode, out, err
 
 
 def make_data(script: str, path: Path, *args: object) -> list[str]:

@@ -203,3 +203,17 @@ def test_a_missing_opencv_is_a_clear_error_at_start(monkeypatch) -> None:
     assert images.resize_backend("auto") == "pil"
     with pytest.raises(ValueError, match="backend must be one of auto, pil, cv2"):
         transforms.train_images(size=32, backend="fast")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_to_float_chw_is_the_plain_formula(normalize: bool) -> None:
+    from batchfeed import images
+
+    x = np.random.default_rng(3).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
+    mean, std = (images.IMAGENET_MEAN, images.IMAGENET_STD) if normalize else (None, None)
+    want = x.transpose(0, 3, 1, 2) / 255.0
+    if normalize:
+        want = (want - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    got = images.to_float_chw(x, mean, std)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.allclose(got, want, atol=1e-6)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 
@@ -25,7 +24,6 @@ from batchfeed import Client
 from batchfeed.shared.params import PlanParams
 from batchfeed.shared.plan import BatchPlan
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DIGITS = 1797  # rows of sklearn.datasets.load_digits()
 
 
@@ -38,16 +36,9 @@ def needs(*modules: str) -> None:
 
 
 def run_example(script: str, *args: object, timeout: float) -> str:
-    """Run ``examples/<script>``; its stdout, after asserting it exited 0.  Killed on a timeout."""
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
-    assert proc.returncode == 0, out + err
+    """Run ``examples/<script>``; its stdout, after asserting it exited 0."""
+    code, out, err = conftest.run_example(script, *args, timeout=timeout)
+    assert code == 0, out + err
     return out
 
 
@@ -64,7 +55,7 @@ def assert_loss_falls(out: str, epochs: int, by: float) -> None:
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, conftest.EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

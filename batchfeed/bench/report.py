@@ -53,29 +53,47 @@ def header_lines() -> list[str]:
     ]
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def text_table(header: list[str], rows: list[tuple[str, str, list[str]]]) -> list[str]:
+    """Right-aligned columns after a left-aligned name; ``rows`` are (name, status, cells), a
+    row whose status is not "ok" printing its status instead of cells."""
+    name_w = max(len(header[0]), *(len(name) for name, _, _ in rows))
+    widths = [max([len(h)] + [len(cells[i]) for _, status, cells in rows if status == "ok"])
+              for i, h in enumerate(header[1:])]
+    lines = ["  " + header[0].ljust(name_w)
+             + "".join(f"  {h:>{w}}" for h, w in zip(header[1:], widths))]
+    for name, status, cells in rows:
+        if status != "ok":
+            lines.append(f"  {name.ljust(name_w)}  {status}")
+        else:
+            lines.append("  " + name.ljust(name_w)
+                         + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths)))
+    return lines
+
+
+def goal_line(g: dict[str, Any]) -> str:
+    """A goal of a section: what it asks, what this run measured, met or missed, and beside it
+    the same ratio for related rows."""
+    if g["measured"] is None:
+        return f"{g['goal']}: not measured"
+    verdict = "" if g.get("met") is None else (", met" if g["met"] else ", missed")
+    beside = ", ".join(f"{k}: {v:.2f}x" for k, v in (g.get("beside") or {}).items()
+                       if v is not None)
+    return f"{g['goal']}: {g['measured']:.2f}x{verdict}" + (f" ({beside})" if beside else "")
+
+
 def _cells(r: Row) -> list[str]:
-    return [_fmt(r.samples_per_s, ",.0f"), _fmt(r.gb_per_s, ".3f"), _fmt(r.vs_raw, ".3f"),
-            _fmt(r.vs_torch2, ".2f"), _fmt(r.client_cpu_s_per_gb, ".2f"),
-            _fmt(r.first_batch_ms, ".0f"), _fmt(r.server_pss_over_data, ".2f")]
+    return [fmt(r.samples_per_s, ",.0f"), fmt(r.gb_per_s, ".3f"), fmt(r.vs_raw, ".3f"),
+            fmt(r.vs_torch2, ".2f"), fmt(r.client_cpu_s_per_gb, ".2f"),
+            fmt(r.first_batch_ms, ".0f"), fmt(r.server_pss_over_data, ".2f")]
 
 
 def format_table(rows: list[dict]) -> list[str]:
     objs = [Row(**r) for r in rows]
-    name_w = max(len("row"), *(len(r.name) for r in objs))
-    cells = [_cells(r) for r in objs]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  " + "row".ljust(name_w) + "".join(f"  {c:>{wd}}" for c, wd in zip(COLUMNS, widths))]
-    for r, row_cells in zip(objs, cells):
-        if r.status != "ok":
-            lines.append(f"  {r.name.ljust(name_w)}  {r.status}")
-        else:
-            lines.append("  " + r.name.ljust(name_w)
-                         + "".join(f"  {c:>{wd}}" for c, wd in zip(row_cells, widths)))
-    return lines
+    return text_table(["row", *COLUMNS], [(r.name, r.status, _cells(r)) for r in objs])
 
 
 def format_workload(result: dict, options: BenchOptions) -> list[str]:

@@ -1,10 +1,11 @@
 """``run(options, out)``: one bench run from start to end.
 
 Per workload it makes the data, measures the in-process rows, then the batchfeed rows; then the
-transform (image), server-PSS (tabular), token (``tokens``, its own section) and epoch-boundary
-stall tables; it prints as it goes and writes ``--json`` at the end.  It owns the client pool
-and the temporary data directories: each is closed or removed in ``finally``, also on SIGTERM
-(turned into an exception while the run lasts).
+transform (image) and server-PSS (tabular) tables, the ``SECTIONS`` (``tokens``, ``jpeg``,
+``shards``: each measured and printed by its own module) and the epoch-boundary stall table.
+It prints as it goes and writes ``--json`` at the end.  It owns the client pool and the
+temporary data directories: each is closed or removed in ``finally``, also on SIGTERM (turned
+into an exception while the run lasts).
 """
 
 from __future__ import annotations
@@ -17,17 +18,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import report
+from . import jpeg, report, shards, tokens
 from .baselines import add_ratios, in_process_rows
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, server_rows, transform_scaling
 from .stalls import epoch_stalls, format_stalls
-from .tokens import failures as token_failures
-from .tokens import format_tokens, token_section
 from .workloads import BenchOptions, Workload, save_arrays, workloads
+
+
+@dataclass(frozen=True)
+class Section:
+    """A workload measured by its own module, with its own table: ``measure(options,
+    progress)`` returns the JSON-able result, ``lines(result, options)`` prints it and
+    ``failures(result)`` names what went wrong."""
+
+    measure: Callable[[BenchOptions, Callable[[str], None]], dict[str, Any]]
+    lines: Callable[[dict[str, Any], BenchOptions], list[str]]
+    failures: Callable[[dict[str, Any]], list[str]]
+
+
+SECTIONS = {
+    "tokens": Section(tokens.token_section, tokens.format_tokens, tokens.failures),
+    "jpeg": Section(jpeg.jpeg_section, jpeg.format_jpeg, jpeg.failures),
+    "shards": Section(shards.shard_section, shards.format_shards, shards.failures),
+}
 
 
 class _Terminated(Exception):
@@ -70,7 +87,8 @@ def failures(results: dict[str, Any]) -> list[str]:
                if r["status"].startswith("failed")]
     failed += [f"epoch stalls {r['dataset']} {r['transport']}"
                for r in results.get("epoch_stalls", []) if r["status"] != "ok"]
-    failed += token_failures(results["tokens"]) if "tokens" in results else []
+    failed += [f for name, sec in SECTIONS.items() if name in results
+               for f in sec.failures(results[name])]
     failed += results["problems"]
     failed += [p for res in results["workloads"].values() for p in res["problems"]]
     return failed
@@ -92,7 +110,7 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
         results: dict[str, Any] = {"header": report.header_lines(), "options": asdict(options),
                                    "workloads": {}, "pss_by_workers": None, "problems": []}
         for name in options.workloads:
-            if name == "tokens":  # its own section, below
+            if name in SECTIONS:  # their own sections, below
                 continue
             result = run_workload(all_workloads[name], options, pool, progress)
             results["workloads"][name] = result
@@ -114,11 +132,12 @@ def run(options: BenchOptions, out: Callable[[str], None] = print) -> int:
             for line in report.format_pss(entries, all_workloads["tabular"]) + [
                     f"  problem: {p}" for p in problems]:
                 out(line)
-        if "tokens" in options.workloads:
-            results["tokens"] = token_section(options, progress)
-            out("")
-            for line in format_tokens(results["tokens"], options):
-                out(line)
+        for name, section in SECTIONS.items():
+            if name in options.workloads:
+                results[name] = section.measure(options, progress)
+                out("")
+                for line in section.lines(results[name], options):
+                    out(line)
         stall_problems: list[str] = []
         stalls = epoch_stalls(options.server_workers, options.seed, progress, stall_problems)
         results["epoch_stalls"] = [asdict(r) for r in stalls]

@@ -42,6 +42,7 @@ from batchfeed.shared.procs import process_tree, pss_bytes, stop_process
 from .measure import BenchError, failed_status
 from .pool import client_epochs
 from .probes import server_cpu_seconds, server_pss_bytes
+from .report import fmt, goal_line, text_table
 from .served import running_server
 from .workloads import MIB, BenchOptions
 
@@ -784,28 +785,8 @@ MEMORY_COLUMNS = ["loader", "corpus", "Arrow MiB", "processes", "PSS MiB", "PSS/
                   "ranks idle MiB", "above idle/Arrow", "epoch s"]
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def _mib(n: int | None) -> float | None:
     return None if n is None else n / MIB
-
-
-def _table(header: list[str], rows: list[tuple[str, str, list[str]]]) -> list[str]:
-    """Right-aligned columns after a left-aligned name, as report.format_table prints them."""
-    name_w = max(len(header[0]), *(len(name) for name, _, _ in rows))
-    widths = [max([len(h)] + [len(cells[i]) for _, status, cells in rows if status == "ok"])
-              for i, h in enumerate(header[1:])]
-    lines = ["  " + header[0].ljust(name_w)
-             + "".join(f"  {h:>{w}}" for h, w in zip(header[1:], widths))]
-    for name, status, cells in rows:
-        if status != "ok":
-            lines.append(f"  {name.ljust(name_w)}  {status}")
-        else:
-            lines.append("  " + name.ljust(name_w)
-                         + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths)))
-    return lines
 
 
 def format_tokens(result: dict[str, Any], options: BenchOptions) -> list[str]:
@@ -818,11 +799,11 @@ def format_tokens(result: dict[str, Any], options: BenchOptions) -> list[str]:
     cells = []
     for r in (TokenRow(**row) for row in result["rows"]):
         cells.append((r.name, r.status, [
-            _fmt(r.tokens_per_s, ",.0f"), _fmt(r.batches_per_s, ",.0f"),
-            _fmt(r.vs_inprocess, ".3f"), _fmt(r.vs_torch, ".2f"),
-            _fmt(r.cpu_ns_per_token, ".2f"), _fmt(r.server_cpu_ns_per_token, ".2f"),
-            _fmt(r.first_batch_ms, ".0f"), _fmt(r.server_pss_over_data, ".2f")]))
-    lines += _table(TOKEN_COLUMNS, cells)
+            fmt(r.tokens_per_s, ",.0f"), fmt(r.batches_per_s, ",.0f"),
+            fmt(r.vs_inprocess, ".3f"), fmt(r.vs_torch, ".2f"),
+            fmt(r.cpu_ns_per_token, ".2f"), fmt(r.server_cpu_ns_per_token, ".2f"),
+            fmt(r.first_batch_ms, ".0f"), fmt(r.server_pss_over_data, ".2f")]))
+    lines += text_table(TOKEN_COLUMNS, cells)
     for r in result["rows"]:
         if r["status"] == "ok" and r["name"] == ROW_TORCH:
             lines.append(f"  torch: {r['note']}; {r['padding_fraction']:.0%} of the token "
@@ -837,23 +818,14 @@ def format_tokens(result: dict[str, Any], options: BenchOptions) -> list[str]:
     mem_cells = []
     for m in (MemoryRow(**row) for row in result["memory"]):
         mem_cells.append((m.name, m.status, [
-            m.corpus, _fmt(_mib(m.arrow_bytes), ",.1f"), _fmt(m.processes, "d"),
-            _fmt(_mib(m.pss_bytes), ",.0f"), _fmt(m.pss_over_arrow, ".2f"),
-            _fmt(_mib(m.idle_ranks_pss_bytes), ",.0f"), _fmt(m.above_idle_over_arrow, ".2f"),
-            _fmt(m.epoch_s, ".1f")]))
-    lines += _table(MEMORY_COLUMNS, mem_cells)
+            m.corpus, fmt(_mib(m.arrow_bytes), ",.1f"), fmt(m.processes, "d"),
+            fmt(_mib(m.pss_bytes), ",.0f"), fmt(m.pss_over_arrow, ".2f"),
+            fmt(_mib(m.idle_ranks_pss_bytes), ",.0f"), fmt(m.above_idle_over_arrow, ".2f"),
+            fmt(m.epoch_s, ".1f")]))
+    lines += text_table(MEMORY_COLUMNS, mem_cells)
     for m in result["memory"]:
         if m["status"] == "ok":
             parts = ", ".join(f"{k} {v / MIB:,.0f}" for k, v in m["parts"].items())
             lines.append(f"  {m['name']}: PSS MiB by role: {parts}")
-    lines += ["  goals:"] + [f"    {_goal_line(g)}" for g in result["goals"]]
+    lines += ["  goals:"] + [f"    {goal_line(g)}" for g in result["goals"]]
     return lines + [f"  problem: {p}" for p in result["problems"]] + [LEGEND]
-
-
-def _goal_line(g: dict[str, Any]) -> str:
-    if g["measured"] is None:
-        return f"{g['goal']}: not measured"
-    verdict = "met" if g["met"] else "missed"
-    beside = ", ".join(f"{k}: {v:.1f}x" for k, v in (g.get("beside") or {}).items()
-                       if v is not None)
-    return f"{g['goal']}: {g['measured']:.2f}x, {verdict}" + (f" ({beside})" if beside else "")

@@ -1,0 +1,431 @@
+"""The shard rows of ``batchfeed bench`` (``--workload shards``, issue 15): one training job
+reading the ``large`` workload from 2 shard servers (``serve --shard I/2``, each holding half of
+the rows) against 1 server of all the rows, on this host.
+
+The data is the ``large`` workload's (uint8 images of 150 KiB plus an int64 label), written as
+.npy files that every server loads into its shared memory; big enough (1.5 GB, 46 MB with
+``--quick``) that a server's PSS is mostly data.  Three server sets, one after the other:
+
+- 1 full server, ``--workers 2`` (the reference);
+- 2 shard servers, ``--workers 1`` each (the same number of worker processes);
+- 2 shard servers, ``--workers 2`` each (more worker processes than this machine's 2 cores).
+
+Each set is read twice by one ``Client`` in this process (``Client([a, b])`` for the shards),
+same batch size, seed and full shuffle, over tcp loopback: through the socket
+(``fastpath=False``), then on the same-host fast path (``fastpath=True``: batches are read from
+the servers' shared memory, the socket carries only headers).  After each row: every server's
+PSS (the client closed first), and a check that the first ``CHECK_BATCHES`` batches of an epoch
+are the full server's (digests of every field); a row that differs is failed.  Servers are
+stopped by ``served.running_server``, the data directory removed, in ``finally``; a /dev/shm
+segment a stopped server left behind is a problem of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import gc
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from batchfeed.launch import ServerProcess
+from batchfeed.shared.errors import BatchfeedError
+from batchfeed.shared.shm import PREFIX, SHM_DIR
+
+from .measure import BenchError, consume, failed_status
+from .pool import client_epochs
+from .probes import STATS_TIMEOUT, server_cpu_seconds, server_pss_bytes
+from .report import fmt, goal_line, text_table
+from .served import running_server
+from .workloads import GB, MIB, BenchOptions, Workload, save_arrays, workloads
+
+WORKLOAD = "large"
+SHARDS = 2
+CHECK_BATCHES = 20  # batches of CHECK_EPOCH compared with the full server's, per row
+CHECK_EPOCH = 1
+GOAL_PSS_PER_SHARD = 0.55  # each shard server's PSS / the full server's, at most ("about half")
+CLIENT_NAME = "bench-shards"
+
+
+@dataclass(frozen=True)
+class ServerSet:
+    """Servers of one row pair: one of all the rows (``shards == 0``), or one per shard."""
+
+    name: str
+    shards: int
+    workers: int  # per server
+
+    def server_args(self, data_dir: str) -> list[list[str]]:
+        base = ["--workers", str(self.workers), "--data", data_dir]
+        if not self.shards:
+            return [base]
+        return [[*base, "--shard", f"{i}/{self.shards}"] for i in range(self.shards)]
+
+
+FULL = ServerSet("1 full server x 2 workers", 0, 2)
+SHARDED = ServerSet(f"{SHARDS} shard servers x 1 worker", SHARDS, 1)
+SHARDED_MORE = ServerSet(f"{SHARDS} shard servers x 2 workers", SHARDS, 2)
+SERVER_SETS = (FULL, SHARDED, SHARDED_MORE)
+TCP, FAST = "tcp", "fast path"
+TRANSPORTS = ((TCP, False), (FAST, True))  # (name, fastpath); every server binds tcp loopback
+
+
+def row_name(servers: ServerSet, transport: str) -> str:
+    return f"{servers.name}, {transport}"
+
+
+SHARD_ROWS = tuple(row_name(s, t) for s in SERVER_SETS for t, _ in TRANSPORTS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The check: the sharded job's batches are the full server's
+
+
+def batch_digests(batch: Any) -> dict[str, str]:
+    """A digest of each field of a batch (its dtype, shape and bytes)."""
+    out = {}
+    for name in sorted(batch):
+        a = batch[name]
+        h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+        h.update(a.data if a.flags.c_contiguous else a.tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+class BatchCheck:
+    """The first batches of ``CHECK_EPOCH`` as the full server gives them, to compare rows with.
+    The first row that reads it (the full server, over tcp) sets the reference."""
+
+    def __init__(self) -> None:
+        self.reference: list[dict[str, str]] | None = None
+
+    def run(self, client: Any) -> tuple[int, str | None]:
+        """Read and compare; (batches read, what differs or None).  The first call sets the
+        reference and finds nothing different."""
+        count = min(CHECK_BATCHES, client.batches_per_epoch)
+        got = []
+        it = client.epoch(CHECK_EPOCH)
+        try:
+            for _, batch in zip(range(count), it):
+                got.append(batch_digests(batch))
+                del batch
+        finally:
+            it.close()
+        if self.reference is None:
+            self.reference = got
+            return len(got), None
+        return len(got), differs(got, self.reference)
+
+
+def differs(got: list[dict[str, str]], expected: list[dict[str, str]]) -> str | None:
+    """Where ``got`` first differs from ``expected`` (a sentence), or None."""
+    for k, (a, b) in enumerate(zip(got, expected)):
+        if a.keys() != b.keys():
+            return f"batch {k} of epoch {CHECK_EPOCH} has fields {sorted(a)}, not {sorted(b)}"
+        wrong = [name for name in a if a[name] != b[name]]
+        if wrong:
+            return (f"batch {k} of epoch {CHECK_EPOCH} differs from the full server's in "
+                    f"{', '.join(wrong)}")
+    if len(got) != len(expected):
+        return (f"{len(got)} batches of epoch {CHECK_EPOCH} read, the full server gave "
+                f"{len(expected)}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One row
+
+
+@dataclass
+class ShardRow:
+    """One line of the table: one Client reading one server set over one transport."""
+
+    name: str
+    status: str = "ok"  # "ok", or "failed: ..."
+    servers: int | None = None
+    workers_per_server: int | None = None
+    transport: str = ""
+    samples: int | None = None
+    seconds: float | None = None
+    samples_per_s: float | None = None
+    gb_per_s: float | None = None
+    vs_full: float | None = None  # samples/s / the full server's, same transport
+    client_cpu_s_per_gb: float | None = None  # this process, all threads (merge included)
+    server_cpu_s_per_gb: float | None = None  # every server and its workers
+    client_wait_fraction: float | None = None
+    first_batch_ms: float | None = None
+    server_pss_bytes: list[int] = field(default_factory=list)  # one per server, after the row
+    server_pss_over_data: list[float] = field(default_factory=list)  # / the whole dataset
+    pss_vs_full: list[float] = field(default_factory=list)  # / the full server's, same transport
+    checked_batches: int | None = None
+    fastpath_granted: bool | None = None  # every server's session (asked, fast path rows)
+    copied_sends: int | None = None  # sends the server copied (its lease budget was spent)
+
+
+def _servers_cpu(servers: Sequence[ServerProcess]) -> float:
+    return sum(server_cpu_seconds(s) for s in servers)
+
+
+def _reports(servers: Sequence[ServerProcess]) -> list[dict]:
+    try:
+        return [s.report(STATS_TIMEOUT) for s in servers]
+    except BatchfeedError as exc:
+        raise BenchError(f"a server did not answer STATS: {exc}") from exc
+
+
+def _copied_sends(reports: list[dict]) -> int:
+    return sum(r["server"]["counters"].get("copied_sends", 0) for r in reports)
+
+
+def client_row(name: str, which: ServerSet, servers: Sequence[ServerProcess], fastpath: bool,
+               w: Workload, options: BenchOptions, check: BatchCheck) -> ShardRow:
+    """One ``Client`` in this process over ``servers``: epochs for the measured window, then
+    the check; then each server's PSS (once the client has closed and unmapped their rings)."""
+    from batchfeed import Client
+
+    addresses = [s.address for s in servers if s.address is not None]
+    copied0 = _copied_sends(_reports(servers))
+    start = time.perf_counter()  # the connect starts with the constructor
+    with Client(addresses[0] if len(addresses) == 1 else addresses, batch_size=w.batch_size,
+                shuffle="full", seed=options.seed, fastpath=fastpath,
+                reconnect_timeout=10.0,  # a lost server fails the row, not the whole run
+                name=CLIENT_NAME) as client:
+        at_go: list[float] = []
+
+        def ready() -> bool:
+            at_go[:] = [client.stats()["wait_s"], _servers_cpu(servers)]
+            return True
+
+        batches = client_epochs(client)
+        try:
+            m = consume(batches, options.warmup, options.seconds, start, ready)
+            server_cpu = _servers_cpu(servers) - at_go[1]
+        finally:
+            batches.close()
+        m.wait_fraction = (client.stats()["wait_s"] - at_go[0]) / m.seconds
+        reports = _reports(servers)
+        checked, wrong = check.run(client)
+    gc.collect()  # unmap the rings now, so that they count in the servers' PSS only
+    pss = [server_pss_bytes(s) for s in servers]
+    sessions = [s for r in reports for s in r["sessions"] if s["name"] == CLIENT_NAME]
+    granted = (bool(sessions) and all(s["fastpath"] for s in sessions)) if fastpath else None
+    gb = m.nbytes / GB
+    row = ShardRow(
+        name, servers=len(servers), workers_per_server=which.workers,
+        transport=FAST if fastpath else TCP, samples=m.samples, seconds=m.seconds,
+        samples_per_s=m.samples / m.seconds, gb_per_s=gb / m.seconds,
+        client_cpu_s_per_gb=m.cpu_s / gb if gb else None,
+        server_cpu_s_per_gb=server_cpu / gb if gb else None,
+        client_wait_fraction=m.wait_fraction,
+        first_batch_ms=None if m.first_batch_s is None else m.first_batch_s * 1e3,
+        server_pss_bytes=pss, server_pss_over_data=[p / w.nbytes for p in pss],
+        checked_batches=checked, fastpath_granted=granted,
+        copied_sends=_copied_sends(reports) - copied0)
+    if wrong is not None:
+        row.status = f"failed: {wrong}"
+    return row
+
+
+def _guarded(name: str, measure: Callable[[], ShardRow]) -> ShardRow:
+    try:
+        return measure()
+    except (BenchError, BatchfeedError, RuntimeError, OSError) as exc:
+        return ShardRow(name, status=failed_status(exc))
+
+
+def set_rows(which: ServerSet, data_dir: str, w: Workload, options: BenchOptions,
+             check: BatchCheck, progress: Callable[[str], None], problems: list[str],
+             pids: list[int]) -> list[ShardRow]:
+    """Start the set's servers, run its rows (one per transport), stop the servers."""
+    names = [row_name(which, t) for t, _ in TRANSPORTS]
+    rows: list[ShardRow] = []
+    progress(f"shards: starting {which.name}")
+    try:
+        with contextlib.ExitStack() as stack:
+            servers = []
+            for args in which.server_args(data_dir):
+                servers.append(stack.enter_context(
+                    running_server(args, "tcp://127.0.0.1:0", problems)))
+                pids.append(servers[-1].pid)
+            for name, (_, fastpath) in zip(names, TRANSPORTS):
+                progress(f"shards: {name}")
+                rows.append(_guarded(name, functools.partial(
+                    client_row, name, which, servers, fastpath, w, options, check)))
+    except (BenchError, RuntimeError, OSError) as exc:
+        done = {r.name for r in rows}
+        rows += [ShardRow(n, status=failed_status(exc)) for n in names if n not in done]
+    return rows
+
+
+def _add_ratios(rows: list[ShardRow]) -> None:
+    """Throughput and each server's PSS relative to the full server's row, same transport."""
+    full = {r.transport: r for r in rows if r.status == "ok" and r.servers == 1}
+    for r in rows:
+        base = full.get(r.transport)
+        if r.status != "ok" or base is None:
+            continue
+        if r.samples_per_s is not None and base.samples_per_s:
+            r.vs_full = r.samples_per_s / base.samples_per_s
+        r.pss_vs_full = [p / base.server_pss_bytes[0] for p in r.server_pss_bytes]
+
+
+def leftover_segments(pids: list[int]) -> list[str]:
+    """Shared-memory segments that the (stopped) servers ``pids`` created and left behind."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    mine = tuple(f"{PREFIX}{pid}_" for pid in pids)
+    return sorted(n for n in names if n.startswith(mine)) if mine else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The section
+
+
+def goals(rows: list[ShardRow]) -> list[dict[str, Any]]:
+    """The issue's goal with what this run measured, and whether it was met: each shard
+    server's PSS about half the full server's (the highest of the shards counts)."""
+    by_name = {r.name: r for r in rows if r.status == "ok"}
+
+    def worst(name: str) -> float | None:
+        row = by_name.get(name)
+        return max(row.pss_vs_full) if row is not None and row.pss_vs_full else None
+
+    def speed(name: str) -> float | None:
+        row = by_name.get(name)
+        return None if row is None else row.vs_full
+
+    out: list[dict[str, Any]] = [
+        {"goal": f"each of {SHARDS} shard servers' PSS <= {GOAL_PSS_PER_SHARD:g}x the full "
+                 f"server's ({SHARDED.name} vs {FULL.name}, tcp)",
+         "measured": worst(row_name(SHARDED, TCP)), "target": GOAL_PSS_PER_SHARD,
+         "higher_is_better": False,
+         "beside": {"fast path": worst(row_name(SHARDED, FAST)),
+                    f"{SHARDED_MORE.name}, tcp": worst(row_name(SHARDED_MORE, TCP))}},
+        {"goal": f"aggregate samples/s, {SHARDED.name} vs {FULL.name}, tcp (no target)",
+         "measured": speed(row_name(SHARDED, TCP)), "target": None, "higher_is_better": True,
+         "beside": {"fast path": speed(row_name(SHARDED, FAST)),
+                    f"{SHARDED_MORE.name}, tcp": speed(row_name(SHARDED_MORE, TCP)),
+                    f"{SHARDED_MORE.name}, fast path": speed(row_name(SHARDED_MORE, FAST))}},
+    ]
+    for g in out:
+        m, target = g["measured"], g["target"]
+        g["met"] = None if m is None or target is None else (
+            m >= target if g["higher_is_better"] else m <= target)
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def shard_section(options: BenchOptions, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The whole shard section: the rows of each server set, the goals; a JSON-ready dict."""
+    started = time.perf_counter()
+    w = workloads(options.quick)[WORKLOAD]
+    result: dict[str, Any] = {
+        "workload": asdict(w), "description": w.describe(), "data_bytes": w.nbytes,
+        "cores": _cores(), "load_before": list(os.getloadavg()),
+        "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "rows": [], "goals": [], "problems": []}
+    work_dir = tempfile.mkdtemp(prefix="batchfeed-bench-")
+    pids: list[int] = []
+    rows: list[ShardRow] = []
+    try:
+        progress(f"shards: making {w.describe()}")
+        data_dir = save_arrays(w.make_arrays(options.seed), os.path.join(work_dir, "data"))
+        gc.collect()
+        check = BatchCheck()
+        for which in SERVER_SETS:
+            rows += set_rows(which, data_dir, w, options, check, progress, result["problems"],
+                             pids)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    left = leftover_segments(pids)
+    if left:
+        result["problems"].append(f"stopped servers left {len(left)} shared-memory segment(s) "
+                                  f"in {SHM_DIR}: {', '.join(left[:4])}")
+    _add_ratios(rows)
+    result["rows"] = [asdict(r) for r in rows]
+    result["goals"] = goals(rows)
+    result["load_after"] = list(os.getloadavg())
+    result["elapsed_s"] = time.perf_counter() - started
+    return result
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """The section's failed rows and problems (for ``run.failures``)."""
+    failed = [r["name"] for r in result.get("rows", []) if r["status"].startswith("failed")]
+    return failed + [f"shards: {p}" for p in result.get("problems", [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+LEGEND = """\
+  One Client in this process per row, reading epoch after epoch; samples/s and GB/s delivered
+    into it.  vs full: samples/s relative to the full server's row of the same transport.
+  client CPU s/GB: this process's CPU (all threads: the I/O thread, and with shards the merge)
+    per GB; server CPU s/GB: every server's and its workers' CPU per GB.  waited: the share
+    of the window the consumer waited on data (it does no work, so nearly all: the rate is the
+    service's).
+  server PSS MiB: each server with its workers, after the row (the client closed first);
+    PSS/data: / the whole dataset's bytes; vs full: / the full server's PSS, same transport.
+  checked: batches of epoch {epoch} compared with the full server's (digests of every field).
+  What the split buys and costs: the {cores} cores here are shared by the client, every server
+    and every worker, so the shards add no CPU; what they buy is memory per host (a shard server
+    holds its rows only; labels are held whole), which counts when the shards run on different
+    hosts.  What they cost: each batch arrives in {shards} pieces (twice the messages, headers
+    and requests) and the client merges them into a fresh batch, one copy more; on the fast
+    path that copy replaces zero-copy views into the server's ring."""
+
+COLUMNS = ["row", "samples/s", "GB/s", "vs full", "client CPU s/GB", "server CPU s/GB",
+           "waited", "first batch ms", "server PSS MiB", "PSS/data", "PSS vs full", "checked"]
+
+
+def _each(values: list, spec: str) -> str:
+    return " + ".join(format(v, spec) for v in values) if values else "n/a"
+
+
+def _cells(r: ShardRow) -> list[str]:
+    return [fmt(r.samples_per_s, ",.0f"), fmt(r.gb_per_s, ".3f"), fmt(r.vs_full, ".2f"),
+            fmt(r.client_cpu_s_per_gb, ".2f"), fmt(r.server_cpu_s_per_gb, ".2f"),
+            fmt(r.client_wait_fraction, ".0%"), fmt(r.first_batch_ms, ".0f"),
+            _each([p / MIB for p in r.server_pss_bytes], ",.0f"),
+            _each(r.server_pss_over_data, ".2f"), _each(r.pss_vs_full, ".2f"),
+            fmt(r.checked_batches, "d")]
+
+
+def format_shards(result: dict[str, Any], options: BenchOptions) -> list[str]:
+    rows = [ShardRow(**r) for r in result["rows"]]
+    load = ", ".join(f"{v:.2f}" for v in result["load_before"])
+    lines = [f"shards (issue 15): {result['description']}, as .npy files; every server binds "
+             f"tcp loopback; {options.seconds:g} s per row after {options.warmup:g} s warm-up; "
+             f"started {result['started_at']}, load average {load}"]
+    if rows:
+        lines += text_table(COLUMNS, [(r.name, r.status, _cells(r)) for r in rows])
+    for r in rows:
+        if r.status != "ok":
+            continue
+        if r.fastpath_granted is False:
+            lines.append(f"  {r.name}: the fast path was not granted; batches came through "
+                         "the socket")
+        if r.copied_sends:
+            lines.append(f"  {r.name}: {r.copied_sends} sends were copied (the servers' lease "
+                         "budget was spent)")
+    more = SHARDED_MORE.shards * SHARDED_MORE.workers
+    lines.append(f"  {SHARDED_MORE.name}: {more} worker processes on {result['cores']} cores")
+    lines += ["  goals:"] + [f"    {goal_line(g)}" for g in result["goals"]]
+    lines += [f"  problem: {p}" for p in result["problems"]]
+    return lines + [LEGEND.format(epoch=CHECK_EPOCH, cores=result["cores"], shards=SHARDS)]
