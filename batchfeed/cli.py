@@ -41,8 +41,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", action="append", default=[], metavar="[NAME=]PATH",
-                   help="a .npz file, a .npy file or a directory of .npy files (repeatable); "
-                        "default: the built-in synthetic dataset")
+                   help="a .npz or .npy file, a directory of .npy files, an Arrow IPC or Parquet "
+                        "file (or a directory of Parquet files), a Hugging Face save_to_disk "
+                        "directory, or an image folder (DIR/<class>/<image>); repeatable, "
+                        "NAME= names the dataset; default: the built-in synthetic dataset")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="address to listen on (default: %(default)s, loopback only)")
     p.add_argument("--workers", type=int, default=0,

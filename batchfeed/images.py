@@ -50,6 +50,12 @@ def _pil() -> Any:
     return Image
 
 
+def check_installed() -> None:
+    """Raise ImportError, saying what to install, if Pillow is missing (simplejpeg is optional:
+    JPEGs then go through Pillow, more slowly)."""
+    _pil()
+
+
 def _optional(module: str) -> Any:
     try:
         return importlib.import_module(module)

@@ -18,6 +18,7 @@ already runs clients or framework thread pools may hold locks the child would in
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing
 import os
@@ -32,6 +33,13 @@ from batchfeed.shared.procs import stop_process
 
 _PR_SET_PDEATHSIG = 1
 READY_TIMEOUT_S = 120.0
+_LIVE: weakref.WeakSet[ServerHandle] = weakref.WeakSet()  # stopped at interpreter exit
+_atexit_registered = False
+
+
+def _stop_live_servers() -> None:
+    for handle in list(_LIVE):
+        handle.stop()
 
 
 class ServerHandle:
@@ -43,6 +51,7 @@ class ServerHandle:
         self.address = address
         self.ready_line = ready_line
         self._finalizer = weakref.finalize(self, _stop, process, tmpdir)
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -101,6 +110,7 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
     process = ctx.Process(target=_child, args=(config, {name: sources}, write_fd),
                           name="batchfeed-serve", daemon=False)
     process.start()
+    _stop_at_exit()
     os.close(write_fd)
     line = _read_line(read_fd, process)
     m = READY_RE.match(line)
@@ -114,6 +124,16 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
         raise ResourceError(f"the server did not start: {line or 'it exited'} (its error is "
                             "printed above)")
     return ServerHandle(process, m.group(1), line, tmpdir)
+
+
+def _stop_at_exit() -> None:
+    """Stop live servers at interpreter exit, before multiprocessing's own exit handler joins
+    its children (which would wait forever for a server nobody stopped).  atexit runs the last
+    registered first, and multiprocessing registered its handler by the first start()."""
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_stop_live_servers)
+        _atexit_registered = True
 
 
 def _read_line(fd: int, process: multiprocessing.process.BaseProcess) -> str:

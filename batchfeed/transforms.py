@@ -113,7 +113,8 @@ def _image_transform(size: int, box_of: Callable, flips: bool, normalize: bool, 
     if type(size) is not int or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     keep = tuple(keep)
-    resize = images.resize_backend(backend)  # at server start: a missing library stops it
+    images.check_installed()  # at server start: a missing library stops it, saying which
+    resize = images.resize_backend(backend)
 
     def transform(batch: dict, rng: np.random.Generator) -> dict:
         data = batch[field]
@@ -134,7 +135,7 @@ def _image_transform(size: int, box_of: Callable, flips: bool, normalize: bool, 
 
     shape = (3, size, size) if normalize else (size, size, 3)
     transform.output_schema = {field: ("float32" if normalize else "uint8", shape),  # type: ignore[attr-defined]
-                               **{k: ("int64", ()) for k in keep}}
+                               **{k: "same" for k in keep}}
     transform.__name__ = name
     return transform
 

@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="the batch order's seed (all ranks alike)")
+    p.add_argument("--linger", type=float, default=0.0,
+                   help="seconds a rank other than 0 waits, after the last barrier, before it "
+                        "exits (docker compose --exit-code-from trainer0 stops every container "
+                        "when the first one exits: rank 0 should be that one)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -249,6 +253,10 @@ def train(args: argparse.Namespace) -> None:
         print(f"rank {rank}: done: {stats['batches']:,.0f} batches, "
               f"{stats['batches_per_s'] * args.batch_size:,.0f} samples/s, "
               f"waiting on data {stats['wait_fraction']:.1%} of the time", flush=True)
+    if world > 1:
+        dist.barrier()  # every rank has checked and printed its last line
+        if rank != 0:
+            time.sleep(args.linger)
 
 
 def main(argv: list[str] | None = None) -> int:

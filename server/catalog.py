@@ -60,7 +60,7 @@ class Catalog:
         transform = self.transforms.get(dataset.name)
         if transform is None:
             return dataset.fields
-        return transform.schema or ()
+        return transform.fields(dataset.fields) or ()
 
     def columns(self, dataset: DatasetSpec) -> dict:
         """The dataset's columns, mapped read-only (once per dataset, kept until ``close``)."""

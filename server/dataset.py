@@ -221,8 +221,9 @@ def check_mappable(name: str, sources: list[FieldSource]) -> None:
     bad = [s.field.name for s in sources if not s.mappable]
     if bad:
         raise DatasetError(
-            f"--mmap maps .npy files and Arrow IPC files whose columns are one chunk each "
-            f"without nulls, but dataset {name!r} has fields {bad} that are not (inside a .npz "
-            "archive, Parquet, generated, several record batches, or bools); save each array "
-            "with np.save, or the table with pyarrow.ipc in one record batch "
-            "(table.combine_chunks()), or serve without --mmap")
+            f"--mmap maps .npy files and uncompressed Arrow IPC files whose columns are one "
+            f"chunk each without nulls, but dataset {name!r} has fields {bad} that are not "
+            "(inside a .npz archive, Parquet, generated, compressed, several record batches, or "
+            "bools); save each array with np.save, or the table with pyarrow.ipc in one record "
+            "batch without compression (table.combine_chunks(); feather.write_feather(..., "
+            "compression='uncompressed')), or serve without --mmap")

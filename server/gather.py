@@ -305,14 +305,18 @@ def transform_chunk(arrays: Mapping[str, Column], spec: DatasetSpec, plan: Batch
     outputs: list[Output] = []
     for name, first in results[0].items():
         if isinstance(first, Ragged):
-            outputs += _ragged_results(name, [r[name] for r in results], fmt)
+            given = next((f for f in spec.fields if f.name == name), None)  # str stays str
+            kind = given.kind if given is not None and given.kind in (STR, BYTES) and \
+                first.values.dtype == np.uint8 else "ragged"
+            outputs += _ragged_results(name, [r[name] for r in results], fmt, kind)
         else:
             outputs.append(copied_output(name, [r[name] for r in results]))
     return write_outputs(outputs, count, slot, f"transform {transform.name}'s batch {k0} of "
                                                f"epoch {epoch}")
 
 
-def _ragged_results(name: str, parts: list[Ragged], fmt: RaggedFormat) -> list[Output]:
+def _ragged_results(name: str, parts: list[Ragged], fmt: RaggedFormat,
+                    kind: str = "ragged") -> list[Output]:
     """A transform's ragged output, one ``Ragged`` per batch, as outputs."""
     first = parts[0].values
     values = np.concatenate([p.values for p in parts])
@@ -321,7 +325,7 @@ def _ragged_results(name: str, parts: list[Ragged], fmt: RaggedFormat) -> list[O
     lengths = np.concatenate([np.diff(p.offsets) for p in parts])
     bounds = np.zeros(len(parts) + 1, np.int64)
     np.cumsum([p.rows for p in parts], out=bounds[1:])
-    field = Field(name, first.dtype, first.shape[1:], "ragged")
+    field = Field(name, first.dtype, first.shape[1:], kind)
     return _ragged_parts(field, values, starts.astype(np.int64), lengths, bounds, fmt)
 
 

@@ -147,6 +147,8 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         sources = None
         ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
+        for name, transform in transforms.items():  # a pass-through of a missing field stops here
+            transform.fields(specs[name].fields)
         frontend = Frontend(config, specs, ring, security, transforms)
         gc.collect()
         _trim_heap()  # give loading's temporaries back before the workers inherit them

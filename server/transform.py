@@ -12,8 +12,12 @@ offsets from 0, and a transform may return ``Ragged`` values too (a tokenizer tu
 into token ids); they are then served as the session asked (padded, or flat).  The output may
 change dtypes and shapes (crops, normalisation, padding tokens to the batch's longest
 sequence).  A transform may declare what it returns with an ``output_schema``
-attribute, ``{"x": ("float32", (3, 28, 28)), ...}`` (per-row shapes); the server then announces
-it at HELLO and sizes messages from it.  Otherwise clients learn the schema from the first batch.
+attribute, ``{"x": ("float32", (3, 28, 28)), "label": "same", ...}`` (per-row shapes; ``"same"``:
+the dataset's field of that name, passed through as it is, of any kind); the server then
+announces it at HELLO and sizes messages from it.  Otherwise clients learn the schema from the
+first batch.  A ``str`` or ``bytes`` field a transform passes through stays one when the
+schema declares it (``"same"``); undeclared, it arrives as its UTF-8 bytes, flat (values and
+``<name>_offsets``), as the first batch cannot say it was text.
 """
 
 from __future__ import annotations
@@ -37,7 +41,19 @@ TransformFn = Callable[[dict, np.random.Generator], dict]
 class Transform:
     name: str  # "package.module:function", for error messages
     fn: TransformFn
-    schema: tuple[Field, ...] | None  # declared output fields, if any
+    schema: tuple[Field | str, ...] | None  # declared output: fields, or names passed through
+
+    def fields(self, inputs: tuple[Field, ...]) -> tuple[Field, ...] | None:
+        """The declared output, the names passed through resolved against ``inputs``."""
+        if self.schema is None:
+            return None
+        by_name = {f.name: f for f in inputs}
+        missing = [n for n in self.schema if isinstance(n, str) and n not in by_name]
+        if missing:
+            raise DatasetError(f"transform {self.name}: output_schema passes through "
+                               f"{', '.join(map(repr, missing))}, which the dataset does not "
+                               f"have (it has {', '.join(by_name)})")
+        return tuple(by_name[f] if isinstance(f, str) else f for f in self.schema)
 
     def rng(self, seed: int, epoch: int, global_batch: int) -> np.random.Generator:
         return np.random.default_rng([seed, epoch, global_batch, _TAG_TRANSFORM])
@@ -128,17 +144,21 @@ def _literal_arguments(spec: str, text: str) -> tuple[list, dict]:
                            f"(size=224, scale=(0.08, 1.0)) ({exc})") from None
 
 
-def _declared_schema(spec: str, declared: object) -> tuple[Field, ...] | None:
+def _declared_schema(spec: str, declared: object) -> tuple[Field | str, ...] | None:
     if declared is None:
         return None
     try:
         assert isinstance(declared, dict) and declared
-        fields = []
-        for name, (dtype, shape) in declared.items():
+        fields: list[Field | str] = []
+        for name, kind in declared.items():
+            if kind == "same":
+                fields.append(str(name))
+                continue
+            dtype, shape = kind
             field = Field(str(name), np.dtype(dtype), tuple(int(d) for d in shape))
             check_servable_dtype(field.name, field.dtype)
             fields.append(field)
         return tuple(fields)
     except (AssertionError, TypeError, ValueError) as exc:
         raise DatasetError(f"transform {spec}: output_schema must map field names to "
-                           f"(dtype, per-row shape) ({exc})") from None
+                           f"(dtype, per-row shape) or \"same\" ({exc})") from None

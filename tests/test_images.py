@@ -217,3 +217,14 @@ def test_to_float_chw_is_the_plain_formula(normalize: bool) -> None:
     got = images.to_float_chw(x, mean, std)
     assert got.dtype == np.float32 and got.flags.c_contiguous
     assert np.allclose(got, want, atol=1e-6)
+
+
+def test_a_missing_pillow_stops_the_start_naming_the_extra(monkeypatch) -> None:
+    from batchfeed import images, transforms
+
+    def no_pillow() -> None:
+        raise ImportError("image transforms need Pillow: pip install 'batchfeed[images]'")
+
+    monkeypatch.setattr(images, "_pil", no_pillow)
+    with pytest.raises(ImportError, match=r"batchfeed\[images\]"):
+        transforms.train_images(size=32)

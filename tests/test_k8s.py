@@ -170,8 +170,7 @@ def shm_needed_bytes(sts: dict) -> int:
     slots, slot_mb = flag(args, "--slots"), flag(args, "--slot-mb")
     assert slots is not None and slot_mb is not None, \
         "--slots and --slot-mb must be explicit: the sizing formula depends on them"
-    shard_rows = math.ceil(rows / n)
-    orders = KEEP * shard_rows * np.dtype(index_dtype(shard_rows)).itemsize
+    orders = KEEP * rows * np.dtype(index_dtype(rows)).itemsize  # an order covers every row
     ring = int(slots) * int(float(slot_mb) * MIB)
     return math.ceil(data / n) + ring + orders + SLACK_MIB * MIB
 

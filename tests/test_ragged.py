@@ -185,6 +185,16 @@ def test_mmap_maps_an_arrow_file_with_one_record_batch(serve, tmp_path: Path) ->
     assert sorted(labels) == list(range(500))
 
 
+def test_mmap_refuses_a_compressed_arrow_file(tmp_path: Path) -> None:
+    """Every process would decompress its own copy: refused, saying how to write it."""
+    from pyarrow import feather
+
+    table = pa.table({"label": np.arange(500)})
+    feather.write_feather(table, tmp_path / "lz4.arrow", chunksize=500)  # LZ4 by default
+    with pytest.raises(DatasetError, match="compressed.*compression='uncompressed'"):
+        batchfeed.serve(tmp_path / "lz4.arrow", mmap=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Flat, packed and token-budget batches
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_rows, server_report
 
+import batchfeed
 from batchfeed import Client, WorkerError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +147,24 @@ def test_output_that_outgrows_the_size_guess_is_cut_into_smaller_messages(transf
                 seen.append(batch["id"].copy())
             assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(N))
     assert server_report(srv.address)["server"]["counters"]["chunks_cut"] >= 1
+
+
+def test_a_declared_pass_through_keeps_str_fields_str(tmp_path) -> None:
+    (tmp_path / "passtx.py").write_text(
+        "def same(batch, rng):\n    return dict(batch)\n"
+        "same.output_schema = {'text': 'same', 'y': 'same'}\n"
+        "def missing(batch, rng):\n    return dict(batch)\n"
+        "missing.output_schema = {'nope': 'same'}\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        data = {"text": ["ab", "c", "déf"], "y": np.arange(3)}
+        with batchfeed.serve(data, workers=1, transforms=("passtx:same",)) as srv, \
+                Client(srv.address, batch_size=3, shuffle="none") as client:
+            assert [f.kind for f in client.fields] == ["str", "fixed"]
+            [batch] = list(client.epoch(0))
+        assert batch["text"] == ["ab", "c", "déf"] and batch["y"].tolist() == [0, 1, 2]
+        with pytest.raises(batchfeed.DatasetError, match="passes through 'nope'"):
+            batchfeed.serve(data, workers=1, transforms=("passtx:missing",))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("passtx", None)

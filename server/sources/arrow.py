@@ -219,22 +219,37 @@ def _table_sources(table: Any, where: str, ipc_path: str | None = None) -> list[
 # Files
 
 
-def _read_ipc(path: Path) -> Any:
+def _open_ipc(path: Path) -> tuple[Any, Any]:
+    """The table of an Arrow IPC file or stream, read from a memory map, and the map."""
     pa = _pyarrow()
     regular_file(path, "Arrow and Parquet files")
     try:
         source = pa.memory_map(str(path))
         try:
-            return pa.ipc.open_file(source).read_all()
+            return pa.ipc.open_file(source).read_all(), source
         except pa.ArrowInvalid:
-            return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+            source = pa.memory_map(str(path))
+            return pa.ipc.open_stream(source).read_all(), source
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"{path} is not a readable Arrow IPC file or stream ({exc}); "
                            "re-create it") from None
 
 
+def _read_ipc(path: Path) -> Any:
+    return _open_ipc(path)[0]
+
+
 def ipc_sources(path: Path) -> list[FieldSource]:
-    return _table_sources(_read_ipc(path), str(path), str(path))
+    table, source = _open_ipc(path)
+    # A compressed file (pyarrow.feather.write_feather compresses by default) is decompressed
+    # into memory by every process that reads it: mapping it would hold it once per process.
+    source.seek(0)
+    whole = source.read_buffer(source.size())
+    lo, hi = whole.address, whole.address + whole.size
+    in_place = all(lo <= b.address and b.address + b.size <= hi
+                   for column in table.columns for chunk in column.chunks
+                   for b in chunk.buffers() if b is not None)
+    return _table_sources(table, str(path), str(path) if in_place else None)
 
 
 def parquet_sources(path: Path) -> list[FieldSource]:

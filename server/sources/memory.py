@@ -51,10 +51,21 @@ def _column(name: str, value: Any, where: str) -> FieldSource:
         return _ragged_bytes(name, encoded, STR, where)
     if rows and all(isinstance(r, (bytes, bytearray, memoryview)) for r in rows):
         return _ragged_bytes(name, [bytes(r) for r in rows], BYTES, where)
-    arrays = [np.asarray(r) for r in rows]
-    if not arrays or any(a.ndim == 0 or a.dtype == object for a in arrays):
-        raise DatasetError(f"{where} must hold numbers, arrays, str or bytes per row (no "
-                           "nested Python objects)")
+    arrays = []
+    for i, r in enumerate(rows):
+        try:
+            arrays.append(np.asarray(r))
+        except ValueError:  # numpy's "inhomogeneous shape": a list of lists of varying lengths
+            raise DatasetError(f"{where}: row {i} is a nested list whose inner lists differ "
+                               "in length; a row must be a number or a rectangular array (pass "
+                               "a ragged field as a list of 1-D arrays)") from None
+    if arrays and all(a.ndim == 0 and a.dtype != object for a in arrays):
+        return _column(name, np.asarray(arrays), where)  # a list of numbers: one per row
+    if not arrays or any(a.dtype == object for a in arrays):
+        raise DatasetError(f"{where} must hold, per row, a number, an array, a str or bytes; "
+                           "not Python objects or None")
+    if any(a.ndim == 0 for a in arrays):
+        raise DatasetError(f"{where} mixes numbers and arrays; give every row the same kind")
     dtype = np.result_type(*arrays) if len(arrays) < 1024 else arrays[0].dtype
     shape = arrays[0].shape[1:]
     if any(a.shape[1:] != shape for a in arrays):
