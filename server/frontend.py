@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import Counter, defaultdict
 
@@ -96,6 +97,9 @@ class Frontend:
         self.ctx: zmq.Context | None = None
         self.clients: zmq.Socket | None = None
         self.address = config.bind
+        # stop() writes a byte here: a signal handler runs while the poll is interrupted, and
+        # pyzmq then polls again for the rest of its timeout; this makes that poll return.
+        self._wake: tuple[socket.socket, socket.socket] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,12 +133,22 @@ class Frontend:
         self.clients.bind(self.config.bind)
         self.address = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller.register(self.clients, zmq.POLLIN)
+        self._wake = socket.socketpair()  # after the fork: the workers never hold it
+        for end in self._wake:
+            end.setblocking(False)
+        self.poller.register(self._wake[0], zmq.POLLIN)
 
     def wait_workers_ready(self, timeout: float = 60.0) -> None:
         self.supervisor.wait_ready(self._drain_worker, timeout)
 
     def stop(self) -> None:
+        """Make ``run`` return at once (safe in a signal handler)."""
         self._stopping = True
+        if self._wake is not None:
+            try:
+                self._wake[1].send(b"x")
+            except OSError:  # full or closed: the loop is awake or gone anyway
+                pass
 
     def close(self) -> None:
         """Stop workers (STOP, join, terminate, kill), then close sockets and the context."""
@@ -151,6 +165,10 @@ class Frontend:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+        if self._wake is not None:
+            for end in self._wake:
+                end.close()
+            self._wake = None
 
     # ------------------------------------------------------------------ the loop
 
