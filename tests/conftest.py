@@ -106,6 +106,26 @@ def serve() -> Iterator[Callable[..., ServerProcess]]:
         assert code == 0, f"server exited with {code}:\n{output}"
 
 
+def shared_server(tmp_path_factory: pytest.TempPathFactory, *args: object, n: int = 1003,
+                  arrays: dict | None = None) -> Iterator[ServerProcess]:
+    """Body of a module-scoped fixture: one server of ``arrays`` (default ``make_rows(n)``)
+    for a module's tests
+    that only read from it, as trainers share a long-running server (sessions of earlier tests
+    must cost later ones nothing).  Stopped at the module's end, then checked: exit code 0
+    and none of its segments left."""
+    path = tmp_path_factory.mktemp("shared") / "data.npz"
+    np.savez(path, **(arrays if arrays is not None else make_rows(n)))
+    srv = ServerProcess(["--data", str(path), *map(str, args)],
+                        bind="tcp://127.0.0.1:0").start()
+    try:
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, f"server exited with {code}:\n" + "\n".join(srv.output)
+    left = {name for name in shm_segments() if name.split("_")[1] == str(srv.pid)}
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"
+
+
 @pytest.fixture
 def ipc_address(tmp_path: Path) -> str:
     return f"ipc://{tmp_path}/bf.sock"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_rows
+from conftest import make_rows, shared_server
 
 from batchfeed import Client, InvalidRequest
 
@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 N = 500
 
 
-@pytest.fixture
-def server(serve, dataset_path):
-    return serve("--data", dataset_path(N), "--workers", 1)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from shared_server(tmp_path_factory, "--workers", 1, n=N)
 
 
 def test_torch_format_is_zero_copy_and_exact(server) -> None:

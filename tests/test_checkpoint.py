@@ -49,6 +49,7 @@ def run_trainer(address: str, path: Path, pause: float) -> subprocess.Popen:
                              str(EPOCHS)], stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # a trainer killed and restarted several times: ~5 s
 def test_a_killed_trainer_resumes_row_for_row(serve, dataset_path, tmp_path: Path) -> None:
     srv = serve("--data", dataset_path(N), "--workers", 2)
     reference = tmp_path / "reference.json"

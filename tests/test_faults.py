@@ -238,19 +238,19 @@ def test_server_killed_and_restarted_costs_only_a_delay(dataset_path) -> None:
 def test_server_gone_past_reconnect_timeout_is_a_clear_error(dataset_path) -> None:
     srv = ServerProcess(["--data", str(dataset_path(N)), "--workers", 1]).start()
     try:
-        with Client(srv.address, batch_size=64, reconnect_timeout=2) as c:
+        with Client(srv.address, batch_size=64, reconnect_timeout=1) as c:
             it = c.epoch(0)
             next(it)
             os.kill(srv.pid, signal.SIGKILL)
             srv.proc.wait(10)
             t0 = time.monotonic()
             with pytest.raises(ServerUnavailable, match="did not come back within "
-                                                        "reconnect_timeout=2 s"):
+                                                        "reconnect_timeout=1 s"):
                 for _ in it:
                     pass
             assert time.monotonic() - t0 < 15
             print(f"\n[server gone] ServerUnavailable after {time.monotonic() - t0:.1f} s "
-                  "(reconnect_timeout=2)")
+                  "(reconnect_timeout=1)")
     finally:
         srv.stop()
         subprocess.run([sys.executable, "-c", "from batchfeed.shared.shm import "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import shared_server
 
 from batchfeed import Client, InvalidRequest
 from batchfeed.shared.plan import BatchPlan, PlanParams
@@ -179,9 +180,9 @@ def test_bad_sampling_parameters(kwargs: dict, words: str) -> None:
 # ------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture
-def server(serve, dataset_path):
-    return serve("--data", dataset_path(arrays=imbalanced()), "--workers", 2)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from shared_server(tmp_path_factory, "--workers", 2, arrays=imbalanced())
 
 
 def test_balanced_batches_from_the_server(server) -> None:

@@ -10,7 +10,15 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import children, make_rows, pid_alive, server_report, shm_segments, wait_until
+from conftest import (
+    children,
+    make_rows,
+    pid_alive,
+    server_report,
+    shared_server,
+    shm_segments,
+    wait_until,
+)
 
 from batchfeed import Client, InvalidRequest, ServerUnavailable, VersionMismatch
 from batchfeed.launch import ServerProcess
@@ -28,9 +36,10 @@ def ids(batches: list[dict]) -> list[list[int]]:
     return [b["id"].tolist() for b in batches]
 
 
-@pytest.fixture
-def server(serve, dataset_path):
-    return serve("--data", dataset_path(N), "--workers", 2)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the tests that only read from it (each checks its own rows)."""
+    yield from shared_server(tmp_path_factory, "--workers", 2, n=N)
 
 
 def test_every_row_exactly_once_per_epoch(server) -> None:

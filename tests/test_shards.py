@@ -171,15 +171,19 @@ def test_a_restarted_shard_resumes_exactly(data_file, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout,why", [
-    (["0/2", "0/2"], r"no server given holds shard 1"),
+    (["0/3", "2/3"], r"no server given holds shard 1"),
+    (["0/3", "whole"], r"together its N shards"),
     (["0/2", "1/3"], r"together its N shards"),
-    (["0/2", None], r"together its N shards"),
 ])
-def test_bad_server_sets_are_refused_at_connect(serve, data_file, layout, why: str) -> None:
-    servers = [serve("--data", data_file, "--workers", 1, *(["--shard", s] if s else []))
-               for s in layout]
+def test_bad_server_sets_are_refused_at_connect(serve, data_file, shards, layout,
+                                                why: str) -> None:
+    parts, whole = shards
+    known = {"0/3": parts[0], "1/3": parts[1], "2/3": parts[2], "whole": whole}
+    addresses = [known[name] if name in known
+                 else serve("--data", data_file, "--workers", 1, "--shard", name).address
+                 for name in layout]
     with pytest.raises(ServerUnavailable, match=why):
-        Client([s.address for s in servers], batch_size=10)
+        Client(addresses, batch_size=10)
 
 
 def test_servers_of_different_data_are_refused(serve, data_file, dataset_path) -> None:

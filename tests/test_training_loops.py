@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_until
+from conftest import shared_server, wait_until
 
 from batchfeed import Client, InvalidRequest, IteratorSuperseded
 from batchfeed.shared.plan import BatchPlan, PlanParams
@@ -43,9 +43,10 @@ def ids(batches) -> list[list[int]]:
     return [b["id"].tolist() for b in batches]
 
 
-@pytest.fixture
-def server(serve, dataset_path):
-    return serve("--data", dataset_path(N), "--workers", 1)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module: each test checks its own rows against the plan."""
+    yield from shared_server(tmp_path_factory, "--workers", 1, n=N)
 
 
 @pytest.fixture
