@@ -169,10 +169,12 @@ def _pil_decode(data: bytes | memoryview, size: int, box_of: Any,
 
 
 def crop_resize(data: bytes | memoryview, size: int, box_of: Any, flip: bool = False,
-                name: str = "an image", backend: str = "pil") -> np.ndarray:
+                name: str = "an image", backend: str = "pil",
+                out: np.ndarray | None = None) -> np.ndarray:
     """Decode ``data``, crop the box ``box_of(width, height)`` and resize it to ``size`` x
     ``size`` (bilinear, one resampling; ``backend`` "pil" or "cv2", see ``resize_backend``),
-    flip it left-right if ``flip``: HWC uint8, RGB."""
+    flip it left-right if ``flip``: HWC uint8, RGB, written into ``out`` when given (a
+    C-contiguous ``(size, size, 3)`` uint8 array, e.g. one image of a batch)."""
     boxes: dict[tuple[int, int], Box] = {}
 
     def box_once(width: int, height: int) -> Box:  # one draw of the rng, whichever decoder
@@ -183,17 +185,22 @@ def crop_resize(data: bytes | memoryview, size: int, box_of: Any, flip: bool = F
     decoded = _simplejpeg_decode(data, size, box_once)
     rgb, box = decoded if decoded is not None else _pil_decode(data, size, box_once, name)
     if backend == "cv2":
-        out = _cv2_crop_resize(rgb, box, size)
-    else:
-        Image = _pil()
-        out = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR,
-                                                     box=box))
-    return out[:, ::-1] if flip else out
+        return _cv2_crop_resize(rgb, box, size, flip, out)
+    Image = _pil()
+    img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    if flip:  # Pillow's flip: numpy's copy of a reversed view runs pixel by pixel
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if out is None:
+        return np.asarray(img)
+    out[...] = np.asarray(img)
+    return out
 
 
-def _cv2_crop_resize(rgb: np.ndarray, box: Box, size: int) -> np.ndarray:
+def _cv2_crop_resize(rgb: np.ndarray, box: Box, size: int, flip: bool = False,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """The box (rounded to whole pixels) resized by OpenCV: area averaging to shrink, bilinear
-    to enlarge (INTER_AREA enlarges like nearest-neighbour)."""
+    to enlarge (INTER_AREA enlarges like nearest-neighbour); resized into ``out`` and flipped
+    there (30x faster than copying numpy's reversed view)."""
     import cv2
 
     left, top = max(0, int(box[0])), max(0, int(box[1]))
@@ -201,25 +208,34 @@ def _cv2_crop_resize(rgb: np.ndarray, box: Box, size: int) -> np.ndarray:
     bottom = min(rgb.shape[0], max(top + 1, round(box[3])))
     crop = rgb[top:bottom, left:right]
     shrink = crop.shape[0] >= size and crop.shape[1] >= size
-    return cv2.resize(crop, (size, size),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    dst = out if out is not None else np.empty((size, size, 3), np.uint8)
+    got = cv2.resize(crop, (size, size), dst=dst,
+                     interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if got.ctypes.data != dst.ctypes.data:  # OpenCV could not write into dst (not contiguous)
+        dst[...] = got
+    if flip:
+        cv2.flip(dst, 1, dst=dst)
+    return dst
 
 
 def to_float_chw(images: np.ndarray, mean: tuple[float, ...] | None = IMAGENET_MEAN,
                  std: tuple[float, ...] | None = IMAGENET_STD) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1], normalised per channel.
 
-    One lookup per pixel from a 256-entry table per channel, written straight into the CHW
-    output: 0.35 ms per 224x224 image on the dev VM, against 1.1 ms for converting, transposing
-    and normalising through the transposed view (its inner loop ran over the 3 channels)."""
+    Per channel, one multiply from the interleaved pixels straight into the CHW output, then
+    one add: 0.15 ms per 224x224 image on the dev VM, against 0.26 ms for a lookup table per
+    channel and 1.1 ms for converting, transposing and normalising through the transposed
+    view.  Within 1e-6 of ``(x / 255 - mean) / std``."""
     n, h, w, c = images.shape
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    table = np.broadcast_to(levels, (c, 256))
+    scale = np.full(c, 1 / 255, np.float64)
+    shift = np.zeros(c, np.float64)
     if mean is not None and std is not None:
-        table = (table - np.asarray(mean, np.float64)[:, None]) / \
-            np.asarray(std, np.float64)[:, None]
-    table = table.astype(np.float32)
+        scale /= np.asarray(std, np.float64)
+        shift = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
     out = np.empty((n, c, h, w), np.float32)
     for ch in range(c):
-        np.take(table[ch], images[..., ch], out=out[:, ch], mode="clip")  # uint8: in range
+        plane = out[:, ch]
+        np.multiply(images[..., ch], np.float32(scale[ch]), out=plane, casting="unsafe")
+        if shift[ch]:
+            np.add(plane, np.float32(shift[ch]), out=plane)
     return out

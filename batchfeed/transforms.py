@@ -125,9 +125,8 @@ def _image_transform(size: int, box_of: Callable, flips: bool, normalize: bool, 
             where = paths.row(i).tobytes().decode("utf-8", "replace") if paths is not None \
                 else f"row {i} of the batch"
             flip = flips and bool(rng.random() < 0.5)
-            out[i] = images.crop_resize(data.row(i).data, size,
-                                        lambda w, h: box_of(w, h, rng), flip, name=where,
-                                        backend=resize)
+            images.crop_resize(data.row(i).data, size, lambda w, h: box_of(w, h, rng), flip,
+                               name=where, backend=resize, out=out[i])
         result = {field: images.to_float_chw(out) if normalize else out}
         for k in keep:
             result[k] = batch[k]
