@@ -26,6 +26,34 @@ from .measure import BenchError, Measurement, consume
 CLIENT_START_TIMEOUT = 60.0  # spawning and connecting, on a loaded 2-core machine
 
 
+def collect_reports(messages: Any, procs: list, n: int, kind: str, timeout: float,
+                    parse: Callable[[Any], tuple | None], who: str) -> dict[int, Any]:
+    """Wait for ``n`` ``kind`` reports ``(what, rank, payload)`` from ``procs`` on the queue
+    ``messages`` (``parse`` turns a message into one, or None to skip it); BenchError on an
+    "error" report, a dead process or the timeout."""
+    got: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        try:
+            report = parse(messages.get(timeout=0.25))
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{n - len(got)} {who}(s) did not report {kind!r} within "
+                                 f"{timeout:.0f} s") from None
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise BenchError(f"{who} process exited with code {dead[0].exitcode}") from None
+            continue
+        if report is None:
+            continue
+        what, rank, payload = report
+        if what == "error":
+            raise BenchError(f"{who} rank {rank} failed: {payload}")
+        if what == kind:
+            got[rank] = payload
+    return got
+
+
 @dataclass(frozen=True)
 class ClientJob:
     """One client process's part of a row."""
@@ -152,27 +180,9 @@ class ClientPool:
 
     def _collect(self, n: int, kind: str, timeout: float) -> dict[int, Any]:
         """Wait for ``n`` ``kind`` messages of this row; raise BenchError on an error or a death."""
-        got: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while len(got) < n:
-            try:
-                row, what, rank, payload = self.messages.get(timeout=0.25)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{n - len(got)} client(s) did not report {kind!r} within "
-                                     f"{timeout:.0f} s") from None
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    raise BenchError(
-                        f"client process exited with code {dead[0].exitcode}") from None
-                continue
-            if row != self._row:
-                continue
-            if what == "error":
-                raise BenchError(f"client rank {rank} failed: {payload}")
-            if what == kind:
-                got[rank] = payload
-        return got
+        row = self._row
+        return collect_reports(self.messages, self.procs, n, kind, timeout,
+                               lambda m: m[1:] if m[0] == row else None, "client")
 
     def close(self) -> None:
         if not self.procs:

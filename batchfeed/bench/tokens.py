@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import queue
 import shutil
 import tempfile
 import time
@@ -40,7 +39,7 @@ from batchfeed.shared.packing import PackedEpoch
 from batchfeed.shared.procs import process_tree, pss_bytes, stop_process
 
 from .measure import BenchError, failed_status
-from .pool import client_epochs
+from .pool import client_epochs, collect_reports
 from .probes import server_cpu_seconds, server_pss_bytes
 from .report import fmt, goal_line, text_table
 from .served import running_server
@@ -552,25 +551,8 @@ class RankGroup:
 
     def collect(self, kind: str, timeout: float) -> dict[int, Any]:
         """Wait for every rank's ``kind`` message; BenchError on an error, a death or a timeout."""
-        got: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while len(got) < len(self.jobs):
-            try:
-                what, rank, payload = self.messages.get(timeout=0.25)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{len(self.jobs) - len(got)} rank(s) did not report "
-                                     f"{kind!r} within {timeout:.0f} s") from None
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    raise BenchError(f"rank process exited with code {dead[0].exitcode}") \
-                        from None
-                continue
-            if what == "error":
-                raise BenchError(f"rank {rank} failed: {payload}")
-            if what == kind:
-                got[rank] = payload
-        return got
+        return collect_reports(self.messages, self.procs, len(self.jobs), kind, timeout,
+                               tuple, "rank")
 
     def close(self) -> None:
         if not self.procs:
