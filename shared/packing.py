@@ -128,9 +128,15 @@ class PackedEpoch:
                                  f"min {int(order.min())}, max {int(order.max())}")
         doc_lengths = lengths[order]
         non_empty = doc_lengths > 0
-        docs = order[non_empty]
-        ends = np.cumsum(doc_lengths[non_empty], dtype=np.int64)
+        if non_empty.all():  # the order itself (a worker's view of the shared order): no copy
+            docs = order.view()
+        else:
+            docs, doc_lengths = order[non_empty], doc_lengths[non_empty]
+        ends = np.cumsum(doc_lengths, dtype=np.int64)
+        del doc_lengths
         total = int(ends[-1]) if ends.size else 0
+        if total < 2**31:  # half the memory: a worker keeps this for each epoch it serves
+            ends = ends.astype(np.int32)
         rows = -(-total // L)
         docs.flags.writeable = False
         ends.flags.writeable = False
@@ -156,7 +162,7 @@ class PackedEpoch:
         t0, t1 = r0 * L, min(r1 * L, self.total_tokens)
         used = max(t1 - t0, 0)  # real tokens; the rest (only in the epoch's last row) is padding
         lo, hi = self._window(t0, t1)
-        ends = self.ends[lo:hi]
+        ends = self.ends[lo:hi].astype(np.int64)  # the window's: stream positions in int64
         starts = np.empty_like(ends)
         if hi > lo:
             starts[0] = self.ends[lo - 1] if lo else 0
