@@ -206,8 +206,10 @@ class PackedEpoch:
         """Positions in ``docs`` of the documents that hold stream tokens [t0, t1)."""
         if t1 <= t0:
             return 0, 0
-        lo = int(np.searchsorted(self.ends, t0, side="right"))
-        hi = int(np.searchsorted(self.ends, t1 - 1, side="right")) + 1
+        # Keys of the ends' own dtype: another would make numpy convert all the ends per call.
+        key = self.ends.dtype.type
+        lo = int(np.searchsorted(self.ends, key(t0), side="right"))
+        hi = int(np.searchsorted(self.ends, key(t1 - 1), side="right")) + 1
         return lo, hi
 
     def _field_starts(self, i: int, values: np.ndarray, offsets: np.ndarray, docs: np.ndarray,
