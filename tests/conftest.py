@@ -101,9 +101,18 @@ def serve() -> Iterator[Callable[..., ServerProcess]]:
 
     yield start
     for srv in started:
-        code = srv.stop()
-        output = "\n".join(srv.output)
-        assert code == 0, f"server exited with {code}:\n{output}"
+        check_stopped(srv, srv.stop())
+
+
+INTERNAL = ("internal error", "Traceback")  # in a server's log: a bug, whatever the test did
+
+
+def check_stopped(srv: ServerProcess, code: int | None) -> None:
+    """A server a test started exited 0 and never logged an internal error or a traceback."""
+    output = "\n".join(srv.output)
+    assert code == 0, f"server exited with {code}:\n{output}"
+    bad = [line for line in srv.output if any(word in line for word in INTERNAL)]
+    assert not bad, f"the server logged an internal error:\n{output}"
 
 
 def shared_server(tmp_path_factory: pytest.TempPathFactory, *args: object, n: int = 1003,
@@ -121,7 +130,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, *args: object, n: in
         yield srv
     finally:
         code = srv.stop()
-    assert code == 0, f"server exited with {code}:\n" + "\n".join(srv.output)
+    check_stopped(srv, code)
     left = {name for name in shm_segments() if name.split("_")[1] == str(srv.pid)}
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
 
