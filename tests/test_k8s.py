@@ -459,12 +459,17 @@ def test_probe_exits_0_when_the_server_answers(serve: Callable[..., ServerProces
     assert "1 workers" in out
 
 
+def curve_server(serve: Callable[..., ServerProcess], data: Path,
+                 keys: dict[str, str]) -> ServerProcess:
+    """A server of ``data`` that admits only the authorized keys (as the StatefulSet runs)."""
+    return serve("--data", data, "--workers", 1, "--curve-secret-key", keys["server.key_secret"],
+                 "--authorized-keys", keys["authorized"])
+
+
 def test_probe_over_curve_needs_authorized_keys(serve: Callable[..., ServerProcess],
                                                dataset_path: Callable[..., Path],
                                                keys: dict[str, str]):
-    srv = serve("--data", dataset_path(100), "--workers", 1,
-                "--curve-secret-key", keys["server.key_secret"],
-                "--authorized-keys", keys["authorized"])
+    srv = curve_server(serve, dataset_path(100), keys)
     assert srv.address is not None
     assert probe.run(srv.address, 5, (keys["probe.key_secret"], keys["server.key"])) == 0
     assert probe.main([srv.address, "--timeout", "5",
@@ -520,9 +525,7 @@ def test_batchfeed_probe_is_the_probe_command(serve: Callable[..., ServerProcess
 def test_example_trainer_reads_every_row_over_curve(serve: Callable[..., ServerProcess],
                                                     dataset_path: Callable[..., Path],
                                                     keys: dict[str, str]):
-    srv = serve("--data", dataset_path(1003), "--workers", 1,
-                "--curve-secret-key", keys["server.key_secret"],
-                "--authorized-keys", keys["authorized"])
+    srv = curve_server(serve, dataset_path(1003), keys)
     assert srv.address is not None
     run = subprocess.run(
         [sys.executable, str(K8S / "base" / "trainer.py"), "--loaders", srv.address,

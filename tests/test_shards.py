@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,21 @@ def shards(data_file):
     finally:
         codes = [srv.stop() for srv in (*servers, whole)]
         assert codes == [0] * 4, codes
+
+
+def epoch_through_a_fault(addresses: list[str], whole: str, at: int, fault: Callable[[], None],
+                          **params: object) -> None:
+    """Epoch 0 from ``addresses``, with ``fault()`` after batch ``at``, equals the whole
+    server's epoch 0."""
+    with Client(addresses, prefetch=16, reconnect_timeout=30, **params) as client, \
+            Client(whole, **params) as one:
+        expected = [dict(b) for b in one.epoch(0)]
+        got = []
+        for k, batch in enumerate(client.epoch(0)):
+            got.append(dict(batch))
+            if k == at:
+                fault()
+    same_batches(got, expected)
 
 
 def same_batches(a: list[dict], b: list[dict]) -> None:
@@ -108,16 +124,9 @@ def test_replicas_and_shards_mix_and_losing_a_replica_costs_nothing(serve, data_
                               f"{i % 2}/2"]).start() for i in range(4)]
     whole = serve("--data", data_file, "--workers", 1)
     try:
-        with Client([s.address for s in servers], batch_size=20, seed=9, prefetch=16,
-                    reconnect_timeout=20) as client, Client(whole.address, batch_size=20,
-                                                            seed=9) as one:
-            expected = [dict(b) for b in one.epoch(0)]
-            got = []
-            for k, batch in enumerate(client.epoch(0)):
-                got.append(dict(batch))
-                if k == 10:
-                    os.kill(servers[2].pid, signal.SIGKILL)  # a replica of shard 0
-            same_batches(got, expected)
+        epoch_through_a_fault([s.address for s in servers], whole.address, 10,
+                              lambda: os.kill(servers[2].pid, signal.SIGKILL),  # a replica
+                              batch_size=20, seed=9)
     finally:
         for s in servers:
             s.stop()
@@ -152,18 +161,14 @@ def test_a_restarted_shard_resumes_exactly(data_file, tmp_path: Path) -> None:
     whole = ServerProcess(["--data", str(data_file), "--workers", "1"])
     try:
         whole.start()
-        with Client([s.address for s in servers], batch_size=25, seed=2, prefetch=8,
-                    reconnect_timeout=30) as client, Client(whole.address, batch_size=25,
-                                                            seed=2) as one:
-            expected = [dict(b) for b in one.epoch(0)]
-            got = []
-            for k, batch in enumerate(client.epoch(0)):
-                got.append(dict(batch))
-                if k == 5:
-                    os.kill(servers[1].pid, signal.SIGKILL)
-                    time.sleep(0.5)
-                    servers[1] = ServerProcess(args[1], bind=f"tcp://127.0.0.1:{ports[1]}").start()
-            same_batches(got, expected)
+
+        def restart() -> None:
+            os.kill(servers[1].pid, signal.SIGKILL)
+            time.sleep(0.5)
+            servers[1] = ServerProcess(args[1], bind=f"tcp://127.0.0.1:{ports[1]}").start()
+
+        epoch_through_a_fault([s.address for s in servers], whole.address, 5, restart,
+                              batch_size=25, seed=2)
     finally:
         for s in (*servers, whole):
             s.stop()
