@@ -67,8 +67,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--authorized-keys", metavar="DIR",
                    help="directory of the clients' public .key files allowed to connect")
     p.add_argument("--mmap", action="store_true",
-                   help="memory-map .npy files instead of copying them into shared memory "
-                        "(for data larger than RAM; pairs well with shuffle='buffer')")
+                   help="memory-map .npy and uncompressed Arrow IPC files instead of copying "
+                        "them into shared memory (for data larger than RAM; pairs well with "
+                        "shuffle='buffer'); the files are held open, so a file replaced on "
+                        "disk is not mixed in")
     p.add_argument("--transform", action="append", default=[],
                    metavar="[DATASET=]MODULE:FUNCTION",
                    help="run fn(batch, rng) -> batch on every batch in the workers "
@@ -86,6 +88,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-order-mb", type=float, default=256,
                    help="the largest epoch order a client may ask for with epoch_rows= "
                         "(balanced or weighted sampling), in MiB (default: %(default)s)")
+    p.add_argument("--fingerprint", choices=("auto", "full", "sampled"), default="auto",
+                   help="how the data's identity is computed at start: every byte (full), or "
+                        "its sizes and samples (sampled); auto: full, sampled with --mmap")
+    p.add_argument("--max-sessions", type=int, default=256,
+                   help="open client sessions in all (default: %(default)s)")
+    p.add_argument("--max-sessions-per-connection", type=int, default=8,
+                   help="open sessions per client connection (default: %(default)s)")
+    p.add_argument("--max-unsent-mb", type=float, default=32,
+                   help="batch bytes a connection may have queued but not yet taken; past it "
+                        "the server gathers nothing more for it (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=0,
+                   help="the largest image (width x height) an image transform decodes; "
+                        "larger ones fail their batch before any pixel is decoded (default: "
+                        "batchfeed.images.MAX_PIXELS)")
     p.set_defaults(func=_run_serve)
 
 
@@ -127,6 +143,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         metrics_bind=args.metrics_bind,
         max_order_bytes=max(1, int(args.max_order_mb * MIB)),
         shard=args.shard,
+        fingerprint=args.fingerprint,
+        max_sessions=args.max_sessions,
+        max_sessions_per_connection=args.max_sessions_per_connection,
+        max_unsent_bytes=max(1, int(args.max_unsent_mb * MIB)),
+        max_image_pixels=args.max_image_pixels,
     )
     return serve(config)
 

@@ -13,7 +13,9 @@ disk), loads them into shared memory and serves them.  ``ServerHandle.stop()`` (
 also stops when this process dies.
 
 Fork before starting threads of your own where you can (as with any fork): a process that
-already runs clients or framework thread pools may hold locks the child would inherit.
+already runs clients or framework thread pools may hold locks the child would inherit.  A
+server belongs to the process that started it: a child forked from that process never stops
+it, not even at its exit.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ServerHandle:
         self.process = process
         self.address = address
         self.ready_line = ready_line
-        self._finalizer = weakref.finalize(self, _stop, process, tmpdir)
+        self._finalizer = weakref.finalize(self, _stop, process, tmpdir, os.getpid())
         _LIVE.add(self)
 
     @property
@@ -74,7 +76,9 @@ class ServerHandle:
 
 
 def _stop(process: multiprocessing.process.BaseProcess,
-          tmpdir: tempfile.TemporaryDirectory | None) -> None:
+          tmpdir: tempfile.TemporaryDirectory | None, owner: int) -> None:
+    if os.getpid() != owner:
+        return  # a child forked from the owner exits: the server and its files are the owner's
     if process.pid is not None and process.exitcode is None:
         os.kill(process.pid, signal.SIGTERM)  # the server's own clean shutdown
         stop_process(process, 15.0)
@@ -95,11 +99,15 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
     from batchfeed.server.sources import check_fields, inspect_source
     from batchfeed.server.sources.memory import memory_sources
 
+    datasets: dict | None
     if isinstance(data, (str, Path)):
-        sources = inspect_source(str(data))
+        inspect_source(str(data))  # a bad file raises here, in the caller
+        options["data"] = (f"{name}={data}",)  # read (and fingerprinted) as its files
+        datasets = None
     else:
         sources = memory_sources(data)
         check_fields(sources, "the data passed to batchfeed.serve")
+        datasets = {name: sources}
     tmpdir = None
     if bind is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="batchfeed-")
@@ -107,7 +115,7 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
     config = ServerConfig(bind=bind, workers=workers, **options)
     read_fd, write_fd = os.pipe()
     ctx = multiprocessing.get_context("fork")
-    process = ctx.Process(target=_child, args=(config, {name: sources}, write_fd),
+    process = ctx.Process(target=_child, args=(config, datasets, write_fd),
                           name="batchfeed-serve", daemon=False)
     process.start()
     _stop_at_exit()
@@ -156,7 +164,7 @@ def _read_line(fd: int, process: multiprocessing.process.BaseProcess) -> str:
     return b"".join(chunks).decode("utf-8", "replace").strip()
 
 
-def _child(config: Any, sources: dict, write_fd: int) -> None:
+def _child(config: Any, sources: dict | None, write_fd: int) -> None:
     """The server process: dies with its parent, announces its ready line on the pipe."""
     from batchfeed.server.main import serve as run
 

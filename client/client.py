@@ -17,12 +17,14 @@ I/O thread.
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchfeed.shared.addresses import check_address
-from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.errors import DataMismatch, InvalidRequest, ProtocolError
+from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
 from batchfeed.shared.security import check_libzmq, load_public, load_secret
@@ -232,9 +234,15 @@ class Client:
         return welcome
 
     @property
+    def _forked(self) -> bool:
+        """Whether this is a forked child's copy of a parent's client."""
+        return self._conn is not None and self._conn.pid != os.getpid()
+
+    @property
     def _live(self) -> Connection:
         if self._conn is None:
             raise InvalidRequest("this client is closed")
+        self._conn.check_process()
         return self._conn
 
     # ------------------------------------------------------------------ iteration
@@ -284,34 +292,35 @@ class Client:
     def state_dict(self) -> dict[str, Any]:
         """A small, JSON-serialisable checkpoint: the parameters, plus ``epoch`` (the epoch
         last iterated) and ``next_batch`` (the first batch not yet handed to the trainer),
-        and what it was taken on (``dataset``, ``rows``, ``batches_per_epoch``).
+        and what it was taken on (``dataset``, ``rows``, ``batches_per_epoch``, the data's
+        ``fingerprint`` and the server's ``transform``).
 
         Save it with the model; ``Client.from_state_dict(address, state)`` and then
         ``client.epoch(state["epoch"], start_batch=state["next_batch"])`` continue with
         exactly the batches the uninterrupted run would have given.
         """
         epoch, next_batch = self._position
+        welcome = self._welcome
         return {**self.params.to_wire(), "dataset": self._dataset_name, "epoch": epoch,
                 "next_batch": next_batch, "rows": self.rows,
-                "batches_per_epoch": self.batches_per_epoch, "format": STATE_FORMAT}
+                "batches_per_epoch": self.batches_per_epoch,
+                "fingerprint": welcome.fingerprint.to_wire() if welcome.fingerprint else None,
+                "transform": welcome.transform, "format": STATE_FORMAT}
 
     @classmethod
     def from_state_dict(cls, address: str | Sequence[str], state: dict[str, Any],
                         **kwargs: Any) -> Client:
         """A client with the parameters of ``state`` (connection options may be passed).
 
-        Raises InvalidRequest if the server's dataset is not the size the checkpoint was
-        taken on (its batches would be other rows).  A state from before sizes were recorded
-        is not checked.
+        Raises DataMismatch if the server's data is not what the checkpoint was taken on
+        (another fingerprint or transform), InvalidRequest if its size differs: its batches
+        would be other rows.  What a state from an older release did not record is not
+        checked.
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise InvalidRequest(f"not a batchfeed client state (expected format "
                                  f"{STATE_FORMAT}); pass what Client.state_dict() returned")
-        taken_on = {key: state[key] for key in _SIZES if key in state}
-        for key, value in taken_on.items():
-            if type(value) is not int or value < 0:
-                raise InvalidRequest(f"the client state's {key!r} must be an int >= 0, got "
-                                     f"{value!r}; pass what Client.state_dict() returned")
+        taken_on = TakenOn.of(state)
         known = {f.name for f in dataclasses.fields(PlanParams)}
         params = PlanParams.from_wire({k: v for k, v in state.items() if k in known})
         client = cls(address, **params.to_wire(), dataset=state.get("dataset"), **kwargs)
@@ -322,14 +331,16 @@ class Client:
             raise
         return client
 
-    def _check_taken_on(self, taken_on: dict[str, int]) -> None:
-        """Refuse to resume on a dataset that is not the size the checkpoint was taken on."""
+    def _check_taken_on(self, taken_on: TakenOn) -> None:
+        """Refuse to resume on data other than the checkpoint's: another size (InvalidRequest),
+        or another fingerprint or transform (DataMismatch)."""
+        where = ", ".join(self._live.config.addresses)
         now = {"rows": self.rows, "batches_per_epoch": self.batches_per_epoch}
-        differ = [key for key in _SIZES if key in taken_on and taken_on[key] != now[key]]
+        then = taken_on.sizes
+        differ = [key for key in _SIZES if key in then and then[key] != now[key]]
         if differ:
-            then_ = ", ".join(f"{taken_on[key]:,} {_SIZES[key]}" for key in differ)
+            then_ = ", ".join(f"{taken_on.sizes[key]:,} {_SIZES[key]}" for key in differ)
             here = ", ".join(f"{now[key]:,} {_SIZES[key]}" for key in differ)
-            where = ", ".join(self._live.config.addresses)
             raise InvalidRequest(
                 f"this checkpoint was taken on a dataset with {then_}, but the dataset "
                 f"{self.dataset!r} served at {where} has {here}: resuming would give other "
@@ -337,6 +348,22 @@ class Client:
                 "was taken on (pass dataset=NAME if the server serves several), or start a new "
                 "run with Client(...)"
             )
+        welcome = self._welcome
+        if taken_on.fingerprint is not None and (welcome.fingerprint is None or
+                                                 not welcome.fingerprint.agrees(
+                                                     taken_on.fingerprint)):
+            raise DataMismatch(
+                f"this checkpoint was taken on data with fingerprint {taken_on.fingerprint}, "
+                f"but the dataset {self.dataset!r} served at {where} has fingerprint "
+                f"{welcome.fingerprint}: it is other data (same size or not), and resuming "
+                "would give other rows than the checkpointed run.  Serve the files the "
+                "checkpoint was taken on, or start a new run with Client(...)")
+        if taken_on.has_transform and taken_on.transform != welcome.transform:
+            raise DataMismatch(
+                f"this checkpoint was taken from a server running transform "
+                f"{taken_on.transform}, but the server at {where} runs {welcome.transform}: "
+                "its batches would differ from the checkpointed run's.  Serve with the same "
+                "--transform, or start a new run")
 
     def stats(self) -> dict[str, float]:
         """Batches and bytes received, time spent waiting on data, and their rates."""
@@ -359,6 +386,36 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else ", ".join(self._conn.config.addresses)
         return f"Client({state}, {self.params})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TakenOn:
+    """What a checkpoint was taken on, read from a state dict (checked: InvalidRequest)."""
+
+    sizes: dict[str, int]
+    fingerprint: Fingerprint | None = None
+    transform: str | None = None
+    has_transform: bool = False  # older states did not record one
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> TakenOn:
+        sizes = {key: state[key] for key in _SIZES if key in state}
+        for key, value in sizes.items():
+            if type(value) is not int or value < 0:
+                raise InvalidRequest(f"the state's {key!r} must be an int >= 0, got {value!r}; "
+                                     "pass what state_dict() returned")
+        fingerprint = None
+        if state.get("fingerprint") is not None:
+            try:
+                fingerprint = Fingerprint.from_wire(state["fingerprint"])
+            except ProtocolError as exc:
+                raise InvalidRequest(f"the state's 'fingerprint' is damaged ({exc}); pass what "
+                                     "state_dict() returned") from None
+        transform = state.get("transform")
+        if transform is not None and not isinstance(transform, str):
+            raise InvalidRequest(f"the state's 'transform' must be a string, got "
+                                 f"{transform!r:.80}")
+        return cls(sizes, fingerprint, transform, "transform" in state)
 
 
 def _pack_lengths(pack: Mapping[str, int]) -> tuple[tuple[str, ...], int]:

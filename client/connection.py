@@ -5,15 +5,20 @@ the I/O thread), cancel them, close.
 Everything that talks to a server is the I/O thread's (``io_thread.py``); which batches to ask
 for and in what order they are handed over is the stream's window (``window.py``).  Shutdown:
 ``close()`` closes the I/O thread (BYE on every link, sockets closed, thread joined).
+
+A connection belongs to the process that made it: in a child forked from that process (which
+has copies of its objects, but not its thread) every use raises ForkError, and ``close()`` lets
+go of the copies without touching the parent's sessions.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from typing import Any
 
-from batchfeed.shared.errors import ServerUnavailable
+from batchfeed.shared.errors import ForkError, ServerUnavailable
 from batchfeed.shared.schema import Field
 
 from .io_thread import ClientConfig, IOThread
@@ -27,6 +32,7 @@ class Connection:
 
     def __init__(self, config: ClientConfig):
         self.config = config
+        self.pid = os.getpid()  # the process whose connection it is
         self._io = IOThread(config)
         self._stream: Stream | None = None  # the trainer's current stream
         self._next_stream = 0
@@ -72,9 +78,23 @@ class Connection:
         assert self._io.welcome is not None
         return self._io.welcome
 
+    def check_process(self) -> None:
+        """ForkError in a child forked from the process that made this connection."""
+        if os.getpid() != self.pid:
+            raise ForkError(
+                f"this batchfeed Client was made in process {self.pid} and cannot be used in "
+                f"process {os.getpid()}, a child forked from it: its connection (thread, "
+                "sockets, fast-path leases) stays with the parent.  Make a new Client in the "
+                "child (for a torch DataLoader worker: in worker_init_fn; BatchfeedDataset "
+                "reconnects by itself), or start children with multiprocessing's 'spawn'")
+
     def close(self) -> None:
         """Safe to call twice.  Batches the trainer has not taken are dropped (their fast-path
-        slots go back); those it took stay valid for as long as it keeps them."""
+        slots go back); those it took stay valid for as long as it keeps them.  In a forked
+        child it only drops the child's copies."""
+        if os.getpid() != self.pid:
+            self._stream = None
+            return
         self._io.close()
         stream, self._stream = self._stream, None
         if stream is not None:
@@ -91,6 +111,7 @@ class Connection:
         """The running stream if the trainer is exactly there (epoch e+1 after epoch e), so
         that what was prefetched is kept; otherwise, or if ``fresh``, a new stream (which
         replaces the last)."""
+        self.check_process()
         current = self._stream
         if (not fresh and current is not None and not current.abandoned and not current.broken
                 and current.at(epoch, start)):
@@ -129,6 +150,7 @@ class Connection:
         A trainer that has to wait wakes the I/O thread first (once), so that it sees at once
         what the trainer consumed and asks for more, instead of at its next poll.
         """
+        self.check_process()
         try:
             item = stream.ready.get_nowait()
         except queue.Empty:

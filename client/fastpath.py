@@ -1,10 +1,11 @@
 """The same-host fast path: read batches straight out of the server's slot ring.
 
-``RingMap`` maps a server's ring read-only and checks the proof the server wrote in its first
-page.  ``LeaseBook`` is the client's side of the session's lease table (see the server's
-``leases.py``): opening it proves this process shares the server's shared memory (its nonce goes
-back in CLAIM), and this process holds a shared ``flock`` on it for as long as the book lives,
-which is how the server knows the client is still there.
+``RingMap`` maps a server's ring read-only, checks the proof the server wrote in its first page
+and reads the ring's key, with which the client signs its session's challenge (CLAIM): that
+proves this process shares the server's shared memory.  ``LeaseBook`` is the client's side of
+the lease table the server then grants (see the server's ``leases.py``): this process holds a
+shared ``flock`` on it for as long as the book lives, which is how the server knows the client
+is still there.
 
 For a BATCH that names a slot, ``RingMap.lease`` returns one uint8 array per field over that
 slot; every batch view the trainer gets is derived from one *lease array* per message (numpy
@@ -13,6 +14,10 @@ its finalizer clears the slot's byte in the book (the slot is given back) and nu
 thread.  The finalizer holds the book, never the client, so it works from any thread and after
 the client has closed; the book (its mapping and its lock) lives until the last lease is back.
 No view can ever see its slot rewritten under it.
+
+Leases belong to the process that made them: in a child forked from it (whose copies of the
+views and finalizers run at its exit), ``give_back`` and ``Nudge`` do nothing, so a child can
+never hand back a slot its parent still reads.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import numpy as np
 from batchfeed.shared.errors import ProtocolError
 from batchfeed.shared.protocol import ChunkLayout
 from batchfeed.shared.shm import (
-    LEASE_NONCE_BYTES,
     LEASE_TABLE_HEADER,
+    RING_KEY_BYTES,
+    RING_KEY_OFFSET,
     RING_MAGIC,
     SharedSegment,
+    claim_proof,
 )
 
 
@@ -53,7 +60,12 @@ class RingMap:
             raise ProtocolError(f"shared segment {self.name} is smaller than the ring it should be")
         if segment.buf[: len(RING_MAGIC) + len(proof)] != RING_MAGIC + proof:
             raise ProtocolError(f"shared segment {self.name} is not this server's ring")
+        self._key = bytes(segment.buf[RING_KEY_OFFSET : RING_KEY_OFFSET + RING_KEY_BYTES])
         self._segment = segment
+
+    def prove(self, challenge: str) -> str:
+        """A CLAIM's proof for ``challenge``: signed with the key only this host can read."""
+        return claim_proof(self._key, challenge)
 
     def same(self, ring: dict) -> bool:
         """Whether a WELCOME's ring description is this ring (same server run)."""
@@ -95,13 +107,15 @@ class LeaseBook:
         except BaseException:
             segment.close()
             raise
-        self.nonce = bytes(segment.buf[:LEASE_NONCE_BYTES]).hex()
         self.slots = slots
         self._buf = segment.buf
+        self._pid = os.getpid()  # the process whose views these leases are
         # The mapping and the lock go when the book does (after its last lease is back).
         weakref.finalize(self, segment.close)
 
     def give_back(self, slot: int, nudge: Callable[[], None] | None = None) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child's copy: the slot is its parent's to give back
         if 0 <= slot < self.slots:
             self._buf[LEASE_TABLE_HEADER + slot] = 0
         if nudge is not None:
@@ -116,8 +130,11 @@ class Nudge:
     def __init__(self, fd: int):
         self._fd: int | None = fd
         self._lock = threading.RLock()
+        self._pid = os.getpid()
 
     def __call__(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child: the pipe wakes its parent's thread, not one of its own
         with self._lock:
             if self._fd is None:
                 return

@@ -39,6 +39,7 @@ import zmq
 from batchfeed.shared import protocol
 from batchfeed.shared.errors import (
     BatchfeedError,
+    DataMismatch,
     ProtocolError,
     ServerUnavailable,
     UnknownSession,
@@ -105,6 +106,7 @@ class IOThread:
         os.set_blocking(wake_w, False)
         self.poke = Nudge(wake_w)  # wakes this thread, from any thread
         self._given_back = False  # a lease finalizer ran: tell the servers to look
+        self._first_address = ""  # the server whose WELCOME is ``welcome``
         self._stream: Stream | None = None
         self._links: list[Link] = []
         self._down_since: dict[int, float] = {}  # lane -> since when no server of it is up
@@ -223,6 +225,8 @@ class IOThread:
             self._on_batch(link, h, msg.buffers)
         elif msg.kind == protocol.WELCOME:
             self._on_welcome(link, h)
+        elif msg.kind == protocol.GRANT:
+            link.granted(h)
         elif msg.kind == protocol.ERROR:
             self._on_error(link, h)
         elif msg.kind != protocol.PONG:
@@ -238,13 +242,18 @@ class IOThread:
                                            len(self.config.addresses))
             self.decode = RaggedDecoder(welcome.fields, self.config.params.ragged == "flat")
             self.welcome = welcome
-        elif not welcome.same_data(first):
-            raise ServerUnavailable(
-                f"the server at {link.address} serves {welcome.dataset!r} with {welcome.rows} "
-                f"rows and {welcome.batches_per_epoch} batches per epoch, but this client "
-                f"started with {first.dataset!r}: {first.rows} rows, {first.batches_per_epoch} "
-                "batches; every server of a client must serve the same dataset"
-            )
+            self._first_address = link.address
+        else:
+            differs = welcome.differs(first)
+            if differs is not None:
+                first_at = self._first_address
+                again = "came back serving" if link.address not in self.unwelcomed else "serves"
+                raise DataMismatch(
+                    f"the server at {link.address} {again} {welcome.dataset!r} with {differs} "
+                    f"({first_at} serves {first.dataset!r}, fingerprint {first.fingerprint}): "
+                    "it holds other data, and mixing them would train on rows of both.  Every "
+                    "server of a client must serve the same data: restart it on the same "
+                    "files (and transform), or give this client only servers of one dataset")
         self.unwelcomed.discard(link.address)
         if not self.lanes and not self.unwelcomed:
             self._set_lanes()
@@ -300,18 +309,33 @@ class IOThread:
                 raise ProtocolError("server sent a ring slot to a client without the fast path")
             buffers = link.ring.lease(slot, protocol.check_int_list(h["offsets"], "offsets"),
                                       layout, book, self.poke)
-        batches = protocol.field_views(layout, buffers)
+        batches: list = protocol.field_views(layout, buffers)
         if self.decode:
-            batches = [self.decode(batch) for batch in batches]
+            batches = [self._decoded(link, h["epoch"], h["k0"] + b, batch)
+                       for b, batch in enumerate(batches)]
         if not self.seen_fields:
             self.seen_fields = tuple(Field(name, dtype, tuple(shape[1:])) for name, dtype, shape
                                      in zip(layout.names, layout.dtypes, layout.shapes[0]))
         window = stream.windows[link.lane]
         for b, batch in enumerate(batches):
+            if isinstance(batch, BatchfeedError):  # raised when the trainer gets there
+                window.hold_error(p0 + b, batch)
+                continue
             nbytes = sum(layout.nbytes[f][b] for f in range(len(layout.names)))
             window.arrived(link.address, p0 + b, (batch, nbytes))
         del batches, buffers
         self._deliver(stream)
+
+    def _decoded(self, link: Link, epoch: int, k: int, batch: dict) -> dict | BatchfeedError:
+        """A batch with its str and bytes fields decoded, or the error saying it cannot be."""
+        try:
+            return self.decode(batch)
+        except (ValueError, IndexError) as exc:  # UnicodeDecodeError, offsets out of range
+            return ProtocolError(
+                f"batch {k} of epoch {epoch} from the server at {link.address} cannot be "
+                f"decoded ({type(exc).__name__}: {exc}); its text fields are damaged. "
+                "Check the data the server reads (a server of this release refuses invalid "
+                "UTF-8 when it loads the data)")
 
     def _deliver(self, stream: Stream) -> None:
         """Hand the trainer every batch that is next in plan order (an error in its place

@@ -7,9 +7,10 @@ resume and its secret), PINGs every second, and declares itself *lost* when the 
 drops or the server stays silent for ``heartbeat_timeout``.  What a loss means for the batches
 it was asked for is the stream window's business.
 
-The fast path: a WELCOME that offers it names the ring and a lease table; the link maps the
-ring, opens the table (which only a process on the server's host can), and sends the nonce back
-in CLAIM.  If either cannot be opened the session simply stays on the socket.  ``bye`` says
+The fast path: a WELCOME that offers it names the ring and a challenge; the link maps the ring
+(which only a process on the server's host can), signs the challenge with the ring's key
+(CLAIM), and opens the lease table the server then names in GRANT.  If either cannot be opened
+the session simply stays on the socket.  ``bye`` says
 goodbye and ``finish_bye`` reads what the server still sends until it acknowledges, giving back
 the slots of batches nobody will read.
 """
@@ -26,6 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from batchfeed.shared import protocol
 from batchfeed.shared.errors import AuthenticationError, ProtocolError
+from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import Field, schema_from_wire
 from batchfeed.shared.version import __version__
@@ -75,6 +77,8 @@ class Welcome:
     units: int | None = None  # packed rows or token-budget batches per epoch
     shard: tuple[int, int] | None = None  # (I, N): the server holds shard I of N
     classes: tuple[str, ...] = ()  # the label's class names, if the server knows them
+    fingerprint: Fingerprint | None = None  # the data's identity
+    transform: str | None = None  # the server-side transform every batch goes through
 
     @classmethod
     def from_header(cls, h: dict) -> Welcome:
@@ -85,16 +89,31 @@ class Welcome:
         classes = h["classes"] or []
         if not all(isinstance(c, str) for c in classes):
             raise ProtocolError("the server's class names are not strings")
+        fingerprint = Fingerprint.from_wire(h["fingerprint"]) if h["fingerprint"] else None
         return cls(h["session"], h["dataset"], h["rows"], h["batches_per_epoch"], h["prefetch"],
                    schema_from_wire(h["fields"]) if h["fields"] else (), h["server"],
-                   h["units"], tuple(shard) if shard is not None else None, tuple(classes))
+                   h["units"], tuple(shard) if shard is not None else None, tuple(classes),
+                   fingerprint, h["transform"])
 
-    def same_data(self, other: Welcome) -> bool:
-        """Same rows, batches and fields (the dataset's name may differ between servers, and
-        the fields of an undeclared transform are not known yet)."""
-        same_fields = not self.fields or not other.fields or self.fields == other.fields
-        return same_fields and (self.rows, self.batches_per_epoch) == (
-            other.rows, other.batches_per_epoch)
+    def differs(self, other: Welcome) -> str | None:
+        """What makes this server's batches other than ``other``'s, or None: another
+        fingerprint, transform, size or schema (the dataset's name may differ between
+        servers, and the fields of an undeclared transform are not known yet)."""
+        mine, theirs = self.fingerprint, other.fingerprint
+        if (mine is None) != (theirs is None) or (
+                mine is not None and theirs is not None and not mine.agrees(theirs)):
+            unknown = "" if mine is None or theirs is None or mine.comparable(theirs) else (
+                " (one computed only a full digest and the other only a sampled one: start "
+                "them with the same --fingerprint mode)")
+            return f"dataset fingerprint {mine} where the other has {theirs}{unknown}"
+        if self.transform != other.transform:
+            return f"transform {self.transform} where the other has {other.transform}"
+        if (self.rows, self.batches_per_epoch) != (other.rows, other.batches_per_epoch):
+            return (f"{self.rows} rows and {self.batches_per_epoch} batches per epoch where "
+                    f"the other has {other.rows} and {other.batches_per_epoch}")
+        if self.fields and other.fields and self.fields != other.fields:
+            return "other fields than the other"
+        return None
 
 
 class Link:
@@ -244,22 +263,33 @@ class Link:
         self._hello_wait = 0.25
         self.books = {s: b for s, b in self.books.items() if s == self._last_session}
         self._last_session = welcome.session
-        if self.fastpath and h["ring"] is not None and h["claim"] is not None:
-            self._claim(h["ring"], h["claim"])
+        if self.fastpath and h["ring"] is not None and h["challenge"] is not None:
+            self._claim(h["ring"], h["challenge"])
         return welcome
 
-    def _claim(self, ring: dict, claim: str) -> None:
+    def _claim(self, ring: dict, challenge: str) -> None:
+        """Prove this process shares the server's memory: sign the challenge with its ring's
+        key (the lease table comes in GRANT)."""
         try:
             if self.ring is None or not self.ring.same(ring):
                 self.ring = RingMap(ring)
-            book = LeaseBook(claim, self.ring.slots)
         except (OSError, ProtocolError) as exc:
             log.info("fast path to %s unavailable (%s); using the socket", self.address, exc)
             self.ring = None
             return
         assert self.session is not None
-        self.books[self.session] = book
-        self.send(protocol.claim(session=self.session, nonce=book.nonce))
+        self.send(protocol.claim(session=self.session, proof=self.ring.prove(challenge)))
+
+    def granted(self, h: dict) -> None:
+        """GRANT: open the session's lease table (from then on the server may send slots)."""
+        session = self.session
+        if session is None or h["session"] != session or self.ring is None or \
+                session in self.books:
+            return  # about a session we have left, or a repeat
+        try:
+            self.books[session] = LeaseBook(h["table"], self.ring.slots)
+        except (OSError, ProtocolError) as exc:
+            log.info("fast path to %s unavailable (%s); using the socket", self.address, exc)
 
     def lose(self, fresh_socket: bool) -> None:
         """The server is gone (or silent): start over, resuming the session if it comes back."""

@@ -19,7 +19,9 @@ What training loops get:
 - One pass at a time: a new ``iter()`` while a pass is running makes that pass raise
   IteratorSuperseded.
 - It pickles, connected or not: a copy carries the parameters and the position (where the next
-  pass starts) and connects on its first use; never a socket, a lock or a thread.
+  pass starts) and connects on its first use; never a socket, a lock or a thread.  In a child
+  process forked from the one that connected it (a DataLoader worker, say), it connects anew
+  on first use there and never touches the parent's connection.
 
 Batching, shuffling and parallel loading happen on the server, so keep ``num_workers=0``.  The
 client connects on first use; ``close()`` (or leaving a ``with`` block) closes it.  This module
@@ -38,10 +40,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from batchfeed.shared.errors import InvalidRequest, IteratorSuperseded
 from batchfeed.shared.plan import PlanParams
 
-from .client import STATE_FORMAT, Client, EpochIterator
+from .client import STATE_FORMAT, Client, EpochIterator, TakenOn
 
 _PARAM_NAMES = tuple(f.name for f in dataclasses.fields(PlanParams))
-_SIZES = ("rows", "batches_per_epoch")
 
 
 def _check_position(epoch: object, start_batch: object) -> None:
@@ -88,7 +89,7 @@ class BatchfeedDataset(IterableDataset):
         self.params = PlanParams(**{k: v for k, v in client_kwargs.items() if k in _PARAM_NAMES})
         self._next = (epoch, start_batch)  # where the next pass starts
         self._chosen = True  # ``_next`` was set (not derived from a pass) since the last iter()
-        self._taken_on: dict[str, int] = {}  # sizes a loaded state was taken on
+        self._taken_on = TakenOn({})  # what a loaded state was taken on
         self._pass: _Pass | None = None  # the last pass started
         self._client: Client | None = None
 
@@ -96,7 +97,10 @@ class BatchfeedDataset(IterableDataset):
 
     @property
     def client(self) -> Client:
-        """The client, connected on first use (and checked against a loaded state's sizes)."""
+        """The client, connected on first use (and checked against a loaded state's sizes);
+        in a forked child, a client of its own."""
+        if self._client is not None and self._client._forked:
+            self._client, self._pass = None, None  # the parent's: left alone
         if self._client is None:
             client = Client(self.address, **self.client_kwargs)
             try:
@@ -202,10 +206,7 @@ class BatchfeedDataset(IterableDataset):
             raise InvalidRequest(f"not a batchfeed state (expected format {STATE_FORMAT}); pass "
                                  "what BatchfeedDataset.state_dict() returned")
         _check_position(state.get("epoch"), state.get("next_batch"))
-        taken_on = {key: state[key] for key in _SIZES if key in state}
-        for key, value in taken_on.items():
-            if type(value) is not int or value < 0:
-                raise InvalidRequest(f"the state's {key!r} must be an int >= 0, got {value!r}")
+        taken_on = TakenOn.of(state)
         params = PlanParams.from_wire({k: v for k, v in state.items() if k in _PARAM_NAMES})
         then = dataclasses.asdict(params)
         then["dataset"] = state.get("dataset")

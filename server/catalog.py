@@ -24,7 +24,7 @@ from batchfeed.shared.plan import (
     column,
     index_dtype,
 )
-from batchfeed.shared.schema import Field
+from batchfeed.shared.schema import RAGGED, Field
 from batchfeed.shared.shm import human_bytes
 from batchfeed.shared.units import budget_bounds, plan_units
 
@@ -89,6 +89,7 @@ class Catalog:
                 f"({human_bytes(budget)}, --max-order-mb): ask for at most "
                 f"{most:,} rows per epoch, or restart the server with a larger --max-order-mb")
         self._check_sampling_fields(dataset, plan.params)
+        check_pad_value(dataset.fields, params)
         return plan
 
     def estimate(self, dataset: DatasetSpec, plan: BatchPlan) -> BatchEstimate:
@@ -131,3 +132,28 @@ class Catalog:
             for seg in segments:
                 seg.close()
         self._columns.clear()
+
+
+def check_pad_value(fields: tuple[Field, ...], params: PlanParams) -> None:
+    """InvalidRequest unless ``pad_value`` fits every field it pads (a value that does not fit
+    the dtype would fail every batch, or wrap around)."""
+    pad = params.pad_value
+    padded = [f for f in fields if f.kind == RAGGED and (
+        f.name in params.pack if params.pack is not None else params.ragged == "pad")]
+    for f in padded:
+        kind = f.dtype.kind
+        if kind in "iu":
+            info = np.iinfo(f.dtype)
+            fits = float(pad).is_integer() and info.min <= pad <= info.max
+            allowed = f"an integer in [{info.min}, {info.max}]"
+        elif kind == "b":
+            fits, allowed = pad in (0, 1), "0 or 1"
+        elif kind == "f":
+            finfo = np.finfo(f.dtype)
+            fits = not np.isfinite(pad) or abs(pad) <= finfo.max
+            allowed = f"a number within +-{float(finfo.max):.4g}"
+        else:
+            fits, allowed = True, ""
+        if not fits:
+            raise InvalidRequest(f"pad_value={pad!r} does not fit field {f.name!r} "
+                                 f"({f.dtype}): pad with {allowed}, e.g. pad_value=0")

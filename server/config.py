@@ -20,6 +20,16 @@ def cpu_count() -> int:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one peer may hold of the server (``docs/security.md`` lists each with its flag)."""
+
+    sessions: int = 256  # open sessions in all (--max-sessions)
+    per_connection: int = 8  # open sessions per connection (--max-sessions-per-connection)
+    unsent_bytes: int = 32 * 2**20  # a connection's messages ZeroMQ has not handed on
+    total_unsent_bytes: int = 512 * 2**20  # everyone's (a session with none may always send)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """How to run a loader server.  ``data`` empty means the built-in synthetic dataset."""
 
@@ -41,6 +51,11 @@ class ServerConfig:
     metrics_bind: str = "127.0.0.1"
     max_order_bytes: int = 256 * MIB  # the largest epoch order a session may ask for
     shard: tuple[int, int] | None = None  # (I, N): hold only shard I of N of every dataset
+    fingerprint: str = "auto"  # "full", "sampled", or "auto": full, sampled with --mmap
+    max_sessions: int = Limits.sessions
+    max_sessions_per_connection: int = Limits.per_connection
+    max_unsent_bytes: int = Limits.unsent_bytes  # per connection
+    max_image_pixels: int = 0  # 0: batchfeed.images' default
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -63,6 +78,17 @@ class ServerConfig:
                 "clients and datasets to anyone who can reach the port, over plain HTTP. "
                 "Keep --metrics-bind on loopback (the default) and scrape through a tunnel or "
                 "a sidecar, or pass --insecure on a trusted private network")
+        for flag, value in (("--max-sessions", self.max_sessions),
+                            ("--max-sessions-per-connection", self.max_sessions_per_connection),
+                            ("--max-unsent-mb", self.max_unsent_bytes)):
+            if type(value) is not int or value < 1:
+                raise InvalidRequest(f"{flag} must be positive, got {value!r}")
+        if self.max_image_pixels < 0:
+            raise InvalidRequest(f"--max-image-pixels must be positive, got "
+                                 f"{self.max_image_pixels}")
+        if self.fingerprint not in ("auto", "full", "sampled"):
+            raise InvalidRequest(f"--fingerprint must be auto, full or sampled, got "
+                                 f"{self.fingerprint!r}")
         if self.max_order_bytes < 1:
             raise InvalidRequest("--max-order-mb must be positive")
         if self.shard is not None:
@@ -77,6 +103,22 @@ class ServerConfig:
     @property
     def n_workers(self) -> int:
         return self.workers or cpu_count()
+
+    @property
+    def limits(self) -> Limits:
+        """What one peer may hold (the total unsent allows 16 connections at their limit)."""
+        return Limits(sessions=self.max_sessions, per_connection=self.max_sessions_per_connection,
+                      unsent_bytes=self.max_unsent_bytes,
+                      total_unsent_bytes=max(Limits.total_unsent_bytes,
+                                             16 * self.max_unsent_bytes))
+
+    @property
+    def fingerprint_mode(self) -> str:
+        """What ``auto`` means: every byte, or samples of data too big to read at each start
+        (``--mmap``)."""
+        if self.fingerprint != "auto":
+            return self.fingerprint
+        return "sampled" if self.mmap else "full"
 
     @property
     def n_slots(self) -> int:

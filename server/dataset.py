@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError
+from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.schema import Field, Ragged, describe_schema
 from batchfeed.shared.shm import SharedSegment, segment_name
 
@@ -71,6 +72,7 @@ class DatasetSpec:
     storage: tuple[FieldStorage, ...]  # one per field, same order
     classes: tuple[str, ...] = ()  # the label names of an image folder
     shard: tuple[int, int] | None = None  # (I, N): this server holds shard I of N
+    fingerprint: Fingerprint | None = None  # the whole dataset's (shards too)
 
     @property
     def row_range(self) -> tuple[int, int]:
@@ -84,6 +86,12 @@ class DatasetSpec:
         for f, st in zip(self.fields, self.storage):
             total += f.row_nbytes * (st.n_values // max(1, self.rows) + 1 if f.ragged else 1)
         return total
+
+    def describe_files(self) -> str:
+        """The files its mapped fields read, for error messages ("" when it is in memory)."""
+        files = sorted({st.npy or (st.arrow[0] if st.arrow else "") for st in self.storage
+                        if st.mapped})
+        return f"(mapped from {', '.join(files)}) " if files else ""
 
     def describe(self) -> str:
         mapped = " (memory-mapped)" if any(s.mapped for s in self.storage) else ""
@@ -117,8 +125,8 @@ class SharedDataset:
 
     @classmethod
     def load(cls, name: str, sources: list[FieldSource], token: str, mmap: bool = False,
-             classes: tuple[str, ...] = (), shard: tuple[int, int] | None = None
-             ) -> SharedDataset:
+             classes: tuple[str, ...] = (), shard: tuple[int, int] | None = None,
+             fingerprint: Fingerprint | None = None) -> SharedDataset:
         """Fill every field into its own segments (``mmap``: map its file instead); with
         ``shard``, only that shard's rows of the fields that are sharded."""
         segments: list[SharedSegment] = []
@@ -139,7 +147,7 @@ class SharedDataset:
             raise
         classes = classes or next((s.classes for s in sources if s.classes), ())
         spec = DatasetSpec(name, sources[0].rows, tuple(s.field for s in sources),
-                           tuple(storage), classes, shard)
+                           tuple(storage), classes, shard, fingerprint)
         return cls(spec, segments)
 
     def close(self) -> None:

@@ -25,8 +25,10 @@ a clean server instead of serving from corrupt bookkeeping.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import Counter, defaultdict
@@ -34,23 +36,24 @@ from collections import Counter, defaultdict
 import zmq
 
 from batchfeed.shared import protocol
-from batchfeed.shared.errors import BatchfeedError, ProtocolError
+from batchfeed.shared.errors import BatchfeedError, ProtocolError, ResourceError, WorkerError
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import schema_to_wire
+from batchfeed.shared.shm import claim_proof
 from batchfeed.shared.version import __version__
 
 from . import tasks
 from .catalog import Catalog
 from .config import ServerConfig
 from .dataset import DatasetSpec
-from .leases import TABLE_HEADER, Leases
+from .leases import Leases
 from .orders import OrderBoard
 from .ratelog import RateLimitedLog
 from .report import describe_server, session_list
 from .ring import SlotRing
-from .scheduler import TASKS_PER_WORKER, InFlight, Scheduler
-from .security import ServerSecurity, check_ipc_free
-from .sessions import Owner, Session, SessionTable, new_session, size_session
+from .scheduler import TASKS_PER_WORKER, GivenUp, InFlight, Scheduler
+from .security import IpcPath, ServerSecurity, check_ipc_free
+from .sessions import MAX_ATTEMPTS, Owner, Session, SessionTable, new_session, size_session
 from .supervisor import Supervisor, WorkerHandle
 from .transform import Transform
 from .worker import WorkerSpec
@@ -60,10 +63,18 @@ log = logging.getLogger("batchfeed.server")
 CLIENT_MAX_MSG = 1 << 20  # client -> server messages are small headers
 DRAIN_MAX = 512
 TIMER_PERIOD = 0.25
+# Messages ZeroMQ may queue per connection.  BATCH messages stay far below it (a connection's
+# unsent bytes are bounded, sessions.Limits); past it, replies to a peer that does not read
+# (errors, pongs) are dropped instead of queued.
+SEND_HWM = 10_000
 
 
 class BookkeepingError(Exception):
     """An invariant of the server's own state no longer holds: it must not serve on."""
+
+
+class WorkersFailed(Exception):
+    """Worker processes cannot start: the server told its clients why and stops."""
 
 
 class Frontend:
@@ -79,9 +90,10 @@ class Frontend:
         self.catalog = Catalog(datasets, self.transforms)
         self.ring = ring
         self.leases = Leases(ring, reserve=TASKS_PER_WORKER * config.n_workers)
-        self.sessions = SessionTable(self.leases)
+        self.sessions = SessionTable(self.leases, config.limits)
         self.orders = OrderBoard(ring.token)
-        self.scheduler = Scheduler(ring, self.orders, self.sessions.by_id)
+        self.scheduler = Scheduler(ring, self.orders, self.sessions.by_id,
+                                   self.sessions.may_send)
         self.poller = zmq.Poller()
         self.supervisor = Supervisor(self._worker_spec, config.n_workers, config.task_timeout,
                                      self.poller)
@@ -93,10 +105,13 @@ class Frontend:
         self.log = RateLimitedLog(log)
         self._stopping = False
         self._last_timer = 0.0
+        self._moved_at = 0.0  # when a send was last seen handed on
+        self._flush_on_close = False
         self.started = time.monotonic()
         self.ctx: zmq.Context | None = None
         self.clients: zmq.Socket | None = None
         self.address = config.bind
+        self._ipc: IpcPath | None = None  # the socket file this server made, removed at close
         # stop() writes a byte here: a signal handler runs while the poll is interrupted, and
         # pyzmq then polls again for the rest of its timeout; this makes that poll return.
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -125,13 +140,15 @@ class Frontend:
         self.clients.linger = 0
         self.clients.router_mandatory = 1
         self.clients.maxmsgsize = CLIENT_MAX_MSG
-        self.clients.sndhwm = 100_000  # credit, not the HWM, bounds what is queued per client
+        self.clients.sndhwm = SEND_HWM
         self.clients.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if self.config.bind.startswith("ipc://"):
             check_ipc_free(self.config.bind[len("ipc://"):])
         self.clients.bind(self.config.bind)
         self.address = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.address.startswith("ipc://"):
+            self._ipc = IpcPath.made(self.address[len("ipc://"):])
         self.poller.register(self.clients, zmq.POLLIN)
         self._wake = socket.socketpair()  # after the fork: the workers never hold it
         for end in self._wake:
@@ -155,8 +172,12 @@ class Frontend:
         self._stopping = True
         self.supervisor.close()
         if self.clients is not None:
-            self.clients.close(linger=0)
+            # Linger only to deliver the errors that say why the server stops.
+            self.clients.close(linger=1000 if self._flush_on_close else 0)
         self.clients = None
+        if self._ipc is not None:
+            self._ipc.remove()  # ZeroMQ leaves it; a later server could not tell it is stale
+            self._ipc = None
         self.leases.close()
         if self.security is not None:
             self.security.close()
@@ -176,6 +197,8 @@ class Frontend:
         while not self._stopping:
             try:
                 self._iterate()
+            except WorkersFailed:
+                raise
             except Exception:  # a bug must cost one message, not the whole server
                 self.errors["internal"] += 1
                 self.log.log(logging.ERROR, "internal", "internal error in the front end",
@@ -194,21 +217,38 @@ class Frontend:
         for w in list(self.workers):
             if w.fd in events or w.sentinel in events:
                 self._drain_worker(w, exited=w.sentinel in events)
-        self.leases.reap_sends()
+        now = time.monotonic()
+        if self.leases.reap_sends() + self.sessions.reap():
+            self._moved_at = now
         if self.scheduler.runnable and not self.ring.free_count:
             self.leases.collect_all()  # starved: look for slots given back
+        self.supervisor.tick(now)
+        if self.supervisor.broken is not None:
+            self._workers_failed(self.supervisor.broken)
         self.scheduler.dispatch(self.workers)
         self.scheduler.order_ahead(self.workers)
-        now = time.monotonic()
         if now - self._last_timer >= TIMER_PERIOD:
             self._last_timer = now
             self._check_timers(now)
 
     def _poll_timeout_ms(self) -> int | float:
-        if self.leases.sends:
-            # Tracker completion has no file descriptor; look again soon, sooner if starved.
+        if self.leases.sends or self.sessions.sending:
+            # Tracker completion has no file descriptor: look again soon (sooner if starved),
+            # but not busily for a peer that has stopped reading.
+            if time.monotonic() - self._moved_at > 0.05:
+                return 20
             return 0.2 if self.scheduler.runnable and not self.ring.free_count else 2
-        return 100
+        return 20 if self.supervisor.starting else 100
+
+    def _workers_failed(self, why: str) -> None:
+        """Workers cannot start: every client is told why, then the server stops."""
+        message = (f"the server at {self.address} stops: {why}; see its log, fix the cause "
+                   "(its data, memory, or a transform that fails at start) and restart it")
+        log.critical("%s", message)
+        for s in self.sessions:
+            self._send(s.route, protocol.error(ResourceError.code, message, session=s.id))
+        self._flush_on_close = True
+        raise WorkersFailed(message)
 
     def check_invariants(self) -> None:
         """Every slot has one holder and every holder knows its slots; sessions' counters
@@ -263,18 +303,20 @@ class Frontend:
             return False
 
     def _on_hello(self, owner: Owner, h: dict) -> None:
+        self.sessions.check_room(owner)  # before any work: a peer past its limit costs nothing
         params = PlanParams.from_wire(h["params"])
         dataset = self.catalog.dataset(h["dataset"])
         plan = self.catalog.plan(dataset, params, self.config.max_order_bytes)
         fields = self.catalog.served_fields(dataset)
         sizing = size_session(self.catalog.estimate(dataset, plan), h["prefetch"],
                               self.ring.slot_bytes, self.config.chunk_bytes)
-        table = self.leases.offer() if h["fastpath"] else None
-        session = new_session(owner, dataset, plan, sizing, name=h["name"] or "", table=table)
+        session = new_session(owner, dataset, plan, sizing, name=h["name"] or "",
+                              challenge=secrets.token_hex(16) if h["fastpath"] else "")
         self.sessions.open(session, h["resume"], h["resume_secret"])
         self.counters["sessions"] += 1
         log.info("session %x (%s) from %s: %s on %s", session.id, session.label,
                  session.name or "?", params, dataset.name)
+        transform = self.transforms.get(dataset.name)
         self._send(owner[0], protocol.welcome(
             session=session.id,
             secret=session.secret,
@@ -287,18 +329,28 @@ class Frontend:
             units=plan.epoch_rows if params.units != "rows" else None,
             shard=list(dataset.shard) if dataset.shard is not None else None,
             classes=list(dataset.classes) or None,
-            ring=self.ring.describe() if table is not None else None,
-            claim=table.name if table is not None else None,
+            fingerprint=dataset.fingerprint.to_wire() if dataset.fingerprint else None,
+            transform=transform.name if transform is not None else None,
+            ring=self.ring.describe() if session.challenge else None,
+            challenge=session.challenge or None,
         ))
 
     def _on_claim(self, owner: Owner, h: dict) -> None:
+        """A fast-path CLAIM: proved (the challenge signed with the ring's key), it gets the
+        session's lease table, once; otherwise the session goes on over the socket."""
         s = self.sessions.find(h["session"], owner)
-        if s.table is None or not s.table.claim(h["nonce"]):
-            # No reply: the session goes on over the socket, as it would have anyway.
+        challenge, s.challenge = s.challenge, ""  # one attempt per session
+        if not challenge or not hmac.compare_digest(h["proof"],
+                                                    claim_proof(self.ring.key, challenge)):
             self.counters["claims_refused"] += 1
-            self.log.log(logging.WARNING, "claim", "session %s: a fast-path claim with a wrong "
-                         "nonce was refused; its batches keep coming over the socket", s.label)
+            self.log.log(logging.WARNING, "claim", "session %s: a fast-path claim without the "
+                         "proof of shared memory was refused; its batches keep coming over "
+                         "the socket", s.label)
             return
+        s.table = self.leases.grant()
+        if s.table is None:
+            return  # no room for a table: the socket it is
+        self._send(owner[0], protocol.grant(session=s.id, table=s.table.name))
         log.info("session %x (%s): fast path granted", s.id, s.label)
 
     def _on_stats(self, owner: Owner, h: dict) -> None:
@@ -351,12 +403,35 @@ class Frontend:
         for data in messages or ():
             self._on_worker(w, tasks.unpack(data))
         if (messages is None or exited) and w in self.workers and not self._stopping:
-            self.scheduler.lost(w)
+            for lost in self.scheduler.lost(w, timed_out=w.timed_out):
+                self._give_up(lost, w)
             self.supervisor.replace(w)
+
+    def _give_up(self, lost: GivenUp, worker: WorkerHandle) -> None:
+        """A batch lost with its worker ``MAX_ATTEMPTS`` times fails (the rest goes on)."""
+        s = self.sessions.by_id.get(lost.session)
+        if s is None:
+            return
+        self.errors["gave_up"] += 1
+        how = (f"each worker that gathered it was killed after making no progress for "
+               f"{self.config.task_timeout:g} s (--task-timeout)" if lost.timed_out
+               else f"each worker that gathered it died (the last {worker.describe_exit()})")
+        transform = self.transforms.get(s.dataset.name)
+        fix = (f"raise --task-timeout if transform {transform.name} is merely slow on it, or "
+               "fix what it does on this batch's rows" if transform is not None and
+               lost.timed_out else "check the data this batch reads (and the server's log)")
+        message = (f"batch {lost.k} of epoch {lost.epoch} of dataset {s.dataset.name!r} "
+                   f"{s.dataset.describe_files()}could not be made: {how}, {MAX_ATTEMPTS} "
+                   f"times; the server goes on with the other batches. To fix: {fix}")
+        self.log.log(logging.WARNING, "gave up", "session %s: %s", s.label, message)
+        self._send(s.route, protocol.error(WorkerError.code, message, session=s.id,
+                                           stream=lost.stream, epoch=lost.epoch, k0=lost.k))
 
     def _on_worker(self, worker: WorkerHandle, msg: tasks.Message) -> None:
         if isinstance(msg, tasks.Ready):
             worker.ready = True
+        elif isinstance(msg, tasks.Broken):
+            worker.broken = msg.reason
         elif isinstance(msg, tasks.Ordered):
             self.scheduler.ordered(worker, msg.id, msg.ok)
         elif isinstance(msg, (tasks.Done, tasks.Failed)):
@@ -405,21 +480,30 @@ class Frontend:
         if not self.leases.may_hold(s, s.fastpath):
             # Over the budget: a copy, so the slot is free at once and nobody waits on it.
             self.counters["copied_sends"] += 1
-            self._send(s.route, protocol.batch(buffers=views, **where), copy=True)
+            frames = [zmq.Frame(bytes(view), copy=False, track=True) for view in views]
             self.ring.release(slot, job.holder)
+            self._send_tracked(s, protocol.batch(buffers=frames, **where), frames, nbytes)
         elif s.fastpath:
             assert s.table is not None
             self.leases.lease(s.table, slot, job.holder)  # the byte is set before the send
             if not self._send(s.route, protocol.batch(slot=slot, offsets=done.offsets,
                                                       **where)):
-                s.table.buf[TABLE_HEADER + slot] = 0  # never went out: take it back
-                self.leases.collect(s.table)
+                self.leases.take_back(s.table, slot)  # never went out
         else:
             # Every data frame points into the slot (zero-copy); the slot is free again once
             # ZeroMQ has released all of them.
             frames = [zmq.Frame(view, copy=False, track=True) for view in views]
-            self.leases.track(s.id, slot, job.holder, zmq.MessageTracker(*frames))
-            self._send(s.route, protocol.batch(buffers=frames, **where), copy=False)
+            tracker = zmq.MessageTracker(*frames)
+            self.leases.track(s.id, slot, job.holder, tracker)
+            self._send_tracked(s, protocol.batch(buffers=frames, **where), frames, nbytes,
+                               tracker)
+
+    def _send_tracked(self, s: Session, message: list, frames: list, nbytes: int,
+                      tracker: zmq.MessageTracker | None = None) -> None:
+        """Send a BATCH whose data frames are tracked: its bytes count as the connection's
+        unsent until ZeroMQ has handed them on."""
+        if self._send(s.route, message, copy=False):
+            self.sessions.sending_on(s, tracker or zmq.MessageTracker(*frames), nbytes)
 
     # ------------------------------------------------------------------ timers
 

@@ -1,19 +1,22 @@
 """Fast-path leases, and the budget of slots that clients may hold at once.
 
-**Lease tables.**  A same-host client that asks for the fast path is offered a *lease table*: a
-small 0600 shared segment holding a random nonce, then one byte per ring slot.  The client
-proves it can read this server's shared memory on this host by sending the nonce back (CLAIM);
-only then is it sent slots instead of data.  It keeps the table's descriptor open with a shared
-``flock`` for as long as it may hold views, and the table's name is unlinked once claimed, so
-no other process can open it.
+**Lease tables.**  A same-host client that asks for the fast path must first prove it can read
+this server's shared memory on this host: it signs its session's challenge with the key in the
+ring's first page (CLAIM; ``claim_proof``).  Only a proved CLAIM gets a *lease table*: a small
+0600 shared segment of one byte per ring slot, named to the client in GRANT.  The client opens
+it and holds a shared ``flock`` on its descriptor for as long as it may hold views; once the
+server sees that lock (``LeaseTable.held``) it unlinks the name, so no other process can open it,
+and only then leases slots through it.  An unproved HELLO costs the server no segment and no
+descriptor.
 
 - The server sets a slot's byte to 1 when it leases the slot (before the BATCH naming it goes
   out); the client sets it back to 0 when its last view of the slot is gone, from whichever
   thread drops it, even after its I/O thread has ended.  ``collect`` frees the slots whose byte
   is 0: nobody but the client that holds a slot can give it back.
+- No process holds the table's lock any more: the client process (and any child it forked) is
+  gone, so its slots come back at once (``gone``), whether its session is open or closed.
 - A table whose session has closed stays (an *orphan*) until every slot is back, or until no
-  process holds its ``flock`` any more (the client process is gone): ``holder_alive``.  No other
-  process can keep a table alive by claiming a pid.
+  process holds its lock.  No other process can keep a table alive by claiming a pid.
 
 **The budget.**  Leases and zero-copy sends hold slots beyond the gather.  Together they may hold
 at most ``limit`` slots, leaving ``reserve`` for the workers, and one session's leases at most
@@ -30,18 +33,12 @@ pointing into it are released (``track``, ``reap_sends``).
 from __future__ import annotations
 
 import fcntl
-import hmac
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
 
 from batchfeed.shared.errors import ResourceError
-from batchfeed.shared.shm import (
-    LEASE_NONCE_BYTES,
-    LEASE_TABLE_HEADER,
-    SharedSegment,
-    segment_name,
-)
+from batchfeed.shared.shm import LEASE_TABLE_HEADER, SharedSegment, segment_name
 
 from .ring import LEASE, SEND, Holder, SlotRing
 
@@ -58,13 +55,12 @@ class LeaseTable:
 
     def __init__(self, token: str, serial: int, n_slots: int):
         self.id = serial
-        self.nonce = secrets.token_bytes(LEASE_NONCE_BYTES)
-        self.segment = SharedSegment.create(segment_name(token, f"lease{serial}"),
-                                            TABLE_HEADER + n_slots, keep_fd=True)
+        tag = f"lease{serial}x{secrets.token_hex(8)}"  # not guessable from the serial
+        self.segment = SharedSegment.create(segment_name(token, tag), TABLE_HEADER + n_slots,
+                                            keep_fd=True)
         assert self.segment.buf is not None
         self.buf = self.segment.buf
-        self.buf[:LEASE_NONCE_BYTES] = self.nonce
-        self.claimed = False
+        self.claimed = False  # the client holds its lock (and its name is gone)
         self.slots: set[int] = set()  # leased through this table and not yet given back
 
     @property
@@ -75,17 +71,13 @@ class LeaseTable:
     def holder(self) -> Holder:
         return Holder(LEASE, self.id)
 
-    def claim(self, nonce: str) -> bool:
-        """The client read the nonce: it shares this host's shared memory with the server."""
-        try:
-            given = bytes.fromhex(nonce)
-        except ValueError:
-            return False
-        if self.claimed or not hmac.compare_digest(given, self.nonce):
-            return False
-        self.claimed = True
-        self.segment.unlink()  # nobody else may open it now
-        return True
+    def held(self) -> bool:
+        """Whether the client has opened the table and holds its lock (checked until it does:
+        then the name is unlinked, so nobody else may open it, and leases may begin)."""
+        if not self.claimed and self._locked():
+            self.claimed = True
+            self.segment.unlink()
+        return self.claimed
 
     def mark(self, slot: int) -> None:
         self.buf[TABLE_HEADER + slot] = 1
@@ -97,8 +89,11 @@ class LeaseTable:
 
     def holder_alive(self) -> bool:
         """Whether the client process (or a child it forked) still holds the table."""
+        return self.claimed and self._locked()
+
+    def _locked(self) -> bool:
         fd = self.segment.fd
-        if not self.claimed or fd is None:
+        if fd is None:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,8 +120,9 @@ class Leases:
 
     # ------------------------------------------------------------------ tables
 
-    def offer(self) -> LeaseTable | None:
-        """A new table for a session that asked for the fast path (None: no room in shm)."""
+    def grant(self) -> LeaseTable | None:
+        """A new table for a session whose CLAIM was proved (None: no room in shared memory,
+        or no descriptor left; the session then stays on the socket)."""
         self._serial += 1
         try:
             table = LeaseTable(self.ring.token, self._serial, self.ring.n_slots)
@@ -136,9 +132,19 @@ class Leases:
         self._live[table.id] = table
         return table
 
+    def gone(self) -> list[LeaseTable]:
+        """Tables of open sessions whose client process is gone (nobody holds the lock): their
+        sessions should close now, and their slots come back."""
+        return [t for t in self._live.values() if t.claimed and not t.holder_alive()]
+
     def lease(self, table: LeaseTable, slot: int, gathered_by: Holder) -> None:
         self.ring.hand_over(slot, gathered_by, table.holder)
         table.mark(slot)
+
+    def take_back(self, table: LeaseTable, slot: int) -> None:
+        """A lease whose BATCH never went out: the slot is free again."""
+        table.buf[TABLE_HEADER + slot] = 0
+        self.collect(table)
 
     def collect(self, table: LeaseTable) -> int:
         """Free the slots the client gave back; how many."""
@@ -179,16 +185,19 @@ class Leases:
         self.ring.hand_over(slot, gathered_by, holder)
         self.sends.append((tracker, slot, holder))
 
-    def reap_sends(self) -> None:
+    def reap_sends(self) -> int:
+        """Free the slots of the sends ZeroMQ is done with; how many."""
         if not self.sends:
-            return
+            return 0
         still = []
         for tracker, slot, holder in self.sends:
             if tracker.done:
                 self.ring.release(slot, holder)
             else:
                 still.append((tracker, slot, holder))
+        freed = len(self.sends) - len(still)
         self.sends = still
+        return freed
 
     def close(self) -> None:
         self.sends.clear()

@@ -7,7 +7,8 @@ Start-up order matters and is written once here:
 4. fork the workers (before this process has a ZeroMQ context), bind, wait for them;
 5. print the ready line and run the event loop until SIGINT or SIGTERM.
 Shutdown runs in ``finally`` in reverse: workers stopped and joined, sockets closed, segments
-unlinked.  Exit code 0; 3 when the front end stopped because its own bookkeeping broke.
+unlinked.  Exit code 0; 3 when the front end stopped because its own bookkeeping broke; 4 when
+worker processes could not start, again and again (its clients were told why).
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import ctypes
 import gc
 import logging
 import re
+import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import zmq
 
 from batchfeed.shared.errors import DatasetError, ResourceError
+from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.shm import check_shm_room, human_bytes, new_token, remove_stale_segments
 
 from .config import ServerConfig
@@ -37,7 +41,8 @@ from .dataset import (
     shard_range,
     synthetic_sources,
 )
-from .frontend import BookkeepingError, Frontend
+from .fingerprint import file_fingerprint, sources_fingerprint, synthetic_fingerprint
+from .frontend import BookkeepingError, Frontend, WorkersFailed
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
 from .sources import default_names
@@ -64,17 +69,25 @@ def load_transforms(config: ServerConfig, names: list[str]) -> dict[str, Transfo
     return out
 
 
-def dataset_sources(config: ServerConfig) -> dict[str, list[FieldSource]]:
-    """Name -> field sources, from ``--data [NAME=]PATH`` entries or the synthetic default."""
-    if not config.data:
-        return {SYNTHETIC_NAME: synthetic_sources(config.synthetic_rows)}
-    out: dict[str, list[FieldSource]] = {}
+def dataset_paths(config: ServerConfig) -> dict[str, str]:
+    """Name -> path, from ``--data [NAME=]PATH`` entries."""
+    out: dict[str, str] = {}
     for entry in config.data:
         m = _NAMED.match(entry)
         name, path = (m.group(1), m.group(2)) if m and not Path(entry).exists() else (
             Path(entry).stem or "data", entry)
         if name in out:
             raise ResourceError(f"two datasets are named {name!r}; name them with --data NAME=PATH")
+        out[name] = path
+    return out
+
+
+def dataset_sources(config: ServerConfig) -> dict[str, list[FieldSource]]:
+    """Name -> field sources, from ``--data [NAME=]PATH`` entries or the synthetic default."""
+    if not config.data:
+        return {SYNTHETIC_NAME: synthetic_sources(config.synthetic_rows)}
+    out: dict[str, list[FieldSource]] = {}
+    for name, path in dataset_paths(config).items():
         out[name] = inspect_source(path)
         unnamed = default_names(out[name])
         if unnamed:
@@ -113,6 +126,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
     security.check()
     signals = _Signals()
     signals.install()
+    raise_fd_limit()
     keep_big_allocations_out_of_the_heap()
     stale = remove_stale_segments()
     if stale:
@@ -124,6 +138,8 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
     frontend: Frontend | None = None
     metrics = None
     try:
+        paths = dataset_paths(config)
+        synthetic = sources is None and not config.data
         if sources is None:
             sources = dataset_sources(config)
         transforms = load_transforms(config, list(sources))
@@ -139,8 +155,9 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
                        f"the data ({human_bytes(data_bytes)}) and the slot ring "
                        f"({config.n_slots} x {human_bytes(slot_bytes)})")
         for name in list(sources):
-            datasets.append(SharedDataset.load(name, sources[name], token, mmap=config.mmap,
-                                               shard=config.shard))
+            datasets.append(SharedDataset.load(
+                name, sources[name], token, mmap=config.mmap, shard=config.shard,
+                fingerprint=fingerprint_of(sources[name], config, paths.get(name), synthetic)))
         # The sources may pin what they read (a memory-mapped Arrow file's pages count in every
         # process's PSS until unmapped): drop them before the workers fork.  Data passed to
         # batchfeed.serve() stays with its caller.
@@ -178,6 +195,8 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
     except BookkeepingError as exc:
         log.critical("%s", exc)
         return 3
+    except WorkersFailed:
+        return 4
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -194,6 +213,25 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         sys.stdout.flush()
 
 
+def fingerprint_of(sources: list[FieldSource], config: ServerConfig, path: str | None,
+                   synthetic: bool) -> Fingerprint:
+    """The dataset's fingerprint: of its files, of its data in memory, or of the synthetic
+    dataset's parameters and first rows; its cost is logged."""
+    started = time.perf_counter()
+    fields = [s.field for s in sources]
+    classes = next((s.classes for s in sources if s.classes), ())
+    if path is not None:
+        fp = file_fingerprint(Path(path), fields, sources[0].rows, classes,
+                              config.fingerprint_mode)
+    elif synthetic:
+        fp = synthetic_fingerprint(sources)
+    else:
+        fp = sources_fingerprint(sources, classes=classes)
+    log.info("fingerprint %s of %s (%.2f s)", fp, path or "the data in memory",
+             time.perf_counter() - started)
+    return fp
+
+
 def shard_nbytes(src: FieldSource, shard: tuple[int, int] | None) -> int:
     """About what one field of a shard holds in shared memory (ragged values are split by
     rows, so this is an estimate; the segments are reserved up front anyway)."""
@@ -202,6 +240,18 @@ def shard_nbytes(src: FieldSource, shard: tuple[int, int] | None) -> int:
     lo, hi = shard_range(src.rows, shard)
     offsets = 8 * (src.rows + 1) if src.field.ragged else 0
     return offsets + src.values_nbytes * (hi - lo) // max(1, src.rows)
+
+
+def raise_fd_limit() -> None:
+    """Take the whole of the descriptor limit the system allows (many hosts set a soft limit
+    of 1,024 under a much higher hard one): connections, workers and lease tables need them."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 1 << 20), hard))
+    except (ValueError, OSError):  # pragma: no cover - not allowed here: keep what we have
+        pass
 
 
 def _trim_heap() -> None:
@@ -214,9 +264,11 @@ def _trim_heap() -> None:
 def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: ServerConfig,
                slot_bytes: int, metrics_url: str | None = None) -> str:
     described = "; ".join(d.spec.describe() for d in datasets)
+    prints = ", ".join(str(d.spec.fingerprint) for d in datasets if d.spec.fingerprint)
     extra = ", CURVE" if config.curve_secret_key else ""
     extra += "".join(f", transform {t}" for t in config.transforms)
     extra += f", metrics at {metrics_url}" if metrics_url else ""
+    extra += f", fingerprint {prints}" if prints else ""
     return (f"batchfeed serve: ready: {described} at {frontend.address} "
             f"({_count(config.n_workers, 'worker')}, {_count(config.n_slots, 'slot')} of "
             f"{human_bytes(slot_bytes)}{extra})")

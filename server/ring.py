@@ -17,7 +17,8 @@ whole ring: every slot is free or held, exactly once.
 
 Workers and same-host clients attach to the segment by name.  The first page holds a magic
 string and a random proof, which a same-host client reads back to be sure it mapped this
-server's ring and not a namesake.
+server's ring and not a namesake, then a random key that never leaves the host: a client proves
+it shares this server's memory by signing its session's challenge with it (the fast-path CLAIM).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import secrets
 from collections import Counter
 from typing import NamedTuple
 
-from batchfeed.shared.shm import RING_MAGIC, SharedSegment, segment_name
+from batchfeed.shared.shm import (
+    RING_KEY_BYTES,
+    RING_KEY_OFFSET,
+    RING_MAGIC,
+    RING_PROOF_BYTES,
+    SharedSegment,
+    segment_name,
+)
 
 PAGE = 4096
 HEADER_BYTES = PAGE
@@ -57,13 +65,15 @@ class SlotRing:
         self.token = token  # the server's segment name token (other segments use it too)
         self.n_slots = n_slots
         self.slot_bytes = round_up(slot_bytes, PAGE)
-        self.proof = secrets.token_bytes(16)
+        self.proof = secrets.token_bytes(RING_PROOF_BYTES)
+        self.key = secrets.token_bytes(RING_KEY_BYTES)  # a fast-path CLAIM signs with it
         self.segment: SharedSegment | None = None
         if create:
             size = HEADER_BYTES + self.n_slots * self.slot_bytes
             self.segment = SharedSegment.create(segment_name(token, "ring"), size)
             assert self.segment.buf is not None
-            self.segment.buf[: len(RING_MAGIC) + len(self.proof)] = RING_MAGIC + self.proof
+            self.segment.buf[: RING_KEY_OFFSET + RING_KEY_BYTES] = (
+                RING_MAGIC + self.proof + self.key)
         self._free: list[int] = list(range(n_slots))
         self._holders: list[Holder | None] = [None] * n_slots
         self._counts: Counter[Holder] = Counter()  # slots per holder

@@ -10,7 +10,11 @@ tests with fake workers and no processes.
 - ``order_ahead`` gives a worker that has nothing to do the next epoch's order to compute, as
   soon as the current epoch's order is in use, so that epoch boundaries do not stall.
 - ``complete`` and ``lost`` take tasks back: finished, or their worker died (their slots go
-  back to the ring and their batches to the head of their session's queue).
+  back to the ring and their batches to the head of their session's queue, each to be asked
+  alone; the one the worker was running when it died is blamed, and a batch blamed
+  ``sessions.MAX_ATTEMPTS`` times is given up: ``lost`` returns it for the front end to fail).
+- a session whose connection is at its unsent limit (``may_send``) gets no work until ZeroMQ
+  has handed its messages on.
 
 A worker holds at most ``TASKS_PER_WORKER`` tasks: one running and one queued, so it never
 waits for the main loop.  ``check`` verifies that every task's slot is held for it and that each
@@ -20,9 +24,9 @@ session's ``gathering`` count is the sum of its tasks.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from batchfeed.shared.plan import BatchPlan
 
@@ -64,11 +68,23 @@ class InFlight:
 
 
 
+class GivenUp(NamedTuple):
+    """A batch lost with its worker too often: the front end reports it failed."""
+
+    session: int
+    stream: int
+    epoch: int
+    k: int
+    timed_out: bool  # its worker was killed for making no progress (else it died)
+
+
 class Scheduler:
-    def __init__(self, ring: SlotRing, orders: OrderBoard, sessions: Mapping[int, Session]):
+    def __init__(self, ring: SlotRing, orders: OrderBoard, sessions: Mapping[int, Session],
+                 may_send: Callable[[Session], bool] = lambda s: True):
         self.ring = ring
         self.orders = orders
         self.sessions = sessions
+        self.may_send = may_send
         self.runnable: deque[int] = deque()  # sessions that may have queued work
         self.inflight: dict[int, InFlight] = {}
         self.computing: dict[int, tuple] = {}  # order job id -> the order key it computes
@@ -102,6 +118,8 @@ class Scheduler:
             if s is None or not s.has_work:
                 self.runnable.popleft()
                 continue
+            if s.id not in waiting and not self.may_send(s):
+                waiting.add(s.id)  # its peer has not taken what it was sent: it waits
             if s.id in waiting:
                 if waiting.issuperset(self.runnable):
                     return
@@ -172,11 +190,14 @@ class Scheduler:
             self.counters["orders_computed"] += ok
         return job
 
-    def lost(self, worker: Worker) -> None:
-        """``worker`` died: its tasks' slots go back to the ring, their batches to the head of
-        their sessions' queues."""
+    def lost(self, worker: Worker, timed_out: bool = False) -> list[GivenUp]:
+        """``worker`` died (``timed_out``: it was killed for making no progress): its tasks'
+        slots go back to the ring, their batches to the head of their sessions' queues.  The
+        task it was running is blamed; the batches given up are returned."""
         self.orders.worker_died(worker.index)
-        for task_id in reversed(list(worker.tasks)):  # the earliest ends up first in line
+        given_up: list[GivenUp] = []
+        held = list(worker.tasks)  # in the order given: the first is the one it was running
+        for task_id in reversed(held):  # the earliest ends up first in line
             self.computing.pop(task_id, None)
             job = self.inflight.pop(task_id, None)
             worker.completed(task_id)
@@ -185,8 +206,13 @@ class Scheduler:
             self.ring.release(job.task.slot, job.holder)  # safe: its writer is dead
             s = self.sessions.get(job.session)
             if s is not None and job.stream == s.stream:
-                s.untake(job.task.epoch, job.task.k0, job.task.count)
-                self.wake(s, first=True)
+                t = job.task
+                failed = s.lost(t.epoch, t.k0, t.count, blamed=task_id == held[0])
+                if failed is not None:
+                    given_up.append(GivenUp(s.id, job.stream, *failed, timed_out))
+                if s.has_work:
+                    self.wake(s, first=True)
+        return given_up
 
     # ------------------------------------------------------------------ orders ahead
 

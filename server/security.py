@@ -1,6 +1,8 @@
 """Who may connect: the loopback-only default, and CURVE encryption with ZAP authentication.
 
-``check_ipc_free`` refuses to take over a live server's ipc:// socket.  ``ServerSecurity.check``
+``check_ipc_free`` refuses to take over a live server's ipc:// socket; ``IpcPath`` removes
+the socket file a server made when it closes (only that file: not one a later server made at
+the same path).  ``ServerSecurity.check``
 runs before anything is loaded: a non-loopback bind without CURVE is
 refused unless ``--insecure``.  ``apply`` starts pyzmq's ZAP authenticator thread (allowing
 exactly the public keys in the authorized-keys directory) and makes the client socket a CURVE
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -94,3 +97,29 @@ def check_ipc_free(path: str) -> None:
         probe.close()
     raise ResourceError(f"ipc://{path} is in use by a running server; stop it, or pick another "
                         "--bind address")
+
+
+@dataclass(frozen=True)
+class IpcPath:
+    """The socket file of an ipc:// bind, as this server made it."""
+
+    path: str
+    dev: int
+    ino: int
+
+    @classmethod
+    def made(cls, path: str) -> IpcPath | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(path, st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        """Unlink the file if it is still the one this server made.  Idempotent."""
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+                os.unlink(self.path)
+        except OSError:
+            pass

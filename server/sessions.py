@@ -1,4 +1,5 @@
-"""Sessions: one client's plan, credit, queue of requested batches and fast-path leases.
+"""Sessions: one client's plan, credit, queue of requested batches, unsent messages and
+fast-path leases.
 
 A ``Session`` is the only code that changes its credit and queue.  Batches move through it as
 
@@ -12,9 +13,20 @@ and ``check()`` verifies that the counters match the queue.  A request of a newe
 client started over: a new epoch iterator) drops what is queued of the old one; batches of the
 old stream that workers are gathering are dropped on arrival.
 
-``SessionTable`` holds the open sessions: the only code that opens, finds (for a message that
-names one), expires and closes them.  ``size_session`` is HELLO's sizing policy: how big a
-batch is, how many batches go in one message (``max_chunk``) and the default prefetch.
+A sent message is *unsent* until ZeroMQ has handed all of it to the kernel (its
+``MessageTracker`` is done): ``unsent_bytes`` is what this session costs the server's memory
+beyond the ring, and the scheduler gives a session no more work while it is at its limit
+(``Limits.unsent_bytes``), so a peer that asks but never reads cannot grow the server.
+
+A batch whose task was lost (its worker died or timed out) is asked again alone, so that one bad
+batch cannot take innocent ones with it; lost ``MAX_ATTEMPTS`` times, it fails
+(``give_up``), and the session goes on with the rest.
+
+``SessionTable`` holds the open sessions: the only code that opens (within ``Limits``: sessions
+per connection and in all), finds (for a message that names one), expires and closes them; a
+fast-path session whose client process is gone (nobody holds its lease table's lock) closes at
+once.  ``size_session`` is HELLO's sizing policy: how big a batch is, how many batches go in
+one message (``max_chunk``) and the default prefetch.
 """
 
 from __future__ import annotations
@@ -23,15 +35,17 @@ import hmac
 import logging
 import secrets
 import time
-from collections import deque
+import unicodedata
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchfeed.shared.batches import MAX_BATCHES_PER_MESSAGE
-from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
+from batchfeed.shared.errors import CreditExceeded, InvalidRequest, ResourceError, UnknownSession
 from batchfeed.shared.plan import BatchPlan
 
+from .config import Limits
 from .dataset import DatasetSpec
 
 if TYPE_CHECKING:
@@ -41,6 +55,8 @@ log = logging.getLogger("batchfeed.server")
 
 MAX_PREFETCH = 4096
 AUTO_PREFETCH_BYTES = 16 * 2**20
+MAX_ATTEMPTS = 3  # a batch lost with its worker this often fails instead of being retried
+MAX_NAME = 64  # characters of a client's name kept (for logs, stats and metrics)
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,8 @@ class Session:
     max_chunk: int
     secret: str = ""
     label: str = ""
-    table: LeaseTable | None = None  # the fast path's lease table (offered, or claimed)
+    table: LeaseTable | None = None  # the fast path's lease table, once a CLAIM was proved
+    challenge: str = ""  # what a fast-path CLAIM must sign ("": none offered, or used)
     name: str = ""
     last_seen: float = 0.0
     stream: int = -1
@@ -122,6 +139,9 @@ class Session:
     _queued: int = 0  # batches in ``_pending``
     _gathering: int = 0  # batches of the current stream that workers are gathering
     _tasks_in_stream: int = 0
+    _unsent: deque = field(default_factory=deque)  # (MessageTracker, nbytes), oldest first
+    unsent_bytes: int = 0
+    _attempts: Counter = field(default_factory=Counter)  # (epoch, k) -> times lost
 
     @property
     def route(self) -> bytes:
@@ -129,8 +149,9 @@ class Session:
 
     @property
     def fastpath(self) -> bool:
-        """Slots may be leased to it: it proved it shares this host's shared memory."""
-        return self.table is not None and self.table.claimed
+        """Slots may be leased to it: it proved it shares this host's shared memory, and holds
+        its lease table."""
+        return self.table is not None and self.table.held()
 
     @property
     def leased(self) -> int:
@@ -175,6 +196,7 @@ class Session:
 
     def _new_stream(self, stream: int) -> None:
         self.stream = stream
+        self._attempts.clear()
         self._pending.clear()
         self._queued = 0
         self._gathering = 0  # what workers gather of the old stream is dropped on arrival
@@ -189,6 +211,8 @@ class Session:
         at a stream's start (a fast first batch), then up to ``max_chunk``."""
         epoch, k0, count = self._pending[0]
         size = min(self.max_chunk, 1 << min(self._tasks_in_stream, 16))
+        if self._attempts and (epoch, k0) in self._attempts:
+            size = 1  # a batch lost before goes alone, so that it fails alone
         take = max(1, min(size, count))
         if take == count:
             self._pending.popleft()
@@ -200,17 +224,38 @@ class Session:
         return epoch, k0, take
 
     def untake(self, epoch: int, k0: int, count: int) -> None:
-        """A task that never reached a worker, or whose worker died: its batches go back to
-        the head of the queue."""
+        """A task that never reached a worker: its batches go back to the head of the queue."""
         self._gathering -= count
         self._queued += count
         self._pending.appendleft((epoch, k0, count))
         self._check_counts()
 
+    def lost(self, epoch: int, k0: int, count: int, blamed: bool) -> tuple[int, int] | None:
+        """A task whose worker died or timed out (``blamed``: it was the task running then).
+        Its batches go back to the head of the queue, each to be asked alone from now on;
+        returns (epoch, k) of a batch lost ``MAX_ATTEMPTS`` times instead: it is given up (no
+        longer gathering, nor queued), and the caller reports it failed."""
+        if blamed and count == 1:
+            self._attempts[epoch, k0] += 1
+            if self._attempts[epoch, k0] >= MAX_ATTEMPTS:
+                del self._attempts[epoch, k0]
+                self.failed(1)
+                return epoch, k0
+        for k in range(k0, k0 + count):
+            self._attempts[epoch, k] += 0  # marked: asked alone
+        self.untake(epoch, k0, count)
+        return None
+
+    def attempts(self, epoch: int, k: int) -> int:
+        return self._attempts.get((epoch, k), 0)
+
     def finished(self, epoch: int, k0: int, count: int, done: int) -> None:
         """A task of ``count`` batches came back with ``done`` of them gathered (fewer when a
         transform's output outgrew the slot: the rest is asked again, in smaller tasks)."""
         self._gathering -= count
+        if self._attempts:
+            for k in range(k0, k0 + done):
+                self._attempts.pop((epoch, k), None)
         if done < count:
             self.max_chunk = max(1, done)
             self._queued += count - done
@@ -243,6 +288,27 @@ class Session:
                                  f"batches queued or gathering, more than its credit "
                                  f"{self.prefetch}")
 
+    # ------------------------------------------------------------------ unsent messages
+
+    def sending(self, tracker: Any, nbytes: int) -> None:
+        """A message of ``nbytes`` went to ZeroMQ; it is unsent until ``tracker`` is done."""
+        self._unsent.append((tracker, nbytes))
+        self.unsent_bytes += nbytes
+
+    def reap(self) -> int:
+        """Forget the messages ZeroMQ has handed on (in order: a peer's messages go out in
+        order); the bytes freed."""
+        freed = 0
+        while self._unsent and self._unsent[0][0].done:
+            freed += self._unsent.popleft()[1]
+        self.unsent_bytes -= freed
+        return freed
+
+    @property
+    def unsent(self) -> int:
+        """Messages not yet handed to the kernel."""
+        return len(self._unsent)
+
     # ------------------------------------------------------------------ reporting
 
     def sent(self, batches: int, nbytes: int) -> None:
@@ -265,7 +331,8 @@ class Session:
             "requested": list(self.position),
             "batches_per_epoch": self.plan.batches_per_epoch, "rate": round(self.rate, 1),
             "credit": self.prefetch, "queued": self._queued, "gathering": self._gathering,
-            "leased": self.leased, "fastpath": self.fastpath,
+            "leased": self.leased, "fastpath": self.table is not None and self.table.claimed,
+            "unsent_bytes": self.unsent_bytes,
             "batches": self.batches_sent, "bytes": self.bytes_sent,
             "age_s": round(now - self.started, 1), "idle_s": round(now - self.last_seen, 1),
         }
@@ -275,19 +342,32 @@ def new_session(owner: Owner, dataset: DatasetSpec, plan: BatchPlan, sizing: Siz
                 **kw: object) -> Session:
     """A session with a fresh random id and secret."""
     now = time.monotonic()
+    kw["name"] = printable(str(kw.get("name") or ""))
     return Session(id=secrets.randbits(62), owner=owner, dataset=dataset, plan=plan,
                    prefetch=sizing.prefetch, max_chunk=sizing.max_chunk,
                    secret=secrets.token_hex(16), last_seen=now, started=now, rate_mark=(now, 0),
                    **kw)  # type: ignore[arg-type]
 
 
+def printable(text: str, most: int = MAX_NAME) -> str:
+    """A peer's name as others may be shown it: control and format characters (terminal
+    escapes, bidi overrides) written out as escapes, and at most ``most`` characters."""
+    out = "".join(c if unicodedata.category(c)[0] not in "CZ" or c == " "
+                  else c.encode("unicode_escape").decode("ascii") for c in text)
+    return out if len(out) <= most else out[: most - 1] + "~"
+
+
 class SessionTable:
     """The open sessions, by id."""
 
-    def __init__(self, leases: Leases):
+    def __init__(self, leases: Leases, limits: Limits | None = None):
         self.by_id: dict[int, Session] = {}
         self.leases = leases
+        self.limits = limits or Limits()
         self._serial = 0
+        self.sending: dict[int, Session] = {}  # with unsent messages (closed ones too)
+        self.unsent_bytes = 0  # theirs, all together ...
+        self.unsent_by_owner: Counter[Owner] = Counter()  # ... and per connection
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -302,9 +382,25 @@ class SessionTable:
         if old is not None and resume_secret is not None and \
                 hmac.compare_digest(old.secret, resume_secret):
             self.close(old, f"resumed as {s.id:x}")
+        self.check_room(s.owner)
         self._serial += 1
         s.label = f"s{self._serial}"
         self.by_id[s.id] = s
+
+    def check_room(self, owner: Owner) -> None:
+        """ResourceError unless ``owner`` may open one more session."""
+        limits = self.limits
+        if len(self.by_id) >= limits.sessions:
+            raise ResourceError(
+                f"this server has {len(self.by_id)} sessions open, its limit "
+                "(--max-sessions); close clients you no longer use (Client.close()), or "
+                "restart the server with a higher --max-sessions")
+        mine = sum(1 for s in self.by_id.values() if s.owner == owner)
+        if mine >= limits.per_connection:
+            raise ResourceError(
+                f"this connection has {mine} sessions open, the server's limit per connection "
+                "(--max-sessions-per-connection); a client needs one: close the ones you no "
+                "longer use (Client.close()) before opening more")
 
     def find(self, session_id: int, owner: Owner) -> Session:
         """The session a message names, if the message comes from its owner; otherwise
@@ -327,13 +423,49 @@ class SessionTable:
             self.leases.end(s.table)
             s.table = None
         s.stall()
-        self.by_id.pop(s.id, None)
+        self.by_id.pop(s.id, None)  # its unsent messages stay counted until ZeroMQ lets go
+
+    # ------------------------------------------------------------------ unsent messages
+
+    def sending_on(self, s: Session, tracker: Any, nbytes: int) -> None:
+        s.sending(tracker, nbytes)
+        self.sending[s.id] = s
+        self.unsent_bytes += nbytes
+        self.unsent_by_owner[s.owner] += nbytes
+
+    def reap(self) -> int:
+        """Forget every message ZeroMQ has handed to the kernel (or dropped with its
+        connection), of open and closed sessions alike; the bytes freed."""
+        freed = 0
+        for sid, s in list(self.sending.items()):
+            n = s.reap()
+            if n:
+                freed += n
+                self.unsent_by_owner[s.owner] -= n
+                if self.unsent_by_owner[s.owner] <= 0:
+                    del self.unsent_by_owner[s.owner]
+            if not s.unsent:
+                del self.sending[sid]
+        self.unsent_bytes -= freed
+        return freed
+
+    def may_send(self, s: Session) -> bool:
+        """Whether ``s`` may be given more work: its connection below its unsent limit, and
+        the server below its total (a connection with nothing unsent may always send)."""
+        mine = self.unsent_by_owner.get(s.owner, 0)
+        if not mine:
+            return True
+        return mine < self.limits.unsent_bytes and \
+            self.unsent_bytes < self.limits.total_unsent_bytes
 
     def expire(self, now: float, timeout: float) -> None:
         """Update rates; close sessions silent for ``timeout`` (a stalled same-host client that
         still holds views keeps its leases, and only its queue is dropped)."""
         for s in self:
             s.update_rate(now)
+            if s.table is not None and s.table.claimed and not s.table.holder_alive():
+                self.close(s, "its client process is gone (it let go of its lease table)")
+                continue
             if now - s.last_seen > timeout:
                 if s.table is not None and s.table.slots and s.table.holder_alive():
                     s.stall()

@@ -9,7 +9,8 @@ back into one of the dataclasses below, so neither side ever indexes a raw dict:
   STOP;
 - worker -> main: READY, ``Done`` (the layout it wrote: per field its dtype, region offset and
   size, per batch each field's shape), ``Failed`` (a typed error for the client), ``Ordered``
-  (answers ``OrderJob``).  ``Done`` and ``Failed`` carry ``busy``, the seconds the task took.
+  (answers ``OrderJob``), ``Broken`` (it cannot start, and why; it exits next).  ``Done`` and
+  ``Failed`` carry ``busy``, the seconds the task took.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ORDER = "order"
 ORDERED = "ordered"
 STOP = "stop"
 READY = "ready"
+BROKEN = "broken"
 DONE = "done"
 FAIL = "fail"
 MAX_MESSAGE = 1 << 20  # a DONE for 1024 batches of 256 fields stays far below this
@@ -89,13 +91,20 @@ class Ready:
     index: int
 
 
+@dataclass(frozen=True)
+class Broken:
+    """The worker cannot start (``reason``, one line); it exits next."""
+
+    reason: str
+
+
 _KINDS: dict[str, type] = {TASK: Task, ORDER: OrderJob, DONE: Done, FAIL: Failed,
-                           ORDERED: Ordered, READY: Ready}
+                           ORDERED: Ordered, READY: Ready, BROKEN: Broken}
 _NAMES = {cls: kind for kind, cls in _KINDS.items()}
 # Field names per class, read once: pack and unpack run per task, and dataclasses.asdict (which
 # deep-copies every nested list, such as a DONE's per-batch shapes) cost 13% of a worker's time.
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _NAMES}
-Message = Task | OrderJob | Done | Failed | Ordered | Ready | str
+Message = Task | OrderJob | Done | Failed | Ordered | Ready | Broken | str
 
 
 def pack(message: Any) -> bytes:

@@ -117,15 +117,19 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
         return
     segments: list[SharedSegment] = []
     try:
-        data = {}
-        for ds in spec.datasets:
-            segs, arrays = attach_arrays(ds)
-            segments += segs
-            data[ds.name] = (ds, arrays)
-        ring = SharedSegment.attach(spec.ring_name, writable=True)
-        segments.append(ring)
-        assert ring.buf is not None
-        ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
+        try:
+            data = {}
+            for ds in spec.datasets:
+                segs, arrays = attach_arrays(ds)
+                segments += segs
+                data[ds.name] = (ds, arrays)
+            ring = SharedSegment.attach(spec.ring_name, writable=True)
+            segments.append(ring)
+            assert ring.buf is not None
+            ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
+        except Exception as exc:  # the parent backs off and, if it keeps happening, gives up
+            channel.send(tasks.pack(tasks.Broken(f"{type(exc).__name__}: {exc}")))
+            raise SystemExit(1) from None
         plans = PlanCache()
         orders = WorkerOrders()
         channel.send(tasks.pack(tasks.Ready(os.getpid(), spec.index)))

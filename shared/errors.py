@@ -74,6 +74,20 @@ class AuthenticationError(BatchfeedError):
     code = "auth"
 
 
+class DataMismatch(BatchfeedError):
+    """Two servers of one job, or a checkpoint and a server, name different data (their
+    dataset fingerprints or server-side transforms differ)."""
+
+    code = "data_mismatch"
+
+
+class ForkError(BatchfeedError, RuntimeError):
+    """A client (its I/O thread, sockets and leases belong to the process that made it) was
+    used in a child process forked from that process."""
+
+    code = "fork"
+
+
 class IteratorSuperseded(BatchfeedError):
     """A newer iteration of the same client replaced this iterator (a client serves one
     iterator at a time); the message names what replaced it."""
@@ -95,6 +109,8 @@ _BY_CODE: dict[str, type[BatchfeedError]] = {
         CreditExceeded,
         ResourceError,
         AuthenticationError,
+        DataMismatch,
+        ForkError,
         IteratorSuperseded,
     )
 }

@@ -84,11 +84,17 @@ Columns = Mapping[str, np.ndarray]
 
 
 def column(columns: Columns, name: str) -> np.ndarray:
+    """The fixed column ``name`` (InvalidRequest if there is none, or it is variable-length)."""
     try:
-        return columns[name]
+        found = columns[name]
     except KeyError:
         raise InvalidRequest(f"the dataset has no field {name!r}; it has "
                              f"{', '.join(columns)}") from None
+    if not isinstance(found, np.ndarray):
+        raise InvalidRequest(f"field {name!r} holds variable-length rows (a list, str or bytes "
+                             "field); sampling reads a field of one number per row: name such "
+                             "a field")
+    return found
 
 
 def check_label(labels: np.ndarray, name: str) -> None:

@@ -68,8 +68,15 @@ class PlanParams:
             object.__setattr__(self, "drop_last", bool(self.drop_last))
         if isinstance(self.pack, list):  # from the wire
             object.__setattr__(self, "pack", tuple(self.pack))
+        for name in ("label", "weights", "token_field"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequest(f"{name} must be a field name (a string), got "
+                                     f"{getattr(self, name)!r:.80}")
+        if self.pack is not None and not isinstance(self.pack, tuple):
+            raise InvalidRequest(f"pack names the ragged fields to pack, e.g. "
+                                 f"pack={{'tokens': 2048}}, got {self.pack!r:.80}")
         _check_int("batch_size", self.batch_size, 1)
-        if self.shuffle not in SHUFFLE_MODES:
+        if not isinstance(self.shuffle, str) or self.shuffle not in SHUFFLE_MODES:
             modes = ", ".join(map(repr, SHUFFLE_MODES))
             raise InvalidRequest(f"shuffle must be one of {modes}, got {self.shuffle!r}")
         _check_int("seed", self.seed, 0, MAX_SEED)
@@ -88,7 +95,7 @@ class PlanParams:
         self._check_ragged()
 
     def _check_ragged(self) -> None:
-        if self.ragged not in RAGGED_MODES:
+        if not isinstance(self.ragged, str) or self.ragged not in RAGGED_MODES:
             raise InvalidRequest(f"ragged must be 'pad' or 'flat', got {self.ragged!r}")
         if isinstance(self.pad_value, bool) or not isinstance(self.pad_value, (int, float)):
             raise InvalidRequest(f"pad_value must be a number, got {self.pad_value!r}")
@@ -123,7 +130,7 @@ class PlanParams:
         return "packed" if self.pack else "budget" if self.max_tokens else "rows"
 
     def _check_sampling(self) -> None:
-        if self.sampling not in SAMPLING_MODES:
+        if not isinstance(self.sampling, str) or self.sampling not in SAMPLING_MODES:
             raise InvalidRequest(f"sampling must be one of "
                                  f"{', '.join(map(repr, SAMPLING_MODES))}, got {self.sampling!r}")
         needs = {"balanced": ("label", self.label), "weighted": ("weights", self.weights)}

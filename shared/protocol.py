@@ -14,17 +14,24 @@ a missing key.  The ERROR kind and the ``v``/``kind`` keys are frozen across ver
 peer of another version still gets a readable error naming both versions.
 
 Kinds, client -> server: HELLO, CLAIM, REQUEST, RELEASE, PING, BYE, STATS.
-Kinds, server -> client: WELCOME, BATCH, PONG, ERROR, REPORT.
+Kinds, server -> client: WELCOME, GRANT, BATCH, PONG, ERROR, REPORT.
 
 Sessions: WELCOME gives the session's id and a ``secret``.  The id names the session in every
 later message, which the server honours only from the connection that said HELLO; the secret
 (never shown to anyone else) proves, in a later HELLO's ``resume_secret``, that a reconnecting
-client is the one that held the session.  The fast path: a HELLO asking for it gets a WELCOME
-naming the server's ring and a lease table, a small shared segment holding a nonce; a client
-on the same host reads the nonce and sends it back in CLAIM, and from then on may be sent
-slots (a BATCH naming a slot and offsets) instead of data frames.  It gives a slot back by
-clearing the slot's byte in the table; RELEASE only asks the server to look.  The server
-answers BYE with PONG: after it, nothing of the session follows.
+client is the one that held the session.  WELCOME also names the data: its ``fingerprint``
+(``batchfeed.shared.fingerprint``) and the server-side ``transform``, which a client checks
+against every other server of its job.
+
+The fast path: a HELLO asking for it gets a WELCOME naming the server's ring and a random
+``challenge``.  A client on the same host maps the ring, reads the key the server wrote in the
+ring's first page (only a process that can read this server's shared memory can), and answers
+CLAIM with ``proof`` = HMAC-SHA256(key, challenge).  Only then does the server make the
+session's lease table and name it in GRANT; the client opens the table and holds a lock on it
+for as long as it may hold views, and from then on may be sent slots (a BATCH naming a slot and
+offsets) instead of data frames.  It gives a slot back by clearing the slot's byte in the
+table; RELEASE only asks the server to look.  The server answers BYE with PONG: after it,
+nothing of the session follows.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ from .batches import MAX_CONTAINER_LEN, MAX_INT
 from .errors import ProtocolError, VersionMismatch
 from .schema import MAX_FIELDS
 
-VERSION = 2
+VERSION = 3
 
 HELLO = "hello"
 WELCOME = "welcome"
 CLAIM = "claim"
+GRANT = "grant"
 REQUEST = "request"
 BATCH = "batch"
 RELEASE = "release"
@@ -104,10 +112,13 @@ _HEADERS: dict[str, dict[str, str]] = {
         "units": _OPT_INT,  # packed rows or token-budget batches per epoch, for such plans
         "shard": _OPT_LIST,  # [I, N]: the server holds shard I of N (pieces of batches)
         "classes": _OPT_LIST,  # the label's class names (an image folder's classes)
+        "fingerprint": _OPT_MAP,  # the data's identity (shared/fingerprint.py)
+        "transform": _OPT_STR,  # the server-side transform every batch goes through
         "ring": _OPT_MAP,  # fast path offered: the ring to map ...
-        "claim": _OPT_STR,  # ... and the lease table whose nonce a CLAIM must send back
+        "challenge": _OPT_STR,  # ... and what a CLAIM must prove it can sign with its key
     },
-    CLAIM: {"session": _INT, "nonce": _STR},
+    CLAIM: {"session": _INT, "proof": _STR},
+    GRANT: {"session": _INT, "table": _STR},  # the lease table of a proved CLAIM
     REQUEST: {
         "session": _INT,
         "stream": _INT,
@@ -204,7 +215,7 @@ def decode(frames: Sequence) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     version, kind = header.get("v"), header.get("kind")
-    if kind not in KINDS:
+    if type(kind) is not str or kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind!r:.40}; known: {sorted(KINDS)}")
     if version != VERSION and kind != ERROR:
         raise VersionMismatch(
@@ -240,15 +251,20 @@ def hello(params: dict, *, client: str, dataset: str | None, prefetch: int, fast
 def welcome(*, session: int, secret: str, dataset: str, rows: int, batches_per_epoch: int,
             prefetch: int, fields: list, server: str, units: int | None = None,
             shard: list | None = None, classes: list | None = None,
-            ring: dict | None = None, claim: str | None = None) -> list:
+            fingerprint: dict | None = None, transform: str | None = None,
+            ring: dict | None = None, challenge: str | None = None) -> list:
     return encode(WELCOME, session=session, secret=secret, dataset=dataset, rows=rows,
                   batches_per_epoch=batches_per_epoch, prefetch=prefetch, fields=fields,
-                  server=server, units=units, shard=shard, classes=classes, ring=ring,
-                  claim=claim)
+                  server=server, units=units, shard=shard, classes=classes,
+                  fingerprint=fingerprint, transform=transform, ring=ring, challenge=challenge)
 
 
-def claim(*, session: int, nonce: str) -> list:
-    return encode(CLAIM, session=session, nonce=nonce)
+def claim(*, session: int, proof: str) -> list:
+    return encode(CLAIM, session=session, proof=proof)
+
+
+def grant(*, session: int, table: str) -> list:
+    return encode(GRANT, session=session, table=table)
 
 
 def request(*, session: int, stream: int, epoch: int, k0: int, count: int,
@@ -311,9 +327,9 @@ from .batches import (  # noqa: E402
     field_views,
 )
 
-__all__ = ["BATCH", "BYE", "CLAIM", "ERROR", "HELLO", "KINDS", "PING", "PONG", "POSITIONS",
-           "RELEASE", "REPORT", "REQUEST", "ROLE_OFFSETS", "ROLE_POSITIONS", "ROLE_VALUES",
-           "STATS", "VERSION", "WELCOME", "ChunkLayout", "FieldBatch", "Message", "batch", "bye",
-           "check_int_list", "chunk_layout", "claim", "decode", "encode", "error",
-           "field_views", "hello", "ping", "pong", "release", "report", "request", "stats",
-           "welcome"]
+__all__ = ["BATCH", "BYE", "CLAIM", "ERROR", "GRANT", "HELLO", "KINDS", "PING", "PONG",
+           "POSITIONS", "RELEASE", "REPORT", "REQUEST", "ROLE_OFFSETS", "ROLE_POSITIONS",
+           "ROLE_VALUES", "STATS", "VERSION", "WELCOME", "ChunkLayout", "FieldBatch", "Message",
+           "batch", "bye", "check_int_list", "chunk_layout", "claim", "decode", "encode",
+           "error", "field_views", "grant", "hello", "ping", "pong", "release", "report",
+           "request", "stats", "welcome"]

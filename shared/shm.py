@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import _posixshmem
 import errno
+import hashlib
+import hmac
 import math
 import mmap
 import os
@@ -24,13 +26,24 @@ from .errors import ResourceError
 from .procs import pid_alive
 
 PREFIX = "bf_"
-RING_MAGIC = b"batchfeed-ring-1"  # the first bytes of a server's slot ring, then its proof
-# A fast-path lease table: a nonce, padding to LEASE_TABLE_HEADER bytes, then one byte per ring
-# slot (1: leased to the client, 0: given back).  See server/leases.py.
-LEASE_NONCE_BYTES = 16
+# A server's slot ring starts with a page holding RING_MAGIC, the ring's public proof (sent in
+# WELCOME: a client checks it mapped this server's ring), then its secret key (never sent: a
+# client proves it could read it, see ``claim_proof``).
+RING_MAGIC = b"batchfeed-ring-1"
+RING_PROOF_BYTES = 16
+RING_KEY_BYTES = 32
+RING_KEY_OFFSET = len(RING_MAGIC) + RING_PROOF_BYTES
+# A fast-path lease table: LEASE_TABLE_HEADER bytes (reserved), then one byte per ring slot
+# (1: leased to the client, 0: given back).  See server/leases.py.
 LEASE_TABLE_HEADER = 64
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^bf_(\d+)_[0-9a-f]+_")
+
+
+def claim_proof(key: bytes, challenge: str) -> str:
+    """What a fast-path CLAIM sends: HMAC-SHA256 of the WELCOME's challenge under the ring's key
+    (which only a process that can map this server's ring can read)."""
+    return hmac.new(key, challenge.encode(), hashlib.sha256).hexdigest()
 
 
 def new_token() -> str:
@@ -82,7 +95,11 @@ class SharedSegment:
                     f"{SHM_DIR} is full; give the server more shared memory (docker: shm_size)"
                 ) from None
             raise
-        return cls(name, fd, size, writable=True, owner=True, keep_fd=keep_fd)
+        try:  # the constructor closes the descriptor if it cannot map it
+            return cls(name, fd, size, writable=True, owner=True, keep_fd=keep_fd)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)  # whatever failed, no name is left behind
+            raise
 
     @classmethod
     def attach(cls, name: str, *, writable: bool = False, keep_fd: bool = False) -> SharedSegment:

@@ -32,7 +32,7 @@ _headers = st.fixed_dictionaries(
     {"v": st.one_of(st.just(protocol.VERSION), st.integers(-3, 3)), "kind": _kinds},
     optional={k: _values for k in ("session", "stream", "epoch", "k0", "count", "params",
                                    "dtypes", "shapes", "slot", "offsets", "fields", "code",
-                                   "message", "at", "nonce", "prefetch", "fastpath",
+                                   "message", "at", "proof", "prefetch", "fastpath",
                                    "client", "dataset", "secret", "resume", "resume_secret",
                                    "extra")})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import free_port, make_rows, server_report, wait_until
+from conftest import free_port, make_rows, server_report, shm_segments, wait_until
 
 from batchfeed import Client
 from batchfeed.launch import ServerProcess
@@ -140,7 +140,7 @@ def test_forged_messages_from_another_connection_change_nothing(ipc_server) -> N
             forged = [protocol.release(session=victim_id),
                       protocol.ping(victim_id),
                       protocol.request(session=victim_id, stream=99, epoch=0, k0=0, count=1),
-                      protocol.claim(session=victim_id, nonce="00" * 16),
+                      protocol.claim(session=victim_id, proof="00" * 32),
                       protocol.bye(victim_id)]
             for frames in forged:
                 reply = ask(attacker, frames)
@@ -162,7 +162,7 @@ def test_forged_messages_from_another_connection_change_nothing(ipc_server) -> N
         victim.close()
 
 
-def test_a_claim_without_the_nonce_gets_no_fast_path_and_pins_nothing(serve, dataset_path) -> None:
+def test_a_claim_without_the_proof_gets_no_fast_path_and_pins_nothing(serve, dataset_path) -> None:
     srv = serve("--data", dataset_path(N), "--workers", 2)  # tcp: a peer anywhere
     with zmq.Context() as ctx, raw_socket(ctx, srv.address) as peer:
         old_style = protocol.encode(protocol.HELLO, client="x", params={"batch_size": 10},
@@ -173,9 +173,10 @@ def test_a_claim_without_the_nonce_gets_no_fast_path_and_pins_nothing(serve, dat
         welcome = ask(peer, protocol.hello({"batch_size": 10}, client="x", dataset=None,
                                            prefetch=8, fastpath=True))
         assert welcome is not None and welcome.kind == protocol.WELCOME
-        assert welcome.header["claim"] is not None  # offered, but must be proven
+        assert welcome.header["challenge"] is not None  # offered, but must be proven
         session = welcome.header["session"]
-        peer.send_multipart(protocol.claim(session=session, nonce="11" * 16))
+        before = {name for name in shm_segments() if "lease" in name}
+        peer.send_multipart(protocol.claim(session=session, proof="11" * 32))
         peer.send_multipart(protocol.request(session=session, stream=0, epoch=0, k0=0,
                                              count=8))
         got = 0
@@ -186,6 +187,7 @@ def test_a_claim_without_the_nonce_gets_no_fast_path_and_pins_nothing(serve, dat
             got += len(msg.header["shapes"])
         server = server_report(srv.address)["server"]
         assert server["slots_leased"] == 0 and server["counters"]["claims_refused"] == 1
+        assert {name for name in shm_segments() if "lease" in name} == before  # no table made
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ ODD_HEADERS = {
     "a REQUEST with no trainer position": protocol.encode(protocol.REQUEST, session=1, stream=0,
                                                           epoch=0, k0=0, count=1),
     "a BYE for no session of ours": protocol.encode(protocol.BYE, session=12345),
-    "a CLAIM for no session": protocol.encode(protocol.CLAIM, session=1, nonce="zz"),
+    "a CLAIM for no session": protocol.encode(protocol.CLAIM, session=1, proof="zz"),
     "a STATS": protocol.encode(protocol.STATS),
 }
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import server_report
 
-from batchfeed import Client, ServerUnavailable
+from batchfeed import Client, DataMismatch, ServerUnavailable
 from batchfeed.launch import ServerProcess
 from batchfeed.shared.plan import BatchPlan, PlanParams
 
@@ -41,9 +41,10 @@ def test_three_servers_give_the_single_server_order(serve, dataset_path) -> None
 
 def test_a_faster_server_is_asked_for_more(serve, dataset_path) -> None:
     path = dataset_path(N)
-    fast = serve("--data", path, "--workers", 1)
-    slow = serve("--data", path, "--workers", 1, "--transform", "tests.transforms.basic:sleepy",
-                 env={"PYTHONPATH": str(REPO)})
+    sleepy = ("--transform", "tests.transforms.basic:sleepy")  # the same transform on both
+    fast = serve("--data", path, "--workers", 1, *sleepy,
+                 env={"PYTHONPATH": str(REPO), "SLEEPY_MS": "0"})
+    slow = serve("--data", path, "--workers", 1, *sleepy, env={"PYTHONPATH": str(REPO)})
     with Client([fast.address, slow.address], batch_size=64, seed=1, prefetch=16) as c:
         got = [b["id"].tolist() for b in c.epoch(0)]
         assert got == expected_ids(0, batch_size=64, seed=1)
@@ -80,7 +81,7 @@ def test_servers_with_different_data_are_refused(serve, dataset_path, tmp_path) 
     a = serve("--data", dataset_path(N), "--workers", 1)
     np.savez(tmp_path / "other.npz", id=np.arange(500))
     b = serve("--data", tmp_path / "other.npz", "--workers", 1)
-    with pytest.raises(ServerUnavailable, match="every server of a client must serve the same"):
+    with pytest.raises(DataMismatch, match="Every server of a client must serve the same data"):
         Client([a.address, b.address], batch_size=64)
 
 

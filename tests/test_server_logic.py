@@ -31,7 +31,7 @@ from batchfeed.server.sessions import (
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
-from batchfeed.shared.shm import SharedSegment
+from batchfeed.shared.shm import SharedSegment, claim_proof
 
 ROWS = 1000
 SPEC = DatasetSpec("d", ROWS, (Field("x", np.dtype(np.float32), (4,)),), ("seg",))
@@ -362,7 +362,7 @@ def test_front_end_check_finds_a_lease_the_ring_does_not_know() -> None:
     ring = SlotRing("t", 4, 4096, create=False)
     fe = Frontend(ServerConfig(workers=1), {"d": SPEC}, ring)
     try:
-        table = fe.leases.offer()
+        table = fe.leases.grant()
         assert table is not None
         slot = ring.acquire(Holder(TASK, 1))
         fe.leases.lease(table, slot, Holder(TASK, 1))
@@ -423,17 +423,17 @@ def test_resume_needs_the_secret_from_welcome() -> None:
     assert len({s.label for s in table}) == 2 and all(s.label != "" for s in table)
 
 
-def test_a_lease_table_is_granted_only_with_its_nonce_and_then_unlinked() -> None:
+def test_a_lease_table_is_unlinked_once_its_client_holds_it() -> None:
     leases = Leases(SlotRing(f"t{os.getpid()}", 4, 4096, create=False), reserve=2)
     try:
-        table = leases.offer()
+        table = leases.grant()
         assert table is not None and os.path.exists(f"/dev/shm/{table.name}")
-        assert not table.claim("00" * 16) and not table.claim("not hex")
-        assert not table.holder_alive()  # unclaimed: nobody to wait for
-        nonce = bytes(SharedSegment.attach(table.name).buf[:16]).hex()
-        assert table.claim(nonce)
+        assert not table.held() and not table.holder_alive()  # nobody opened it yet
+        client = SharedSegment.attach(table.name, writable=True, keep_fd=True)
+        fcntl.flock(client.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert table.held()
         assert not os.path.exists(f"/dev/shm/{table.name}")  # nobody else can open it now
-        assert not table.claim(nonce)  # and only once
+        client.close()
     finally:
         leases.close()
 
@@ -441,23 +441,31 @@ def test_a_lease_table_is_granted_only_with_its_nonce_and_then_unlinked() -> Non
 def test_a_table_is_alive_while_a_process_holds_its_lock() -> None:
     leases = Leases(SlotRing(f"t{os.getpid()}", 4, 4096, create=False), reserve=2)
     try:
-        table = leases.offer()
+        table = leases.grant()
         assert table is not None
         client = SharedSegment.attach(table.name, writable=True, keep_fd=True)
         fcntl.flock(client.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        assert table.claim(bytes(client.buf[:16]).hex())
-        assert table.holder_alive()
+        assert table.held() and table.holder_alive()
+        assert leases.gone() == []
         client.close()  # the client process let go (or died)
         assert not table.holder_alive()
+        assert leases.gone() == [table]  # its session closes at once
     finally:
         leases.close()
+
+
+def test_a_claim_proof_needs_the_rings_key() -> None:
+    ring = SlotRing(f"t{os.getpid()}", 4, 4096, create=False)
+    challenge = "c0ffee" * 4
+    assert claim_proof(ring.key, challenge) != claim_proof(b"\0" * 32, challenge)
+    assert claim_proof(ring.key, challenge) != claim_proof(ring.key, challenge + "0")
 
 
 def test_only_slots_the_client_cleared_come_back() -> None:
     ring = SlotRing(f"t{os.getpid()}", 6, 4096, create=False)
     leases = Leases(ring, reserve=2)
     try:
-        table = leases.offer()
+        table = leases.grant()
         assert table is not None
         slots = [ring.acquire(Holder(TASK, i)) for i in range(3)]
         for i, slot in enumerate(slots):
@@ -478,7 +486,7 @@ def test_the_budget_keeps_slots_for_the_workers() -> None:
     leases = Leases(ring, reserve=4)
     try:
         a, b = session(1), session(2)
-        a.table, b.table = leases.offer(), leases.offer()
+        a.table, b.table = leases.grant(), leases.grant()
         assert a.table is not None and b.table is not None and leases.limit == 4
         a.table.claimed = b.table.claimed = True  # two fast-path sessions: 2 leases each
         assert leases.fair_share() == 2

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import server_report
 
-from batchfeed import Client, ServerUnavailable
+from batchfeed import Client, DataMismatch, ServerUnavailable
 from batchfeed.launch import ServerProcess
 from batchfeed.shared.shm import remove_stale_segments
 
@@ -194,7 +194,7 @@ def test_bad_server_sets_are_refused_at_connect(serve, data_file, shards, layout
 def test_servers_of_different_data_are_refused(serve, data_file, dataset_path) -> None:
     a = serve("--data", data_file, "--workers", 1, "--shard", "0/2")
     b = serve("--data", dataset_path(999), "--workers", 1, "--shard", "1/2")
-    with pytest.raises(ServerUnavailable, match="must serve the same dataset"):
+    with pytest.raises(DataMismatch, match="fingerprint"):
         Client([a.address, b.address], batch_size=10)
 
 

@@ -59,10 +59,12 @@ def expand(batch: dict, rng: np.random.Generator) -> dict:
 
 
 def sleepy(batch: dict, rng: np.random.Generator) -> dict:
-    """A slow server: 20 ms per batch."""
+    """A slow server: $SLEEPY_MS (default 20) ms per batch, the batch unchanged (so servers
+    that sleep for different times serve the same batches)."""
+    import os
     import time
 
-    time.sleep(0.02)
+    time.sleep(float(os.environ.get("SLEEPY_MS", "20")) / 1000)
     return batch
 
 
