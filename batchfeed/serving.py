@@ -24,6 +24,7 @@ import atexit
 import ctypes
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import weakref
@@ -48,7 +49,7 @@ class ServerHandle:
     """A server started by ``serve``: its ``address``, and ``stop()`` (safe to call twice)."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess, address: str,
-                 ready_line: str, tmpdir: tempfile.TemporaryDirectory | None):
+                 ready_line: str, tmpdir: str | None):
         self.process = process
         self.address = address
         self.ready_line = ready_line
@@ -76,14 +77,14 @@ class ServerHandle:
 
 
 def _stop(process: multiprocessing.process.BaseProcess,
-          tmpdir: tempfile.TemporaryDirectory | None, owner: int) -> None:
+          tmpdir: str | None, owner: int) -> None:
     if os.getpid() != owner:
         return  # a child forked from the owner exits: the server and its files are the owner's
     if process.pid is not None and process.exitcode is None:
         os.kill(process.pid, signal.SIGTERM)  # the server's own clean shutdown
         stop_process(process, 15.0)
     if tmpdir is not None:
-        tmpdir.cleanup()
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: int = 0,
@@ -110,8 +111,9 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
         datasets = {name: sources}
     tmpdir = None
     if bind is None:
-        tmpdir = tempfile.TemporaryDirectory(prefix="batchfeed-")
-        bind = f"ipc://{tmpdir.name}/server.sock"
+        # Not a TemporaryDirectory: its finalizer would also run in a forked child's exit.
+        tmpdir = tempfile.mkdtemp(prefix="batchfeed-")
+        bind = f"ipc://{tmpdir}/server.sock"
     config = ServerConfig(bind=bind, workers=workers, **options)
     read_fd, write_fd = os.pipe()
     ctx = multiprocessing.get_context("fork")
@@ -125,7 +127,7 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
     if m is None:
         stop_process(process, 5.0)
         if tmpdir is not None:
-            tmpdir.cleanup()
+            shutil.rmtree(tmpdir, ignore_errors=True)
         code, sep, message = line.partition("\t")
         if sep:  # the child's typed error, as the server would have printed it
             raise error_from_code(code, message)

@@ -8,14 +8,14 @@ session's parameters need against the data.
 - ``check_plan``: what a session's plan needs of the server: its epoch order within the
   server's budget (``--max-order-mb``; balanced and weighted sampling choose their epoch's
   length), and for balanced and weighted sampling a label or weights column that can be
-  used, checked once per dataset and field on a read-only mapping kept until ``close``.
+  used, checked once per dataset and field.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.errors import DatasetError, InvalidRequest
 from batchfeed.shared.plan import (
     BatchPlan,
     PlanParams,
@@ -28,33 +28,35 @@ from batchfeed.shared.schema import RAGGED, Field
 from batchfeed.shared.shm import human_bytes
 from batchfeed.shared.units import budget_bounds, plan_units
 
-from .dataset import DatasetSpec, attach_arrays
+from .dataset import Columns, DatasetSpec
 from .gather import ALIGN
 from .sessions import BatchEstimate
 from .transform import Transform
 
 
 class Catalog:
-    def __init__(self, datasets: dict[str, DatasetSpec], transforms: dict[str, Transform]):
+    def __init__(self, datasets: dict[str, DatasetSpec], transforms: dict[str, Transform],
+                 columns: dict[str, Columns]):
         self.datasets = datasets
         self.transforms = transforms
-        self._columns: dict[str, tuple] = {}  # dataset -> (segments, arrays), read-only
+        self._columns = columns  # dataset -> its fields' read-only views
         self._checked: set = set()
+        self.broken: dict[str, str] = {}  # dataset -> why it is served no more
 
     def dataset(self, name: str | None) -> DatasetSpec:
         if name is None:
-            if len(self.datasets) == 1:
-                return next(iter(self.datasets.values()))
+            if len(self.datasets) != 1:
+                raise InvalidRequest(
+                    f"this server serves several datasets ({', '.join(self.datasets)}); "
+                    "pick one with Client(..., dataset=NAME)"
+                )
+            name = next(iter(self.datasets))
+        if name not in self.datasets:
             raise InvalidRequest(
-                f"this server serves several datasets ({', '.join(self.datasets)}); "
-                "pick one with Client(..., dataset=NAME)"
-            )
-        try:
-            return self.datasets[name]
-        except KeyError:
-            raise InvalidRequest(
-                f"unknown dataset {name!r}; this server serves: {', '.join(self.datasets)}"
-            ) from None
+                f"unknown dataset {name!r}; this server serves: {', '.join(self.datasets)}")
+        if name in self.broken:
+            raise DatasetError(f"dataset {name!r} is served no more: {self.broken[name]}")
+        return self.datasets[name]
 
     def served_fields(self, dataset: DatasetSpec) -> tuple[Field, ...]:
         transform = self.transforms.get(dataset.name)
@@ -62,11 +64,9 @@ class Catalog:
             return dataset.fields
         return transform.fields(dataset.fields) or ()
 
-    def columns(self, dataset: DatasetSpec) -> dict:
-        """The dataset's columns, mapped read-only (once per dataset, kept until ``close``)."""
-        if dataset.name not in self._columns:
-            self._columns[dataset.name] = attach_arrays(dataset)
-        return self._columns[dataset.name][1]
+    def columns(self, dataset: DatasetSpec) -> Columns:
+        """The dataset's columns, read-only."""
+        return self._columns[dataset.name]
 
     def plan(self, dataset: DatasetSpec, params: PlanParams, max_order_bytes: int) -> BatchPlan:
         """A session's plan, checked against the data and the server's limits."""
@@ -128,10 +128,7 @@ class Catalog:
             self._checked.add((dataset.name, name, check))
 
     def close(self) -> None:
-        for segments, _ in self._columns.values():
-            for seg in segments:
-                seg.close()
-        self._columns.clear()
+        self._columns = {}
 
 
 def check_pad_value(fields: tuple[Field, ...], params: PlanParams) -> None:

@@ -32,11 +32,19 @@ import secrets
 import socket
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Protocol
 
 import zmq
 
 from batchfeed.shared import protocol
-from batchfeed.shared.errors import BatchfeedError, ProtocolError, ResourceError, WorkerError
+from batchfeed.shared.errors import (
+    BatchfeedError,
+    DatasetError,
+    ProtocolError,
+    ResourceError,
+    WorkerError,
+)
 from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import schema_to_wire
 from batchfeed.shared.shm import claim_proof
@@ -45,7 +53,7 @@ from batchfeed.shared.version import __version__
 from . import tasks
 from .catalog import Catalog
 from .config import ServerConfig
-from .dataset import DatasetSpec
+from .dataset import Columns, DatasetSpec
 from .leases import Leases
 from .orders import OrderBoard
 from .ratelog import RateLimitedLog
@@ -63,10 +71,19 @@ log = logging.getLogger("batchfeed.server")
 CLIENT_MAX_MSG = 1 << 20  # client -> server messages are small headers
 DRAIN_MAX = 512
 TIMER_PERIOD = 0.25
+FILE_CHECK_PERIOD = 1.0  # how often held (--mmap) files are checked for changes in place
 # Messages ZeroMQ may queue per connection.  BATCH messages stay far below it (a connection's
 # unsent bytes are bounded, sessions.Limits); past it, replies to a peer that does not read
 # (errors, pongs) are dropped instead of queued.
 SEND_HWM = 10_000
+
+
+class Watched(Protocol):
+    """A dataset whose held files the front end watches (``dataset.SharedDataset``)."""
+
+    spec: DatasetSpec
+
+    def changed(self) -> str | None: ...
 
 
 class BookkeepingError(Exception):
@@ -82,12 +99,17 @@ class Frontend:
 
     def __init__(self, config: ServerConfig, datasets: dict[str, DatasetSpec], ring: SlotRing,
                  security: ServerSecurity | None = None,
-                 transforms: dict[str, Transform] | None = None):
+                 transforms: dict[str, Transform] | None = None,
+                 columns: dict[str, Columns] | None = None,
+                 held: Sequence[Watched] = ()):
         self.config = config
         self.transforms = transforms or {}
         self.security = security
         self.datasets = datasets
-        self.catalog = Catalog(datasets, self.transforms)
+        self.columns = columns or {}  # dataset -> its fields' views (the workers inherit them)
+        self.catalog = Catalog(datasets, self.transforms, self.columns)
+        self.held = [d for d in held if d.spec.files]  # datasets mapped from held files
+        self._checked_files_at = 0.0
         self.ring = ring
         self.leases = Leases(ring, reserve=TASKS_PER_WORKER * config.n_workers)
         self.sessions = SessionTable(self.leases, config.limits)
@@ -119,10 +141,11 @@ class Frontend:
     # ------------------------------------------------------------------ lifecycle
 
     def _worker_spec(self, index: int) -> WorkerSpec:
+        assert self.ring.segment is not None
         return WorkerSpec(index=index, datasets=tuple(self.datasets.values()),
-                          ring_name=self.ring.name, ring_header=self.ring.offset(0),
-                          slot_bytes=self.ring.slot_bytes, parent_pid=os.getpid(),
-                          transforms=self.transforms)
+                          columns=self.columns, ring=self.ring.segment.buf,
+                          ring_header=self.ring.offset(0), slot_bytes=self.ring.slot_bytes,
+                          parent_pid=os.getpid(), transforms=self.transforms)
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -508,7 +531,27 @@ class Frontend:
     # ------------------------------------------------------------------ timers
 
     def _check_timers(self, now: float) -> None:
+        if self.held and now - self._checked_files_at >= FILE_CHECK_PERIOD:
+            self._checked_files_at = now
+            self._check_files()
         self.snapshot = {**self.describe(), "session_list": session_list(self.sessions, None)}
         self.leases.collect_all()
         self.sessions.expire(now, self.config.session_timeout)
         self.supervisor.kill_stuck(now)
+
+    def _check_files(self) -> None:
+        """A dataset whose held files changed in place is served no more: its sessions get the
+        reason and close, and a HELLO for it is refused with it."""
+        for d in self.held:
+            name = d.spec.name
+            if name in self.catalog.broken:
+                continue
+            why = d.changed()
+            if why is None:
+                continue
+            self.catalog.broken[name] = why
+            log.error("dataset %s: %s", name, why)
+            for s in self.sessions:
+                if s.dataset.name == name:
+                    self._send(s.route, protocol.error(DatasetError.code, why, session=s.id))
+                    self.sessions.close(s, "its data changed on disk")

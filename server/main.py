@@ -166,7 +166,8 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         specs = {d.spec.name: d.spec for d in datasets}
         for name, transform in transforms.items():  # a pass-through of a missing field stops here
             transform.fields(specs[name].fields)
-        frontend = Frontend(config, specs, ring, security, transforms)
+        frontend = Frontend(config, specs, ring, security, transforms,
+                            {d.spec.name: d.arrays for d in datasets}, datasets)
         gc.collect()
         _trim_heap()  # give loading's temporaries back before the workers inherit them
         gc.freeze()  # keep the workers' copy-on-write pages shared

@@ -7,9 +7,11 @@ from the main process (so they share its imported modules' pages), then:
 - drop what they inherited but must not use: the parent's sockets and signal handlers;
 - ask the kernel to kill them when the parent dies (``PR_SET_PDEATHSIG``) and also check
   ``getppid`` whenever they are idle, so a SIGKILLed server leaves no workers behind;
-- attach the dataset (read-only) and the ring by name;
+- use the dataset's read-only views and the ring's mapping they inherited (nothing is opened
+  by name, so a worker started late sees exactly what the first ones saw);
 - loop: take a TASK, gather its batches straight into the slot (``gather.py``), answer DONE
-  or FAIL.
+  or FAIL.  A task of a dataset whose held files changed in place (checked before and after)
+  fails saying so, rather than mixing versions.
 
 Each worker talks to the main process over its own ``SOCK_SEQPACKET`` socketpair: one message
 per ``send``, no ZeroMQ context (and no I/O thread to wake) in the worker, and an end-of-file
@@ -31,16 +33,16 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from batchfeed.shared.errors import BatchfeedError, WorkerError
+from batchfeed.shared.errors import BatchfeedError, DatasetError, WorkerError
 from batchfeed.shared.plan import ORDERS, BatchPlan, PlanParams
-from batchfeed.shared.shm import SharedSegment
 from batchfeed.shared.units import plan_units
 
 from . import tasks
-from .dataset import DatasetSpec, attach_arrays
+from .dataset import DatasetSpec, changed_file
 from .gather import gather_chunk, transform_chunk
 from .orders import WorkerOrders
 
@@ -53,11 +55,14 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker process needs, all of it names and numbers."""
+    """Everything a worker process needs.  Workers are forked, so this is inherited, never
+    pickled: ``columns`` are the parent's read-only views of the data and ``ring`` its mapping
+    of the slot ring."""
 
     index: int
     datasets: tuple[DatasetSpec, ...]
-    ring_name: str
+    columns: dict  # dataset name -> {field name: array or Ragged}
+    ring: Any  # the ring segment's mapping (writable)
     ring_header: int
     slot_bytes: int
     parent_pid: int
@@ -115,18 +120,10 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
     keep_big_allocations_out_of_the_heap()
     if os.getppid() != spec.parent_pid:
         return
-    segments: list[SharedSegment] = []
     try:
         try:
-            data = {}
-            for ds in spec.datasets:
-                segs, arrays = attach_arrays(ds)
-                segments += segs
-                data[ds.name] = (ds, arrays)
-            ring = SharedSegment.attach(spec.ring_name, writable=True)
-            segments.append(ring)
-            assert ring.buf is not None
-            ring_u8 = np.frombuffer(ring.buf, dtype=np.uint8)
+            data = {ds.name: (ds, spec.columns[ds.name]) for ds in spec.datasets}
+            ring_u8 = np.frombuffer(spec.ring, dtype=np.uint8)
         except Exception as exc:  # the parent backs off and, if it keeps happening, gives up
             channel.send(tasks.pack(tasks.Broken(f"{type(exc).__name__}: {exc}")))
             raise SystemExit(1) from None
@@ -156,8 +153,6 @@ def run_worker(spec: WorkerSpec, channel: socket.socket) -> None:
         return  # the main process is gone
     finally:
         channel.close()
-        for seg in segments:
-            seg.close()
 
 
 class PlanCache:
@@ -209,12 +204,20 @@ def _fill_order(job: tasks.OrderJob, data: dict, plans: PlanCache,
         return False
 
 
+def _check_files(ds: DatasetSpec) -> None:
+    if ds.files:
+        why = changed_file(ds)
+        if why is not None:
+            raise DatasetError(why)
+
+
 def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrders,
               ring_u8: np.ndarray, spec: WorkerSpec) -> tasks.Done | tasks.Failed:
     """Run one task; the reply says what it wrote, or why it failed."""
     started = time.perf_counter()
     try:
         ds, arrays = data[task.dataset]
+        _check_files(ds)
         plan = plans.get(ds, task.params, arrays)
         start = spec.ring_header + task.slot * spec.slot_bytes
         slot = ring_u8[start : start + spec.slot_bytes]
@@ -225,6 +228,7 @@ def _run_task(task: tasks.Task, data: dict, plans: PlanCache, orders: WorkerOrde
         else:
             layout = transform_chunk(arrays, ds, plan, task.epoch, task.k0, task.count, slot,
                                      transform, order)
+        _check_files(ds)  # a change during the gather may have mixed versions into it
         dtypes, shapes, offsets, nbytes = layout
         return tasks.Done(task.id, dtypes, shapes, offsets, nbytes,
                           busy=time.perf_counter() - started)

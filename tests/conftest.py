@@ -33,6 +33,22 @@ def shm_segments() -> set[str]:
     return {p.name for p in SHM.iterdir() if p.name.startswith("bf_")}
 
 
+def mapped_segments(pid: int) -> dict[str, int]:
+    """Segment name -> size of the batchfeed segments process ``pid`` maps (a server's data
+    segments are mapped but have no name left in /dev/shm once loaded)."""
+    out = {}
+    for entry in Path(f"/proc/{pid}/map_files").iterdir():
+        try:
+            target = os.readlink(entry)
+            size = os.stat(entry).st_size
+        except OSError:
+            continue
+        name = target.removeprefix("/dev/shm/").removesuffix(" (deleted)")
+        if target.startswith("/dev/shm/bf_"):
+            out[name] = size
+    return out
+
+
 def leaked_segments(before: set[str]) -> set[str]:
     """New segments whose creating server is gone (those of live servers are still in use)."""
     return {name for name in shm_segments() - before

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_rows
 
-from batchfeed.server.dataset import SharedDataset, attach_arrays, inspect_source, synthetic_arrays
+from batchfeed.server.dataset import SharedDataset, inspect_source, synthetic_arrays
 from batchfeed.shared.errors import DatasetError
 from batchfeed.shared.shm import new_token
 
@@ -18,12 +18,7 @@ from batchfeed.shared.shm import new_token
 def load(path: Path | str) -> dict[str, np.ndarray]:
     ds = SharedDataset.load("t", inspect_source(str(path)), new_token())
     try:
-        segments, arrays = attach_arrays(ds.spec)
-        out = {k: v.copy() for k, v in arrays.items()}
-        del arrays
-        for seg in segments:
-            seg.close()
-        return out
+        return {k: v.copy() for k, v in ds.arrays.items()}  # type: ignore[union-attr]
     finally:
         ds.close()
 

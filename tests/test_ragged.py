@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import server_report
+from conftest import mapped_segments, server_report
 
 import batchfeed
 from batchfeed import Client, DatasetError
@@ -134,9 +134,9 @@ def test_the_ragged_data_is_held_once_in_shared_memory() -> None:
     data = corpus()
     tokens = sum(len(t) for t in data["tokens"])
     with batchfeed.serve(data, workers=2) as srv:
-        segments = [p for p in Path("/dev/shm").iterdir()
-                    if p.name.startswith(f"bf_{srv.pid}_") and "data" in p.name]
-        sizes = sorted(p.stat().st_size for p in segments)
+        # Mapped by the server (their names are unlinked once filled: the workers inherit
+        # the mappings).
+        sizes = sorted(size for name, size in mapped_segments(srv.pid).items() if "data" in name)
     # tokens: values + offsets; text: values + offsets; label: one array
     expected = sorted([4 * tokens, 8 * (N + 1), sum(len(t.encode()) for t in data["text"]),
                        8 * (N + 1), 8 * N])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import server_report
+from conftest import mapped_segments, server_report
 
 from batchfeed import Client, DataMismatch, ServerUnavailable
 from batchfeed.launch import ServerProcess
@@ -112,8 +112,7 @@ def test_the_shards_give_the_batches_of_one_whole_server(shards, params: dict) -
 def test_each_shard_holds_about_its_share(serve, data_file) -> None:
     srv = serve("--data", data_file, "--workers", 1, "--shard", "1/3")
     assert "shard 1/3: rows 667..1,334" in srv.ready_line
-    sizes = {p.name: p.stat().st_size for p in Path("/dev/shm").iterdir()
-             if p.name.startswith(f"bf_{srv.pid}_") and "data" in p.name}
+    sizes = {name: size for name, size in mapped_segments(srv.pid).items() if "data" in name}
     x = [size for name, size in sizes.items() if name.endswith("_1")]
     assert x == [12 * (1335 - 667)]  # x: this shard's rows only
 
