@@ -24,6 +24,27 @@ the 2-core dev VM, images/s over torchvision's way, Pillow's full decode + resiz
 Pillow-SIMD (a source build that replaces Pillow) and PyTurboJPEG (slower than simplejpeg here,
 and needing libjpeg-turbo >= 3 from the OS) were measured and not adopted.  An image that cannot
 be decoded raises ``ValueError`` naming it.
+
+Decompression bombs: an image's pixel count is checked against ``MAX_PIXELS`` from its header
+(simplejpeg's ``decode_jpeg_header``, Pillow's lazy ``Image.open``) before a single pixel is
+decoded; an image over it raises ``ImageTooLarge`` (a ValueError) naming the file, its size, the
+limit and what to do.  A 519-byte progressive JPEG whose header claims 20000x20000 used to cost
+a worker 2.3 GB and 4-9 s inside libjpeg (a progressive decode keeps every DCT coefficient of
+the whole image, whatever the output scale); now it fails in under a millisecond.  The limit is
+a process-wide setting, as Pillow's own is: ``set_max_pixels(n)`` (``batchfeed serve
+--max-image-pixels``), called before the workers fork, also sets ``PIL.Image.MAX_IMAGE_PIXELS``
+so that Pillow refuses the same images anywhere in the process (Pillow refuses above twice its
+setting and only warns above it, so its setting is half the limit; this module's own opens do
+not warn below the limit).
+
+The default, 64,000,000 pixels (Pillow's is 89 MP warned, 179 MP refused), takes every camera
+photo up to 61 MP full frame (9504x6336) and the 48-50 MP modes of phones, and refuses the
+100 MP+ of medium format and 108/200 MP phone modes until the limit is raised.  What one 64 MP
+image (8000x8000) costs a worker, measured on the dev VM with a crop to 224: a baseline JPEG
++1 MB, 0.1 s (decoded at 1/8 scale); a progressive JPEG +155 MB (4:2:0) to +367 MB (4:4:4),
+0.8-1.5 s (libjpeg keeps its coefficients); a PNG +216 MB, 1.7 s (Pillow decodes it whole; it
+is resized as Pillow decoded it, not copied to numpy and back, which cost 3.5x as much).  So
+two workers stay under 1 GB even on the worst image the limit lets through.
 """
 
 from __future__ import annotations
@@ -31,6 +52,8 @@ from __future__ import annotations
 import importlib
 import io
 import math
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -40,6 +63,48 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom, in source p
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+DEFAULT_MAX_PIXELS = 64_000_000
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # pixels (width x height) of one image; see set_max_pixels
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than ``MAX_PIXELS`` (refused before decoding)."""
+
+
+def set_max_pixels(n: int) -> None:
+    """Refuse images of more than ``n`` pixels from now on, in this process and in the workers
+    it forks afterwards; Pillow's ``MAX_IMAGE_PIXELS`` follows."""
+    global MAX_PIXELS
+    if type(n) is not int or n < 1:
+        raise ValueError(f"the image pixel limit must be a positive int, got {n!r}")
+    MAX_PIXELS = n
+    try:
+        from PIL import Image
+    except ImportError:  # nothing to align; _pil() says what to install when it is needed
+        return
+    _align_pillow(Image)
+
+
+def _align_pillow(Image: Any) -> None:
+    """Pillow raises DecompressionBombError above 2 x MAX_IMAGE_PIXELS: at half our limit it
+    refuses exactly the images this module refuses."""
+    Image.MAX_IMAGE_PIXELS = -(-MAX_PIXELS // 2)
+
+
+def check_pixels(width: int, height: int, name: str = "an image") -> None:
+    """Raise ImageTooLarge if a ``width`` x ``height`` image is over ``MAX_PIXELS``."""
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(_too_large(name, f"is {width}x{height} ({width * height:,} pixels)"))
+
+
+def _too_large(name: str, size: str) -> str:
+    return (f"{name} {size}, over the limit of {MAX_PIXELS:,} pixels per image (a "
+            "decompression bomb, or a very large image); resize the image, or raise the limit "
+            "with batchfeed serve --max-image-pixels")
+
+
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
+
 
 def _pil() -> Any:
     try:
@@ -47,6 +112,7 @@ def _pil() -> Any:
     except ImportError:
         raise ImportError("image transforms need Pillow: pip install 'batchfeed[images]'") \
             from None
+    _align_pillow(Image)
     return Image
 
 
@@ -80,14 +146,35 @@ def resize_backend(backend: str) -> str:
     return "cv2"
 
 
+def _png_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """A PNG's width and height from its IHDR (the first chunk), or None if it is not a PNG."""
+    head = bytes(data[:24])
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def open_image(data: bytes | memoryview, name: str = "an image") -> Any:
-    """A lazily decoded Pillow image (its size is known, its pixels not yet decoded)."""
+    """A lazily decoded Pillow image (its size is known, its pixels not yet decoded); one over
+    ``MAX_PIXELS`` raises ImageTooLarge (a PNG's size is read from its IHDR first, so that the
+    error can name it: Pillow's own refusal gives only the pixel count)."""
     Image = _pil()
+    png = _png_size(data)
+    if png is not None:
+        check_pixels(*png, name)
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns above half the limit; checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over the limit Pillow was aligned with
+        found = _PILLOW_PIXELS.search(str(exc))
+        size = f"has {int(found[1]):,} pixels" if found else "has too many pixels"
+        raise ImageTooLarge(_too_large(name, size)) from None
     except Exception as exc:
         raise ValueError(f"{name} is not an image Pillow can read ({type(exc).__name__}: "
                          f"{exc})") from None
+    check_pixels(img.width, img.height, name)
+    return img
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -136,15 +223,20 @@ def _scaled(box: Box, sx: float, sy: float) -> Box:
     return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
-def _simplejpeg_decode(data: bytes | memoryview, size: int,
-                       box_of: Any) -> tuple[np.ndarray, Box] | None:
+def _simplejpeg_decode(data: bytes | memoryview, size: int, box_of: Any,
+                       name: str) -> tuple[np.ndarray, Box] | None:
     """A JPEG decoded by simplejpeg at a reduced scale, with its box; None when simplejpeg is
-    missing or cannot read it (CMYK, a damaged file: Pillow then decides)."""
+    missing or cannot read it (CMYK, a damaged file: Pillow then decides).  A header over
+    ``MAX_PIXELS`` raises ImageTooLarge before libjpeg allocates anything for the pixels."""
     sj = _optional("simplejpeg")
     if sj is None or bytes(data[:2]) != b"\xff\xd8":
         return None
     try:
         height, width = sj.decode_jpeg_header(data)[:2]
+    except Exception:  # Pillow reads it or names the problem
+        return None
+    check_pixels(width, height, name)
+    try:
         box = box_of(width, height)
         want_w, want_h = _scale_for(width, height, box, size)
         rgb = sj.decode_jpeg(data, colorspace="RGB", min_width=want_w, min_height=want_h)
@@ -154,8 +246,9 @@ def _simplejpeg_decode(data: bytes | memoryview, size: int,
 
 
 def _pil_decode(data: bytes | memoryview, size: int, box_of: Any,
-                name: str) -> tuple[np.ndarray, Box]:
-    """Decode with Pillow (JPEGs at a reduced DCT scale via ``draft``) to RGB uint8 HWC."""
+                name: str) -> tuple[Any, Box]:
+    """Decode with Pillow (JPEGs at a reduced DCT scale via ``draft``) to an RGB Pillow image,
+    converted only if it is not RGB already (a copy of a whole PNG is 4 bytes a pixel)."""
     img = open_image(data, name)
     box = box_of(img.width, img.height)
     try:
@@ -163,7 +256,10 @@ def _pil_decode(data: bytes | memoryview, size: int, box_of: Any,
             full = img.size
             img.draft("RGB", _scale_for(img.width, img.height, box, size))
             box = _scaled(box, img.width / full[0], img.height / full[1])
-        return np.asarray(img.convert("RGB")), box
+        if img.mode != "RGB":
+            return img.convert("RGB"), box
+        img.load()
+        return img, box
     except Exception as exc:
         raise ValueError(f"{name} cannot be decoded ({type(exc).__name__}: {exc})") from None
 
@@ -182,12 +278,13 @@ def crop_resize(data: bytes | memoryview, size: int, box_of: Any, flip: bool = F
             boxes[width, height] = box_of(width, height)
         return boxes[width, height]
 
-    decoded = _simplejpeg_decode(data, size, box_once)
+    decoded = _simplejpeg_decode(data, size, box_once, name)
     rgb, box = decoded if decoded is not None else _pil_decode(data, size, box_once, name)
     if backend == "cv2":
-        return _cv2_crop_resize(rgb, box, size, flip, out)
+        return _cv2_crop_resize(np.asarray(rgb), box, size, flip, out)
     Image = _pil()
-    img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    source = Image.fromarray(rgb) if isinstance(rgb, np.ndarray) else rgb
+    img = source.resize((size, size), Image.Resampling.BILINEAR, box=box)
     if flip:  # Pillow's flip: numpy's copy of a reversed view runs pixel by pixel
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if out is None:

@@ -7,11 +7,14 @@ answers STATS only once its data is loaded, its workers started and its socket b
 while its main loop turns, so one answer means "ready" and "alive" alike.
 
 It prints one line: on stdout when the server answered, on stderr with the reason when not
-(Kubernetes keeps the line in the pod's events).  It holds nothing between runs; its ZeroMQ
-context is closed before it returns.
+(Kubernetes keeps the line in the pod's events).  The answer is read as ``batchfeed stats``
+reads it (``StatsQuery.fetch``): a REPORT of the wrong shape (missing keys, wrong types, a list
+for a map, numbers out of range) is a ProtocolError naming what was wrong, an ERROR reply's
+message is shown with its control characters escaped, and neither ever prints a traceback.
+It holds nothing between runs; its ZeroMQ context is closed before it returns.
 
-Exit codes: 0 answered; 1 no answer within ``timeout``, an error reply, or unreadable CURVE keys;
-2 bad arguments (argparse).
+Exit codes: 0 answered; 1 no answer within ``timeout``, an error reply, a garbled or malformed
+answer, or unreadable CURVE keys; 2 bad arguments (argparse).
 """
 
 from __future__ import annotations
@@ -74,9 +77,10 @@ def run(address: str, timeout: float = DEFAULT_TIMEOUT,
         server = report["server"]
         summary = (f"{server['workers']} workers, {server['sessions']} sessions, "
                    f"up {server['uptime_s']:g} s")
-    except (BatchfeedError, OSError, KeyError, TypeError) as exc:
+    except (BatchfeedError, OSError) as exc:
         # BatchfeedError: no answer (ServerUnavailable), an ERROR reply, a bad key file
-        # (AuthenticationError), a garbled reply (ProtocolError); zmq.ZMQError is an OSError.
+        # (AuthenticationError), a garbled or malformed reply (ProtocolError, the REPORT's
+        # shape checked by fetch); zmq.ZMQError is an OSError.
         return _failed(address, str(exc) or type(exc).__name__)
     ms = (time.monotonic() - started) * 1000
     print(f"batchfeed probe: ok: {address} answered in {ms:.0f} ms ({summary})", flush=True)

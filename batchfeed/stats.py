@@ -5,20 +5,33 @@ answer awaited for at most ``timeout`` seconds, so a late answer can never be re
 one) and renders its REPORT.  On a terminal the table is redrawn in place with ANSI cursor
 movement; otherwise each refresh is printed as a new block.  ``--once`` prints one table.
 
-Exit codes: 0 (``--once`` done, or Ctrl-C), 2 (no server answered the first query, or bad keys).
+What a server says is not trusted (``batchfeed probe`` reads it the same way):
+
+- ``check_report`` checks the REPORT's shape where it is read: every key the table or the probe
+  reads is there with its type, numbers are finite and in 0 .. 2**63-1, maps are maps; anything
+  else is one ProtocolError naming the key, what it should be and what came.
+- ``printable`` shows every control or invisible character of a server-supplied string as an
+  escape (``\\x1b``, ``\\u202e``; a backslash as two), so a client named
+  ``"\\x1b[2J\\x1b[H evil"`` cannot clear or rewrite the operator's screen: names, datasets, the
+  version, the address, error kinds, and an ERROR reply's message.
+
+Exit codes: 0 (``--once`` done, or Ctrl-C), 2 (no server answered the first query, a malformed
+answer, or bad keys).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import zmq
 
 from batchfeed.shared import protocol
+from batchfeed.shared.batches import MAX_INT
 from batchfeed.shared.errors import (
     InvalidRequest,
     ProtocolError,
@@ -85,10 +98,10 @@ class StatsQuery:
                 )
             msg = protocol.decode(sock.recv_multipart())
         if msg.kind == protocol.ERROR:
-            raise error_from_code(msg.header["code"], msg.header["message"])
+            raise error_from_code(msg.header["code"], printable(msg.header["message"]))
         if msg.kind != protocol.REPORT:
             raise ProtocolError(f"the server answered STATS with a {msg.kind} message")
-        return msg.header
+        return check_report(msg.header, self.address)
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -100,6 +113,82 @@ class StatsQuery:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the server said: checked, then shown harmlessly.
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (controls such as ESC, line and
+    paragraph separators, bidi overrides) written as its Python escape, and ``\\`` doubled."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
+_COUNT, _NUMBER, _TEXT, _OPT_TEXT = "a whole number", "a number", "a string", "a string or nil"
+
+SERVER_KEYS = {"version": _TEXT, "address": _TEXT, "uptime_s": _NUMBER, "workers": _COUNT,
+               "sessions": _COUNT, "slots": _COUNT, "slots_free": _COUNT, "slots_busy": _COUNT,
+               "slots_leased": _COUNT}
+SESSION_KEYS = {"id": _TEXT, "name": _OPT_TEXT, "dataset": _TEXT, "epoch": _COUNT,
+                "next": _COUNT, "batches_per_epoch": _COUNT, "rate": _NUMBER, "credit": _COUNT,
+                "queued": _COUNT, "leased": _COUNT, "bytes": _COUNT, "idle_s": _NUMBER}
+COUNTED_MAPS = ("counters", "errors")  # optional maps of name -> count in the server map
+
+
+def _fits(value: object, kind: str) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _OPT_TEXT:
+        return value is None or isinstance(value, str)
+    if type(value) is int:
+        return 0 <= value <= MAX_INT
+    return kind == _NUMBER and type(value) is float and math.isfinite(value) and \
+        0 <= value <= MAX_INT
+
+
+def _checked(table: dict, keys: dict[str, str], where: str, source: str) -> None:
+    for key, kind in keys.items():
+        if key not in table:
+            raise _malformed(f"{where} has no {key!r}", source)
+        if not _fits(table[key], kind):
+            bounds = "" if kind in (_TEXT, _OPT_TEXT) else " from 0 to 2**63-1"
+            raise _malformed(f"{where}[{key!r}] must be {kind}{bounds}, got "
+                             f"{table[key]!r:.60}", source)
+
+
+def _malformed(what: str, source: str) -> ProtocolError:
+    return ProtocolError(f"malformed REPORT from {source}: {what}; is it a batchfeed server of "
+                         "this release? (install the same batchfeed on both sides)")
+
+
+def check_report(report: Any, source: str = "the server") -> dict:
+    """``report`` if it is a REPORT header this module can show, else ProtocolError naming
+    the first thing wrong (keys it does not read may be anything)."""
+    if not isinstance(report, dict):
+        raise _malformed(f"it is {type(report).__name__}, not a map", source)
+    server, sessions = report.get("server"), report.get("sessions")
+    if not isinstance(server, dict):
+        raise _malformed(f"'server' must be a map, got {server!r:.60}", source)
+    if not isinstance(sessions, list):
+        raise _malformed(f"'sessions' must be a list, got {sessions!r:.60}", source)
+    _checked(server, SERVER_KEYS, "server", source)
+    for name in COUNTED_MAPS:
+        table = server.get(name, {})
+        if not isinstance(table, dict):
+            raise _malformed(f"server[{name!r}] must be a map, got {table!r:.60}", source)
+        for key, count in table.items():
+            if not isinstance(key, str) or not _fits(count, _COUNT):
+                raise _malformed(f"server[{name!r}] must map names to whole numbers from 0 to "
+                                 f"2**63-1, got {key!r:.40}: {count!r:.40}", source)
+    for i, session in enumerate(sessions):
+        if not isinstance(session, dict):
+            raise _malformed(f"sessions[{i}] must be a map, got {session!r:.60}", source)
+        _checked(session, SESSION_KEYS, f"sessions[{i}]", source)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +204,10 @@ def duration(seconds: float) -> str:
 
 def summary(server: dict) -> str:
     counters, errors = server.get("counters", {}), server.get("errors", {})
-    errs = ", ".join(f"{kind} {n:,}" for kind, n in sorted(errors.items())) or "none"
+    errs = ", ".join(f"{printable(kind)} {n:,}" for kind, n in sorted(errors.items())) or "none"
     return (
-        f"batchfeed {server['version']} at {server['address']}, up {duration(server['uptime_s'])}"
+        f"batchfeed {printable(server['version'])} at {printable(server['address'])}, "
+        f"up {duration(server['uptime_s'])}"
         f" | {_count(server['sessions'], 'session')}, {_count(server['workers'], 'worker')}"
         f" | slots: {server['slots_free']} free, {server['slots_busy']} busy, "
         f"{server['slots_leased']} leased of {server['slots']}"
@@ -133,13 +223,15 @@ def _count(n: int, noun: str) -> str:
 
 def session_row(s: dict) -> tuple[str, ...]:
     return (
-        s["id"][:8], _clip(s["name"] or "?"), _clip(s["dataset"]), str(s["epoch"]),
+        printable(s["id"])[:8], _clip(s["name"] or "?"), _clip(s["dataset"]), str(s["epoch"]),
         f"{s['next']}/{s['batches_per_epoch']}", f"{s['rate']:.1f}", str(s["credit"]),
         str(s["queued"]), str(s["leased"]), human_bytes(s["bytes"]), f"{s['idle_s']:.1f}",
     )
 
 
 def _clip(text: str) -> str:
+    """``text`` made printable, then cut to ``MAX_TEXT`` characters (a cut one ends in ``~``)."""
+    text = printable(text)
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 1] + "~"
 
 

@@ -33,7 +33,9 @@ Each keeps the fields named in ``keep`` (default ``("label",)``) and declares it
 the server sizes messages (and refuses a batch bigger than a slot) at HELLO.  The randomness
 comes from the batch's rng, so every image gets the same crop whichever worker or server
 decodes it.  An image that cannot be decoded fails its batch with a WorkerError naming its file
-(the image folder's ``path`` field), and the server keeps serving.
+(the image folder's ``path`` field), and the server keeps serving.  So does an image over
+``batchfeed.images.MAX_PIXELS`` (64 MP unless ``--max-image-pixels`` says otherwise): a
+decompression bomb or a huge photo is refused from its header, before any pixel is decoded.
 
 Write your own the same way: a module on the server's PYTHONPATH with a function of
 ``(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]``.
