@@ -99,9 +99,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="batch bytes a connection may have queued but not yet taken; past it "
                         "the server gathers nothing more for it (default: %(default)s)")
     p.add_argument("--max-image-pixels", type=int, default=0,
-                   help="the largest image (width x height) an image transform decodes; "
-                        "larger ones fail their batch before any pixel is decoded (default: "
-                        "batchfeed.images.MAX_PIXELS)")
+                   help="the largest image (width x height) an image transform decodes, read "
+                        "from its header; larger ones fail their batch before any pixel is "
+                        "decoded (default: 64,000,000)")
     p.set_defaults(func=_run_serve)
 
 

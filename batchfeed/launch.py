@@ -23,9 +23,11 @@ READY_RE = re.compile(r"^batchfeed serve: ready: .* at (\S+) \(")
 
 class ServerProcess:
     def __init__(self, args: Sequence[str] = (), *, bind: str = "tcp://127.0.0.1:0",
-                 log_level: str = "WARNING", env: dict | None = None):
+                 log_level: str = "WARNING", env: dict | None = None,
+                 nofile: int | None = None):
         self.args = ["--log-level", log_level, "serve", "--bind", bind, *map(str, args)]
         self.env = env
+        self.nofile = nofile  # a descriptor limit (soft and hard) to start the server under
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.ready_line = ""
@@ -38,6 +40,7 @@ class ServerProcess:
             [sys.executable, "-m", "batchfeed", *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(self.env or {})},
+            preexec_fn=_limit_fds(self.nofile) if self.nofile else None,
         )
         # One thread reads every line from the start (a select() on the pipe would miss lines
         # already in the file object's buffer), and says when the ready line or the end came.
@@ -94,6 +97,15 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _limit_fds(n: int):
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    return limit
 
 
 def server_report(address: str, timeout: float = 5.0,

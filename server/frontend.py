@@ -485,6 +485,8 @@ class Frontend:
             self._send(s.route, protocol.error(reply.code, reply.message, session=s.id,
                                                stream=job.stream, epoch=task.epoch,
                                                k0=task.k0))
+            if reply.code == DatasetError.code and s.dataset.files:
+                self._check_files()  # a worker saw a held file change: act on it now
 
     # ------------------------------------------------------------------ the send path
 

@@ -142,6 +142,10 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         synthetic = sources is None and not config.data
         if sources is None:
             sources = dataset_sources(config)
+        if config.max_image_pixels:  # before the workers fork: they inherit it
+            from batchfeed import images
+
+            images.set_max_pixels(config.max_image_pixels)
         transforms = load_transforms(config, list(sources))
         widest = max(s.nbytes // max(1, s.rows) for srcs in sources.values() for s in srcs)
         slot_bytes = config.slot_size(widest)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from batchfeed.server import supervisor as sup
 from batchfeed.server import tasks
 from batchfeed.server.config import ServerConfig
 from batchfeed.server.dataset import DatasetSpec
@@ -500,3 +502,74 @@ def test_the_budget_keeps_slots_for_the_workers() -> None:
         assert ring.free_count == 4  # ... and the workers keep their reserve
     finally:
         leases.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing work fails once
+
+
+def test_lost_batches_are_retried_alone_and_given_up_after_3_losses() -> None:
+    s = session(1)
+    s.request(0, 0, 0, 8)
+    epoch, k0, count = s.take()
+    assert count >= 1
+    assert s.lost(epoch, k0, count, blamed=False) is None  # not the one running: retried
+    runs = []
+    while s.has_work:  # each batch lost before now goes alone
+        e, k, c = s.take()
+        runs.append(c)
+        s.finished(e, k, c, c)
+    assert all(c == 1 for c in runs[:count])
+    s.request(0, 0, 8, 1)
+    for attempt in range(3):
+        e, k, c = s.take()
+        assert (e, k, c) == (0, 8, 1)
+        given_up = s.lost(e, k, c, blamed=True)
+        assert (given_up is None) == (attempt < 2)
+    assert given_up == (0, 8) and not s.has_work and s.gathering == 0
+    s.check()
+
+
+def test_workers_that_cannot_start_back_off_then_the_server_gives_up() -> None:
+    class FakeWorker:
+        def __init__(self, index: int) -> None:
+            self.index, self.ready, self.broken, self.timed_out = index, False, "boom", False
+            self.sentinel = self.fd = -1
+            self.pid, self.exitcode = 1, 1
+
+        def alive(self) -> bool:
+            return False
+
+        def finish(self, timeout: float) -> None:
+            pass
+
+        def describe_exit(self) -> str:
+            return "could not start: boom"
+
+    class Poller:
+        def register(self, *a) -> None:
+            pass
+
+        def unregister(self, *a) -> None:
+            pass
+
+    s = sup.Supervisor(lambda i: None, 1, 1.0, Poller())  # type: ignore[arg-type]
+    spawned: list[float] = []
+
+    def spawn(index: int) -> FakeWorker:
+        spawned.append(time.monotonic())
+        return FakeWorker(index)
+
+    s._spawn = spawn  # type: ignore[method-assign]
+    s.workers = [FakeWorker(0)]  # type: ignore[list-item]
+    delays = []
+    while s.broken is None:
+        s.replace(s.workers[0])  # it died before READY
+        if s.broken is not None:
+            break
+        when = s._due[0][0]
+        delays.append(round(when - time.monotonic(), 2))
+        s.tick(when + 0.001)
+    assert len(delays) == sup.MAX_FAILED_STARTS - 1
+    assert delays == sorted(delays) and delays[0] <= 0.1 and delays[-1] >= 0.7  # doubling
+    assert "could not start" in s.broken and str(sup.MAX_FAILED_STARTS) in s.broken

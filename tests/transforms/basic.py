@@ -74,3 +74,22 @@ def tokenize_text(batch: dict, rng: np.random.Generator) -> dict:
 
     text = batch["text"]
     return {"ids": Ragged(text.values.astype(np.int32), text.offsets), "label": batch["label"]}
+
+
+def hang_on_row_500(batch: dict, rng: np.random.Generator) -> dict:
+    """Never returns on the batch holding row 500 (a transform stuck on one input)."""
+    import time
+
+    while (batch["id"] == 500).any():
+        time.sleep(1)
+    return batch
+
+
+def die_on_row_500(batch: dict, rng: np.random.Generator) -> dict:
+    """Kills its worker on the batch holding row 500 (a crash in native code, say)."""
+    import os
+    import signal
+
+    if (batch["id"] == 500).any():
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return batch
