@@ -1,4 +1,4 @@
-"""The shard rows of ``batchfeed bench`` (``--workload shards``, issue 15): one training job
+"""The shard section (``--workload shards``): one training job
 reading the ``large`` workload from 2 shard servers (``serve --shard I/2``, each holding half of
 the rows) against 1 server of all the rows, on this host.
 
@@ -16,13 +16,12 @@ same batch size, seed and full shuffle, over tcp loopback: through the socket
 the servers' shared memory, the socket carries only headers).  After each row: every server's
 PSS (the client closed first), and a check that the first ``CHECK_BATCHES`` batches of an epoch
 are the full server's (digests of every field); a row that differs is failed.  Servers are
-stopped by ``served.running_server``, the data directory removed, in ``finally``; a /dev/shm
-segment a stopped server left behind is a problem of the run.
+stopped by ``servers.running_servers`` (a /dev/shm segment one left behind is a problem of the
+run), the data directory removed, in ``finally``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import gc
@@ -32,19 +31,26 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchfeed.launch import ServerProcess
-from batchfeed.shared.errors import BatchfeedError
-from batchfeed.shared.shm import PREFIX, SHM_DIR
 
-from .measure import BenchError, consume, failed_status
-from .pool import client_epochs
-from .probes import STATS_TIMEOUT, server_cpu_seconds, server_pss_bytes
-from .report import fmt, goal_line, text_table
-from .served import running_server
-from .workloads import GB, MIB, BenchOptions, Workload, save_arrays, workloads
+from .common import (
+    GB,
+    MIB,
+    ROW_ERRORS,
+    Column,
+    Goal,
+    Row,
+    failed_status,
+    goal_lines,
+    guarded,
+    row_table,
+)
+from .measure import client_epochs, consume, usable_cores
+from .servers import running_servers, server_cpu_seconds, server_pss_bytes, stats
+from .workloads import BenchOptions, Workload, save_arrays, workloads
 
 WORKLOAD = "large"
 SHARDS = 2
@@ -143,55 +149,18 @@ def differs(got: list[dict[str, str]], expected: list[dict[str, str]]) -> str | 
 # One row
 
 
-@dataclass
-class ShardRow:
-    """One line of the table: one Client reading one server set over one transport."""
-
-    name: str
-    status: str = "ok"  # "ok", or "failed: ..."
-    servers: int | None = None
-    workers_per_server: int | None = None
-    transport: str = ""
-    samples: int | None = None
-    seconds: float | None = None
-    samples_per_s: float | None = None
-    gb_per_s: float | None = None
-    vs_full: float | None = None  # samples/s / the full server's, same transport
-    client_cpu_s_per_gb: float | None = None  # this process, all threads (merge included)
-    server_cpu_s_per_gb: float | None = None  # every server and its workers
-    client_wait_fraction: float | None = None
-    first_batch_ms: float | None = None
-    server_pss_bytes: list[int] = field(default_factory=list)  # one per server, after the row
-    server_pss_over_data: list[float] = field(default_factory=list)  # / the whole dataset
-    pss_vs_full: list[float] = field(default_factory=list)  # / the full server's, same transport
-    checked_batches: int | None = None
-    fastpath_granted: bool | None = None  # every server's session (asked, fast path rows)
-    copied_sends: int | None = None  # sends the server copied (its lease budget was spent)
-
-
-def _servers_cpu(servers: Sequence[ServerProcess]) -> float:
-    return sum(server_cpu_seconds(s) for s in servers)
-
-
-def _reports(servers: Sequence[ServerProcess]) -> list[dict]:
-    try:
-        return [s.report(STATS_TIMEOUT) for s in servers]
-    except BatchfeedError as exc:
-        raise BenchError(f"a server did not answer STATS: {exc}") from exc
-
-
 def _copied_sends(reports: list[dict]) -> int:
     return sum(r["server"]["counters"].get("copied_sends", 0) for r in reports)
 
 
 def client_row(name: str, which: ServerSet, servers: Sequence[ServerProcess], fastpath: bool,
-               w: Workload, options: BenchOptions, check: BatchCheck) -> ShardRow:
+               w: Workload, options: BenchOptions, check: BatchCheck) -> Row:
     """One ``Client`` in this process over ``servers``: epochs for the measured window, then
     the check; then each server's PSS (once the client has closed and unmapped their rings)."""
     from batchfeed import Client
 
     addresses = [s.address for s in servers if s.address is not None]
-    copied0 = _copied_sends(_reports(servers))
+    copied0 = _copied_sends(stats(servers))
     start = time.perf_counter()  # the connect starts with the constructor
     with Client(addresses[0] if len(addresses) == 1 else addresses, batch_size=w.batch_size,
                 shuffle="full", seed=options.seed, fastpath=fastpath,
@@ -200,134 +169,101 @@ def client_row(name: str, which: ServerSet, servers: Sequence[ServerProcess], fa
         at_go: list[float] = []
 
         def ready() -> bool:
-            at_go[:] = [client.stats()["wait_s"], _servers_cpu(servers)]
+            at_go[:] = [client.stats()["wait_s"], server_cpu_seconds(*servers)]
             return True
 
         batches = client_epochs(client)
         try:
             m = consume(batches, options.warmup, options.seconds, start, ready)
-            server_cpu = _servers_cpu(servers) - at_go[1]
+            server_cpu = server_cpu_seconds(*servers) - at_go[1]
         finally:
             batches.close()
         m.wait_fraction = (client.stats()["wait_s"] - at_go[0]) / m.seconds
-        reports = _reports(servers)
+        reports = stats(servers)
         checked, wrong = check.run(client)
     gc.collect()  # unmap the rings now, so that they count in the servers' PSS only
     pss = [server_pss_bytes(s) for s in servers]
     sessions = [s for r in reports for s in r["sessions"] if s["name"] == CLIENT_NAME]
     granted = (bool(sessions) and all(s["fastpath"] for s in sessions)) if fastpath else None
     gb = m.nbytes / GB
-    row = ShardRow(
-        name, servers=len(servers), workers_per_server=which.workers,
-        transport=FAST if fastpath else TCP, samples=m.samples, seconds=m.seconds,
-        samples_per_s=m.samples / m.seconds, gb_per_s=gb / m.seconds,
-        client_cpu_s_per_gb=m.cpu_s / gb if gb else None,
-        server_cpu_s_per_gb=server_cpu / gb if gb else None,
-        client_wait_fraction=m.wait_fraction,
-        first_batch_ms=None if m.first_batch_s is None else m.first_batch_s * 1e3,
-        server_pss_bytes=pss, server_pss_over_data=[p / w.nbytes for p in pss],
-        checked_batches=checked, fastpath_granted=granted,
-        copied_sends=_copied_sends(reports) - copied0)
+    row = Row(name, rate=m.samples / m.seconds, values={
+        "servers": len(servers), "workers_per_server": which.workers,
+        "transport": FAST if fastpath else TCP, "samples": m.samples, "seconds": m.seconds,
+        "gb_per_s": gb / m.seconds, "client_cpu_s_per_gb": m.cpu_s / gb if gb else None,
+        "server_cpu_s_per_gb": server_cpu / gb if gb else None,
+        "client_wait_fraction": m.wait_fraction,
+        "first_batch_ms": None if m.first_batch_s is None else m.first_batch_s * 1e3,
+        "server_pss_bytes": pss, "server_pss_over_data": [p / w.nbytes for p in pss],
+        "pss_vs_full": [], "checked_batches": checked, "fastpath_granted": granted,
+        "copied_sends": _copied_sends(reports) - copied0})
     if wrong is not None:
         row.status = f"failed: {wrong}"
     return row
 
 
-def _guarded(name: str, measure: Callable[[], ShardRow]) -> ShardRow:
-    try:
-        return measure()
-    except (BenchError, BatchfeedError, RuntimeError, OSError) as exc:
-        return ShardRow(name, status=failed_status(exc))
-
-
 def set_rows(which: ServerSet, data_dir: str, w: Workload, options: BenchOptions,
              check: BatchCheck, progress: Callable[[str], None], problems: list[str],
-             pids: list[int]) -> list[ShardRow]:
+             ) -> list[Row]:
     """Start the set's servers, run its rows (one per transport), stop the servers."""
     names = [row_name(which, t) for t, _ in TRANSPORTS]
-    rows: list[ShardRow] = []
+    rows: list[Row] = []
     progress(f"shards: starting {which.name}")
+    arg_lists = which.server_args(data_dir)
     try:
-        with contextlib.ExitStack() as stack:
-            servers = []
-            for args in which.server_args(data_dir):
-                servers.append(stack.enter_context(
-                    running_server(args, "tcp://127.0.0.1:0", problems)))
-                pids.append(servers[-1].pid)
+        with running_servers(arg_lists, ["tcp://127.0.0.1:0"] * len(arg_lists),
+                             problems) as servers:
             for name, (_, fastpath) in zip(names, TRANSPORTS):
                 progress(f"shards: {name}")
-                rows.append(_guarded(name, functools.partial(
+                rows.append(guarded(name, functools.partial(
                     client_row, name, which, servers, fastpath, w, options, check)))
-    except (BenchError, RuntimeError, OSError) as exc:
+    except ROW_ERRORS as exc:
         done = {r.name for r in rows}
-        rows += [ShardRow(n, status=failed_status(exc)) for n in names if n not in done]
+        rows += [Row(n, status=failed_status(exc)) for n in names if n not in done]
     return rows
 
 
-def _add_ratios(rows: list[ShardRow]) -> None:
+def add_ratios(rows: list[Row]) -> None:
     """Throughput and each server's PSS relative to the full server's row, same transport."""
-    full = {r.transport: r for r in rows if r.status == "ok" and r.servers == 1}
+    full = {r.values["transport"]: r for r in rows if r.ok and r.values["servers"] == 1}
     for r in rows:
-        base = full.get(r.transport)
-        if r.status != "ok" or base is None:
+        base = full.get(r.values.get("transport", ""))
+        if not r.ok or base is None:
             continue
-        if r.samples_per_s is not None and base.samples_per_s:
-            r.vs_full = r.samples_per_s / base.samples_per_s
-        r.pss_vs_full = [p / base.server_pss_bytes[0] for p in r.server_pss_bytes]
-
-
-def leftover_segments(pids: list[int]) -> list[str]:
-    """Shared-memory segments that the (stopped) servers ``pids`` created and left behind."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-    mine = tuple(f"{PREFIX}{pid}_" for pid in pids)
-    return sorted(n for n in names if n.startswith(mine)) if mine else []
+        if r.rate is not None and base.rate:
+            r.ratios["vs_full"] = r.rate / base.rate
+        r.values["pss_vs_full"] = [p / base.values["server_pss_bytes"][0]
+                                   for p in r.values["server_pss_bytes"]]
 
 
 # ---------------------------------------------------------------------------------------------
 # The section
 
 
-def goals(rows: list[ShardRow]) -> list[dict[str, Any]]:
-    """The issue's goal with what this run measured, and whether it was met: each shard
-    server's PSS about half the full server's (the highest of the shards counts)."""
-    by_name = {r.name: r for r in rows if r.status == "ok"}
+def goals(rows: list[Row]) -> list[Goal]:
+    """Each shard server's PSS about half the full server's (the highest of the shards
+    counts); the aggregate speed, for information."""
+    table = {r.name: r for r in rows if r.ok}
 
     def worst(name: str) -> float | None:
-        row = by_name.get(name)
-        return max(row.pss_vs_full) if row is not None and row.pss_vs_full else None
+        row = table.get(name)
+        return max(row.values["pss_vs_full"]) if row and row.values["pss_vs_full"] else None
 
     def speed(name: str) -> float | None:
-        row = by_name.get(name)
-        return None if row is None else row.vs_full
+        row = table.get(name)
+        return None if row is None else row.ratios.get("vs_full")
 
-    out: list[dict[str, Any]] = [
-        {"goal": f"each of {SHARDS} shard servers' PSS <= {GOAL_PSS_PER_SHARD:g}x the full "
-                 f"server's ({SHARDED.name} vs {FULL.name}, tcp)",
-         "measured": worst(row_name(SHARDED, TCP)), "target": GOAL_PSS_PER_SHARD,
-         "higher_is_better": False,
-         "beside": {"fast path": worst(row_name(SHARDED, FAST)),
-                    f"{SHARDED_MORE.name}, tcp": worst(row_name(SHARDED_MORE, TCP))}},
-        {"goal": f"aggregate samples/s, {SHARDED.name} vs {FULL.name}, tcp (no target)",
-         "measured": speed(row_name(SHARDED, TCP)), "target": None, "higher_is_better": True,
-         "beside": {"fast path": speed(row_name(SHARDED, FAST)),
-                    f"{SHARDED_MORE.name}, tcp": speed(row_name(SHARDED_MORE, TCP)),
-                    f"{SHARDED_MORE.name}, fast path": speed(row_name(SHARDED_MORE, FAST))}},
+    return [
+        Goal(f"each of {SHARDS} shard servers' PSS <= {GOAL_PSS_PER_SHARD:g}x the full "
+             f"server's ({SHARDED.name} vs {FULL.name}, tcp)", worst(row_name(SHARDED, TCP)),
+             GOAL_PSS_PER_SHARD, higher_is_better=False,
+             beside={"fast path": worst(row_name(SHARDED, FAST)),
+                     f"{SHARDED_MORE.name}, tcp": worst(row_name(SHARDED_MORE, TCP))}),
+        Goal(f"aggregate samples/s, {SHARDED.name} vs {FULL.name}, tcp (no target)",
+             speed(row_name(SHARDED, TCP)),
+             beside={"fast path": speed(row_name(SHARDED, FAST)),
+                     f"{SHARDED_MORE.name}, tcp": speed(row_name(SHARDED_MORE, TCP)),
+                     f"{SHARDED_MORE.name}, fast path": speed(row_name(SHARDED_MORE, FAST))}),
     ]
-    for g in out:
-        m, target = g["measured"], g["target"]
-        g["met"] = None if m is None or target is None else (
-            m >= target if g["higher_is_better"] else m <= target)
-    return out
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def shard_section(options: BenchOptions, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -336,38 +272,26 @@ def shard_section(options: BenchOptions, progress: Callable[[str], None]) -> dic
     w = workloads(options.quick)[WORKLOAD]
     result: dict[str, Any] = {
         "workload": asdict(w), "description": w.describe(), "data_bytes": w.nbytes,
-        "cores": _cores(), "load_before": list(os.getloadavg()),
+        "cores": usable_cores(), "load_before": list(os.getloadavg()),
         "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "rows": [], "goals": [], "problems": []}
     work_dir = tempfile.mkdtemp(prefix="batchfeed-bench-")
-    pids: list[int] = []
-    rows: list[ShardRow] = []
+    rows: list[Row] = []
     try:
         progress(f"shards: making {w.describe()}")
         data_dir = save_arrays(w.make_arrays(options.seed), os.path.join(work_dir, "data"))
         gc.collect()
         check = BatchCheck()
         for which in SERVER_SETS:
-            rows += set_rows(which, data_dir, w, options, check, progress, result["problems"],
-                             pids)
+            rows += set_rows(which, data_dir, w, options, check, progress, result["problems"])
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    left = leftover_segments(pids)
-    if left:
-        result["problems"].append(f"stopped servers left {len(left)} shared-memory segment(s) "
-                                  f"in {SHM_DIR}: {', '.join(left[:4])}")
-    _add_ratios(rows)
+    add_ratios(rows)
     result["rows"] = [asdict(r) for r in rows]
-    result["goals"] = goals(rows)
+    result["goals"] = [asdict(g) for g in goals(rows)]
     result["load_after"] = list(os.getloadavg())
     result["elapsed_s"] = time.perf_counter() - started
     return result
-
-
-def failures(result: dict[str, Any]) -> list[str]:
-    """The section's failed rows and problems (for ``run.failures``)."""
-    failed = [r["name"] for r in result.get("rows", []) if r["status"].startswith("failed")]
-    return failed + [f"shards: {p}" for p in result.get("problems", [])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,42 +314,41 @@ LEGEND = """\
     and requests) and the client merges them into a fresh batch, one copy more; on the fast
     path that copy replaces zero-copy views into the server's ring."""
 
-COLUMNS = ["row", "samples/s", "GB/s", "vs full", "client CPU s/GB", "server CPU s/GB",
-           "waited", "first batch ms", "server PSS MiB", "PSS/data", "PSS vs full", "checked"]
-
-
-def _each(values: list, spec: str) -> str:
+def _each(values: list | None, spec: str) -> str:
     return " + ".join(format(v, spec) for v in values) if values else "n/a"
 
 
-def _cells(r: ShardRow) -> list[str]:
-    return [fmt(r.samples_per_s, ",.0f"), fmt(r.gb_per_s, ".3f"), fmt(r.vs_full, ".2f"),
-            fmt(r.client_cpu_s_per_gb, ".2f"), fmt(r.server_cpu_s_per_gb, ".2f"),
-            fmt(r.client_wait_fraction, ".0%"), fmt(r.first_batch_ms, ".0f"),
-            _each([p / MIB for p in r.server_pss_bytes], ",.0f"),
-            _each(r.server_pss_over_data, ".2f"), _each(r.pss_vs_full, ".2f"),
-            fmt(r.checked_batches, "d")]
+COLUMNS = [Column("samples/s", "rate", ",.0f"), Column("GB/s", "gb_per_s", ".3f"),
+           Column("vs full", "vs_full", ".2f"),
+           Column("client CPU s/GB", "client_cpu_s_per_gb", ".2f"),
+           Column("server CPU s/GB", "server_cpu_s_per_gb", ".2f"),
+           Column("waited", "client_wait_fraction", ".0%"),
+           Column("first batch ms", "first_batch_ms", ".0f"),
+           Column("server PSS MiB", cell=lambda r: _each(
+               [p / MIB for p in r.values["server_pss_bytes"]], ",.0f")),
+           Column("PSS/data", cell=lambda r: _each(r.values["server_pss_over_data"], ".2f")),
+           Column("PSS vs full", cell=lambda r: _each(r.values["pss_vs_full"], ".2f")),
+           Column("checked", "checked_batches", "d")]
 
 
 def format_shards(result: dict[str, Any], options: BenchOptions) -> list[str]:
-    rows = [ShardRow(**r) for r in result["rows"]]
+    rows = [Row.from_dict(r) for r in result["rows"]]
     load = ", ".join(f"{v:.2f}" for v in result["load_before"])
-    lines = [f"shards (issue 15): {result['description']}, as .npy files; every server binds "
-             f"tcp loopback; {options.seconds:g} s per row after {options.warmup:g} s warm-up; "
+    lines = [f"shards: {result['description']}, as .npy files; every server binds tcp "
+             f"loopback; {options.seconds:g} s per row after {options.warmup:g} s warm-up; "
              f"started {result['started_at']}, load average {load}"]
-    if rows:
-        lines += text_table(COLUMNS, [(r.name, r.status, _cells(r)) for r in rows])
+    lines += row_table(COLUMNS, rows)
     for r in rows:
-        if r.status != "ok":
+        if not r.ok:
             continue
-        if r.fastpath_granted is False:
+        if r.values["fastpath_granted"] is False:
             lines.append(f"  {r.name}: the fast path was not granted; batches came through "
                          "the socket")
-        if r.copied_sends:
-            lines.append(f"  {r.name}: {r.copied_sends} sends were copied (the servers' lease "
-                         "budget was spent)")
+        if r.values["copied_sends"]:
+            lines.append(f"  {r.name}: {r.values['copied_sends']} sends were copied (the "
+                         "servers' lease budget was spent)")
     more = SHARDED_MORE.shards * SHARDED_MORE.workers
     lines.append(f"  {SHARDED_MORE.name}: {more} worker processes on {result['cores']} cores")
-    lines += ["  goals:"] + [f"    {goal_line(g)}" for g in result["goals"]]
+    lines += goal_lines(result["goals"])
     lines += [f"  problem: {p}" for p in result["problems"]]
     return lines + [LEGEND.format(epoch=CHECK_EPOCH, cores=result["cores"], shards=SHARDS)]
