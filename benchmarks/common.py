@@ -175,7 +175,8 @@ def text_table(header: Sequence[str], rows: Sequence[tuple[str, str, Sequence[st
 def row_table(columns: Sequence[Column], rows: Iterable[Row], first: str = "row") -> list[str]:
     """A table of rows: the name, then one cell per column."""
     return text_table([first, *(c.title for c in columns)],
-                      [(r.name, r.status, [c.text(r) for c in columns]) for r in rows])
+                      [(r.name, r.status, [c.text(r) for c in columns] if r.ok else [])
+                       for r in rows])
 
 
 def setup_lines(rows: Iterable[Row]) -> list[str]:

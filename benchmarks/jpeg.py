@@ -161,7 +161,7 @@ def plans(spec: ImageSet, directory: str, options: BenchOptions, work_dir: str,
         dataset, baseline = torch_dataset(directory, spec.crop)
     except ImportError:
         dataset, baseline = None, ""
-    ipc = f"ipc://{work_dir}/{spec.name}-{{i}}.sock"
+    ipc = f"ipc://{work_dir}/{spec.name[:3]}{{i}}.sock"  # short: a socket path has <= 107 bytes
     for n in WORKERS:
         out[plural(ROW_BATCHFEED, n)] = functools.partial(
             batchfeed_row, plural(ROW_BATCHFEED, n), spec, directory, 1, n, ipc, True, options,
