@@ -8,8 +8,10 @@ forwards to it in a source checkout).  Sections, each measured and printed by it
   loop, torch's DataLoader per-sample and batched (``inprocess``), the peers (``peers``:
   torchdata nodes, SPDL), and batchfeed over tcp, ipc and the fast path (``served``);
 - ``tokens`` (throughput) and ``tokens_memory``: packed language-model rows;
-- ``jpeg`` (with ``jpeg_data``, ``jpeg_torch``, ``jpeg_peers``): decode + crop from a folder;
-- ``shards``: one job over shard servers;  ``stalls``: epoch-boundary waits.
+- ``jpeg`` (with ``jpeg_data``, ``jpeg_torch``, ``jpeg_peers``, ``jpeg_report``): decode +
+  crop from a folder;
+- ``shards`` (with ``shards_check``): one job over shard servers;  ``stalls``: epoch-boundary
+  waits.
 
 Shared by all: ``common`` (rows, guards, ratios, goals, tables), ``measure`` (the consumer),
 ``servers`` (starting, stopping and probing servers), ``pool`` (client processes),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import functools
 import gc
-import hashlib
 import os
 import shutil
 import tempfile
@@ -50,12 +49,11 @@ from .common import (
 )
 from .measure import client_epochs, consume, usable_cores
 from .servers import running_servers, server_cpu_seconds, server_pss_bytes, stats
+from .shards_check import CHECK_EPOCH, BatchCheck
 from .workloads import BenchOptions, Workload, save_arrays, workloads
 
 WORKLOAD = "large"
 SHARDS = 2
-CHECK_BATCHES = 20  # batches of CHECK_EPOCH compared with the full server's, per row
-CHECK_EPOCH = 1
 GOAL_PSS_PER_SHARD = 0.55  # each shard server's PSS / the full server's, at most ("about half")
 CLIENT_NAME = "bench-shards"
 
@@ -88,61 +86,6 @@ def row_name(servers: ServerSet, transport: str) -> str:
 
 
 SHARD_ROWS = tuple(row_name(s, t) for s in SERVER_SETS for t, _ in TRANSPORTS)
-
-
-# ---------------------------------------------------------------------------------------------
-# The check: the sharded job's batches are the full server's
-
-
-def batch_digests(batch: Any) -> dict[str, str]:
-    """A digest of each field of a batch (its dtype, shape and bytes)."""
-    out = {}
-    for name in sorted(batch):
-        a = batch[name]
-        h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
-        h.update(a.data if a.flags.c_contiguous else a.tobytes())
-        out[name] = h.hexdigest()
-    return out
-
-
-class BatchCheck:
-    """The first batches of ``CHECK_EPOCH`` as the full server gives them, to compare rows with.
-    The first row that reads it (the full server, over tcp) sets the reference."""
-
-    def __init__(self) -> None:
-        self.reference: list[dict[str, str]] | None = None
-
-    def run(self, client: Any) -> tuple[int, str | None]:
-        """Read and compare; (batches read, what differs or None).  The first call sets the
-        reference and finds nothing different."""
-        count = min(CHECK_BATCHES, client.batches_per_epoch)
-        got = []
-        it = client.epoch(CHECK_EPOCH)
-        try:
-            for _, batch in zip(range(count), it):
-                got.append(batch_digests(batch))
-                del batch
-        finally:
-            it.close()
-        if self.reference is None:
-            self.reference = got
-            return len(got), None
-        return len(got), differs(got, self.reference)
-
-
-def differs(got: list[dict[str, str]], expected: list[dict[str, str]]) -> str | None:
-    """Where ``got`` first differs from ``expected`` (a sentence), or None."""
-    for k, (a, b) in enumerate(zip(got, expected)):
-        if a.keys() != b.keys():
-            return f"batch {k} of epoch {CHECK_EPOCH} has fields {sorted(a)}, not {sorted(b)}"
-        wrong = [name for name in a if a[name] != b[name]]
-        if wrong:
-            return (f"batch {k} of epoch {CHECK_EPOCH} differs from the full server's in "
-                    f"{', '.join(wrong)}")
-    if len(got) != len(expected):
-        return (f"{len(got)} batches of epoch {CHECK_EPOCH} read, the full server gave "
-                f"{len(expected)}")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
