@@ -180,46 +180,37 @@ def _run_demo(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, workers=args.workers)
 
 
-# batchfeed.bench.WORKLOAD_NAMES, without importing the bench for every command (a test checks).
-BENCH_WORKLOADS = ("tabular", "image", "large", "tokens", "jpeg", "shards")
-
-
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``batchfeed bench`` runs ``python -m benchmarks`` of a source checkout: the benchmark
+    sits beside the package, not in it, so an installed wheel has none."""
     examples = """examples:
-  batchfeed bench                             # every workload, about 10 minutes
+  batchfeed bench                             # every section, about 10 minutes
   batchfeed bench --workload tokens --json bench-tokens.json
   batchfeed bench --quick --workload tabular  # tiny, a few seconds (a smoke test)
+  (the same as python -m benchmarks ... from the repository's root)
 """
     p = sub.add_parser(
-        "bench",
-        help="measure batchfeed against in-process loaders, side by side in one run",
-        description="Measure, on the same data in the same run: the raw in-process copy limit, "
-                    "a naive per-sample loop, torch's DataLoader (0 and 2 workers) and batchfeed "
-                    "over tcp (1, 2, 4 clients), ipc and the same-host fast path; packed tokens "
-                    "(tokens), JPEG decoding (jpeg) and sharded servers (shards) against their "
-                    "own baselines.",
-        epilog=examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--workload", default="all",
-                   choices=[*BENCH_WORKLOADS, "all"],
-                   help="which dataset to measure (default: %(default)s)")
-    p.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny datasets and 0.25 s per row (a smoke test, not a measurement)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="measured seconds per row (default: 2, or 0.25 with --quick)")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="seconds per row excluded after the first batch (default: 0.5, or 0.1 "
-                        "with --quick)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="worker processes of the batchfeed servers (default: %(default)s)")
+        "bench", add_help=False, prefix_chars="+",  # every argument goes to the benchmark
+        help="measure batchfeed against torch, torchdata and SPDL (from a source checkout)",
+        description="Run the repository's benchmark (python -m benchmarks) with these "
+                    "arguments; --help lists them.",
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", help="python -m benchmarks's arguments")
 
     def run_bench(args: argparse.Namespace) -> int:
-        from batchfeed.bench import BenchOptions, run
+        from pathlib import Path
 
-        return run(BenchOptions.from_args(args.workload, args.seconds, args.warmup, args.quick,
-                                          args.workers, args.json))
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "benchmarks" / "__main__.py").is_file():
+            print("batchfeed bench: error: the benchmark is not part of the installed package; "
+                  "from a checkout of the batchfeed repository, run python -m benchmarks",
+                  file=sys.stderr)
+            return 2
+        sys.stdout.flush()
+        sys.stderr.flush()
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *args.args],
+                  {**os.environ, "PYTHONPATH": path})
 
     p.set_defaults(func=run_bench)
 

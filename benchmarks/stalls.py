@@ -12,6 +12,7 @@ and the temporary data removed, when the table is done (also on an error).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .measure import BenchError, failed_status
-from .served import running_server
+from .common import ROW_ERRORS, Column, Row, failed_status, guarded, row_table
+from .servers import running_server
 
 STALL_GOAL_MS = 5.0
 STALL_EPOCHS = 20  # epochs measured, after the first
@@ -47,21 +48,6 @@ CASES = (StallCase("tiny", 2_000, 256, 0.001), StallCase("large", 100_000, 1024,
 TRANSPORTS = (("tcp", "tcp://127.0.0.1:0", False), ("fast path", "ipc://{dir}/stall.sock", True))
 
 
-@dataclass
-class StallRow:
-    """One line of the table: the waits for the first batch of epochs 1 .. STALL_EPOCHS."""
-
-    dataset: str
-    transport: str
-    status: str = "ok"
-    batches_per_epoch: int | None = None
-    prefetch: int | None = None
-    epochs: int | None = None
-    first_median_ms: float | None = None
-    first_max_ms: float | None = None
-    other_median_ms: float | None = None  # every other batch's wait, for comparison
-
-
 def _write(case: StallCase, directory: str, seed: int) -> str:
     rng = np.random.default_rng(seed)
     path = os.path.join(directory, case.name)
@@ -72,7 +58,7 @@ def _write(case: StallCase, directory: str, seed: int) -> str:
 
 
 def measure_stalls(address: str, case: StallCase, transport: str, fastpath: bool,
-                   epochs: int = STALL_EPOCHS, seed: int = 0) -> StallRow:
+                   epochs: int = STALL_EPOCHS, seed: int = 0) -> Row:
     """Read ``epochs + 1`` epochs, timing each ``next()``; the first epoch warms up."""
     from batchfeed import Client
 
@@ -91,17 +77,22 @@ def measure_stalls(address: str, case: StallCase, transport: str, fastpath: bool
                 del batch
                 time.sleep(case.step_s)
         bpe, prefetch = client.batches_per_epoch, client.prefetch
-    return StallRow(case.name, transport, batches_per_epoch=bpe, prefetch=prefetch,
-                    epochs=epochs, first_median_ms=statistics.median(firsts) * 1e3,
-                    first_max_ms=max(firsts) * 1e3,
-                    other_median_ms=statistics.median(others) * 1e3 if others else None)
+    return Row(row_name(case, transport), values={
+        "dataset": case.name, "transport": transport, "batches_per_epoch": bpe,
+        "prefetch": prefetch, "epochs": epochs, "first_median_ms": statistics.median(firsts) * 1e3,
+        "first_max_ms": max(firsts) * 1e3,
+        "other_median_ms": statistics.median(others) * 1e3 if others else None})
+
+
+def row_name(case: StallCase, transport: str) -> str:
+    return f"{case.describe()}, {transport}"
 
 
 def epoch_stalls(server_workers: int, seed: int, progress: Callable[[str], None],
-                 problems: list[str], epochs: int = STALL_EPOCHS) -> list[StallRow]:
+                 problems: list[str], epochs: int = STALL_EPOCHS) -> list[Row]:
     """The table's rows: every case over every transport."""
     work_dir = tempfile.mkdtemp(prefix="batchfeed-bench-")
-    rows: list[StallRow] = []
+    rows: list[Row] = []
     try:
         args = ["--workers", str(server_workers)]
         for case in CASES:
@@ -115,39 +106,27 @@ def epoch_stalls(server_workers: int, seed: int, progress: Callable[[str], None]
                     assert server.address is not None
                     for case in CASES:
                         progress(f"epoch-boundary stalls: {case.name} over {transport}")
-                        try:
-                            rows.append(measure_stalls(server.address, case, transport,
-                                                       fastpath, epochs, seed))
-                        except Exception as exc:  # a row that fails says so; the rest run
-                            rows.append(StallRow(case.name, transport,
-                                                 status=failed_status(exc)))
+                        rows.append(guarded(row_name(case, transport), functools.partial(
+                            measure_stalls, server.address, case, transport, fastpath, epochs,
+                            seed)))
                         done += 1
-            except (BenchError, RuntimeError, OSError) as exc:
-                rows += [StallRow(case.name, transport, status=failed_status(exc))
+            except ROW_ERRORS as exc:
+                rows += [Row(row_name(case, transport), status=failed_status(exc))
                          for case in CASES[done:]]
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return rows
 
 
+COLUMNS = [Column("prefetch", "prefetch", "d"), Column("epochs", "epochs", "d"),
+           Column("median ms", "first_median_ms", ".2f"), Column("max ms", "first_max_ms", ".2f"),
+           Column("other batches median ms", "other_median_ms", ".3f")]
+
+
 def format_stalls(rows: list[dict]) -> list[str]:
-    cases = {c.name: c for c in CASES}
-    names = [cases[r["dataset"]].describe() if r["dataset"] in cases else r["dataset"]
-             for r in rows]
-    w = max([len("dataset"), *map(len, names)])
     steps = " and ".join(f"{c.step_s * 1e3:g} ms ({c.name})" for c in CASES)
-    lines = [f"epoch-boundary stalls: the wait for the first batch of each epoch after the first "
-             f"(goal < {STALL_GOAL_MS:g} ms)",
-             f"  the trainer sleeps a step of {steps} per batch; 'other batches' is the wait "
-             "for every other batch",
-             f"  {'dataset':<{w}}  {'transport':<9}  {'prefetch':>8}  {'epochs':>6}  "
-             f"{'median ms':>9}  {'max ms':>7}  {'other batches median ms':>23}"]
-    for r, name in zip(rows, names):
-        if r["status"] != "ok":
-            lines.append(f"  {name:<{w}}  {r['transport']:<9}  {r['status']}")
-            continue
-        other = r["other_median_ms"]
-        lines.append(f"  {name:<{w}}  {r['transport']:<9}  {r['prefetch']:>8}  {r['epochs']:>6}  "
-                     f"{r['first_median_ms']:>9.2f}  {r['first_max_ms']:>7.2f}  "
-                     f"{'n/a' if other is None else format(other, '.3f'):>23}")
-    return lines
+    return [f"epoch-boundary stalls: the wait for the first batch of each epoch after the first "
+            f"(goal < {STALL_GOAL_MS:g} ms)",
+            f"  the trainer sleeps a step of {steps} per batch; 'other batches' is the wait "
+            "for every other batch",
+            *row_table(COLUMNS, [Row.from_dict(r) for r in rows], "dataset, transport")]

@@ -9,21 +9,21 @@ logged and a non-zero exit code become problems of the run, the measurements sta
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from batchfeed.launch import ServerProcess
 
-from .measure import BenchError, Row, failed_status, guarded
+from .common import GB, ROW_ERRORS, Row, add_ratio, failed_status, guarded
+from .measure import samples_row
 from .pool import ClientJob, ClientPool
-from .probes import ring_info, server_cpu_seconds, server_pss_bytes
-from .workloads import GB, BenchOptions, Workload, save_arrays
+from .servers import ring_info, running_server, server_cpu_seconds, server_pss_bytes
+from .workloads import BenchOptions, Workload, save_arrays
 
 ROW_TCP = "batchfeed tcp, {n} client{s}"
 ROW_IPC_SOCKET = "batchfeed ipc, socket (fastpath=False)"
@@ -37,23 +37,6 @@ TRANSFORM = "batchfeed.transforms:augment"
 TRANSFORM_WORKERS = (1, 2)
 
 
-@contextlib.contextmanager
-def running_server(args: list[str], bind: str, problems: list[str]) -> Iterator[ServerProcess]:
-    """A started server, stopped on exit.  What it logged besides its ready line, and a
-    non-zero exit code, are added to ``problems`` (the measurements stand)."""
-    server = ServerProcess(args, bind=bind)
-    try:
-        server.start(timeout=180.0)
-        yield server
-    finally:
-        code = server.stop()
-        logged = [line for line in server.output if line != server.ready_line]
-        if server.ready_line and (code != 0 or logged):
-            pid = server.proc.pid if server.proc is not None else "?"
-            problems.append(f"server {pid} at {bind} exited with code {code}"
-                            + ("; it logged: " + " | ".join(logged[-8:]) if logged else ""))
-
-
 def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
                   fastpath: bool | None, options: BenchOptions, pool: ClientPool,
                   curve: tuple[str, str] | None = None, step_s: float = 0.0) -> Row:
@@ -65,11 +48,10 @@ def batchfeed_row(name: str, server: ServerProcess, w: Workload, n_clients: int,
     ms = pool.run(jobs, on_go=lambda: cpu0.append(server_cpu_seconds(server)))
     cpu1 = server_cpu_seconds(server)
     pss = server_pss_bytes(server)  # after the row, while the server is still up
-    row = Row.from_measurements(name, ms, server_pss_bytes=pss,
-                                server_pss_over_data=pss / w.nbytes, server_pid=server.pid)
-    if row.nbytes:
-        row.server_cpu_s_per_gb = (cpu1 - cpu0[0]) / (row.nbytes / GB)
-    return row
+    nbytes = sum(m.nbytes for m in ms)
+    return samples_row(name, ms, server_pss_bytes=pss, server_pss_over_data=pss / w.nbytes,
+                       server_pid=server.pid,
+                       server_cpu_s_per_gb=(cpu1 - cpu0[0]) / (nbytes / GB) if nbytes else None)
 
 
 def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: BenchOptions,
@@ -106,14 +88,14 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
                     progress(f"{w.name}: {name}")
                     rows.append(guarded(name, functools.partial(
                         batchfeed_row, name, server, w, n, fastpath, options, pool, curve)))
-                    if name == ROW_TCP.format(n=1, s="") and rows[-1].samples_per_s:
+                    if name == ROW_TCP.format(n=1, s="") and rows[-1].rate:
                         # The same service, for a trainer that takes twice as long per batch.
-                        step = 2 * w.batch_size / rows[-1].samples_per_s
+                        step = 2 * w.batch_size / rows[-1].rate
                         progress(f"{w.name}: {ROW_STALL}")
                         rows.append(guarded(ROW_STALL, functools.partial(
                             batchfeed_row, ROW_STALL, server, w, 1, None, options, pool,
                             step_s=step)))
-        except (BenchError, RuntimeError, OSError) as exc:
+        except ROW_ERRORS as exc:
             done = {r.name for r in rows}
             rows += [Row(name, status=failed_status(exc)) for name, _, _ in specs
                      if name not in done]
@@ -139,7 +121,7 @@ def pss_by_workers(w: Workload, options: BenchOptions, pool: ClientPool,
                 entry.update(status="ok", pss_bytes=pss, pss_over_data=pss / w.nbytes,
                              ring=asdict(ring), server_pid=server.pid,
                              ready_line=server.ready_line)
-        except (BenchError, RuntimeError, OSError) as exc:
+        except ROW_ERRORS as exc:
             entry["status"] = failed_status(exc)
         out.append(entry)
     return out
@@ -163,11 +145,7 @@ def transform_scaling(w: Workload, options: BenchOptions, pool: ClientPool,
                 problems)))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    if rows and rows[0].samples_per_s:
-        for r in rows:
-            if r.samples_per_s:
-                r.vs_raw = None
-                r.extra_ratio = r.samples_per_s / rows[0].samples_per_s
+    add_ratio(rows, "vs_one_worker", rows[0] if rows else None)
     return rows
 
 

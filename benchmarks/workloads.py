@@ -1,5 +1,5 @@
-"""What a bench run measures on: its options (validated once, by the CLI) and the three
-workloads, each a dataset (made in memory here, then served or copied) and a batch size."""
+"""What a bench run measures on: its options (validated once, by ``__main__``) and the three
+loader workloads, each a dataset (made in memory here, then served or copied) and a batch size."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import numpy as np
 
 from batchfeed.shared.errors import InvalidRequest
 
-GB = 1e9
-MIB = 2**20
-# The last three are run.SECTIONS, measured by their own modules (tokens.py, jpeg.py, shards.py).
-WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards")
+from .common import GB, MIB
+
+# The first three are the loaders section (loaders.py); the others are sections of their own
+# (run.SECTIONS: tokens.py, jpeg.py, shards.py; and stalls.py).
+WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards", "stalls")
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """What to run, validated once (by the CLI)."""
+    """What to run, validated once (by ``__main__``)."""
 
     workloads: tuple[str, ...] = WORKLOAD_NAMES
     seconds: float = 2.0  # measured time per row

@@ -4,24 +4,24 @@
 they all warm up, then measure the same window.  A row that fails restarts the pool.  ``close``
 sends each client None, then stops it with the ``shared.procs`` ladder (join, terminate, kill).
 ``client_loop`` is the body of a client process: spawn imports it by its module path,
-``batchfeed.bench.pool``.
+``benchmarks.pool``.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import os
 import queue
 import time
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchfeed.shared.procs import stop_process
 
-from .measure import BenchError, Measurement, consume
+from .common import BenchError
+from .measure import Measurement, client_epochs, consume
 
 CLIENT_START_TIMEOUT = 60.0  # spawning and connecting, on a loaded 2-core machine
 
@@ -68,16 +68,6 @@ class ClientJob:
     seed: int = 0
     curve: tuple[str, str] | None = None  # (client secret key file, server public key file)
     step_s: float = 0.0  # a simulated training step per batch
-
-
-def client_epochs(client: Any) -> Generator[dict, None, None]:
-    """Epoch after epoch of the client's batches (as a training loop would read them)."""
-    for epoch in itertools.count():
-        it = client.epoch(epoch)
-        try:
-            yield from it
-        finally:
-            it.close()
 
 
 def run_client(row: int, job: ClientJob, messages: Any, go: Any) -> None:
