@@ -6,7 +6,7 @@ to float32 CHW).  The crop parameters follow torchvision: ``random_resized_crop_
 ``RandomResizedCrop``'s sampling (10 tries of an area and a log-uniform aspect ratio, then a
 centre crop), ``center_crop_box`` is ``Resize(resize)`` + ``CenterCrop(size)`` as one box.
 
-The libraries were chosen by measurement (``python3 -m batchfeed.bench.decoders``; one core of
+The libraries were chosen by measurement (a one-off decoder study, since retired; one core of
 the 2-core dev VM, images/s over torchvision's way, Pillow's full decode + resize):
 
 - JPEG is decoded by simplejpeg (libjpeg-turbo, reading the bytes in place), at the smallest of

@@ -295,16 +295,6 @@ def test_a_second_pass_over_one_dataset_supersedes_the_first(make_dataset) -> No
 # ---------------------------------------------------------------------------- the client
 
 
-def test_a_trainer_is_not_stalled_at_epoch_boundaries(serve, dataset_path) -> None:
-    from batchfeed.bench.stalls import CASES, measure_stalls
-
-    tiny = CASES[0]  # many short epochs, with the server-chosen prefetch
-    srv = serve("--data", f"{tiny.name}={dataset_path(tiny.rows)}", "--workers", 1)
-    row = measure_stalls(srv.address, tiny, "tcp", False, epochs=10)
-    assert row.prefetch is not None and row.prefetch > row.batches_per_epoch
-    assert row.first_median_ms is not None and row.first_median_ms < 10, row
-
-
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_client_says_how_many_rows_are_padded_or_dropped(server, drop_last) -> None:
     params = {"batch_size": 64, "rank": 1, "world_size": 3, "drop_last": drop_last}
