@@ -121,11 +121,11 @@ class StatsQuery:
 
 def printable(text: str) -> str:
     """``text`` with every character that is not printable (controls such as ESC, line and
-    paragraph separators, bidi overrides) written as its Python escape, and ``\\`` doubled."""
-    if text.isprintable() and "\\" not in text:
+    paragraph separators, bidi overrides) written as its Python escape.  (A server of this
+    release escapes client names the same way before anyone sees them.)"""
+    if text.isprintable():
         return text
-    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode()
-                   for c in text)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 _COUNT, _NUMBER, _TEXT, _OPT_TEXT = "a whole number", "a number", "a string", "a string or nil"
@@ -211,7 +211,7 @@ def summary(server: dict) -> str:
         f" | {_count(server['sessions'], 'session')}, {_count(server['workers'], 'worker')}"
         f" | slots: {server['slots_free']} free, {server['slots_busy']} busy, "
         f"{server['slots_leased']} leased of {server['slots']}"
-        f" | served {counters.get('batches', 0):,} batches, "
+        f" | sent {counters.get('batches', 0):,} batches (prefetch included), "
         f"{human_bytes(counters.get('bytes', 0))}"
         f" | {_count(counters.get('worker_restarts', 0), 'worker restart')} | errors: {errs}"
     )

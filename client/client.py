@@ -22,7 +22,6 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchfeed.shared.addresses import check_address
 from batchfeed.shared.errors import DataMismatch, InvalidRequest, ProtocolError
 from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.plan import BatchPlan, PlanParams
@@ -33,6 +32,7 @@ from .adapters import converter
 from .connection import Connection
 from .io_thread import ClientConfig
 from .iteration import EpochIterator, Stats
+from .membership import ServerSet, checked_addresses
 
 STATE_FORMAT = "batchfeed-client-1"
 _SIZES = {"rows": "rows", "batches_per_epoch": "batches per epoch"}  # what a state was taken on
@@ -45,7 +45,11 @@ class Client:
         address: the server's address, e.g. ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/bf.sock``;
             or a list of addresses of servers that serve the same dataset: the client spreads
             its batches over them (faster servers get more), yields them in the same plan order
-            as one server would, and moves a lost server's batches to the others.
+            as one server would, and moves a lost server's batches to the others; or a *server
+            set*, any object with an ``addresses()`` method (``batchfeed.client.ServerSet``:
+            a Ray loader group's handle, ``batchfeed.client.ResolvedServers``), asked again
+            every second: servers that join are used at once, those that leave hand their
+            batches to the others.
         batch_size: rows per batch.  The last batch of an epoch is short unless ``drop_last``.
         shuffle: ``"full"`` (a fresh permutation per seed and epoch), ``"buffer"`` (a shuffle
             buffer of ``buffer_size`` over the dataset order) or ``"none"``.
@@ -63,8 +67,10 @@ class Client:
         prefetch: batches requested ahead of the trainer (default: the server picks 16 MiB
             worth, or three of its messages if more, between 8 and 512 batches).
         dataset: which dataset, when the server serves several.
-        fastpath: read batches straight from the server's shared memory (same host only);
-            default on for ``ipc://`` addresses.
+        fastpath: read batches straight from the server's shared memory.  By default it is
+            used wherever it can be: with a server on this host, over ``ipc://`` or tcp (the
+            client proves it can read the server's shared memory); with a server elsewhere the
+            client stays on the socket.
         connect_timeout: seconds to wait for the server at start.
         reconnect_timeout: seconds a lost server may take to come back before the trainer
             gets ServerUnavailable.
@@ -94,7 +100,7 @@ class Client:
 
     def __init__(
         self,
-        address: str | Sequence[str],
+        address: str | Sequence[str] | ServerSet,
         batch_size: int | None = None,
         shuffle: str = "full",
         seed: int = 0,
@@ -138,12 +144,8 @@ class Client:
                             pack=tuple(pack) if pack is not None else None,
                             pack_length=pack_length, max_tokens=max_tokens,
                             token_field=token_field)
-        addresses = (address,) if isinstance(address, str) else tuple(address)
-        if not addresses or len(set(addresses)) != len(addresses):
-            raise InvalidRequest(f"address must be tcp://HOST:PORT or ipc://PATH (or a list of "
-                                 f"distinct ones), got {address!r}")
-        for a in addresses:
-            check_address(a)
+        servers = address if isinstance(address, ServerSet) else None
+        addresses = checked_addresses(servers.addresses() if servers is not None else address)
         if prefetch is not None and (type(prefetch) is not int or prefetch < 1):
             raise InvalidRequest(f"prefetch must be a positive int, got {prefetch!r}")
         for what, value in (("connect_timeout", connect_timeout),
@@ -159,7 +161,8 @@ class Client:
             client_secret, server_public = curve
             keys = (*load_secret(str(client_secret)), load_public(str(server_public)))
         config = ClientConfig(
-            addresses=addresses, params=params, prefetch=prefetch or 0, dataset=dataset,
+            addresses=addresses, servers=servers, params=params, prefetch=prefetch or 0,
+            dataset=dataset,
             fastpath=None if fastpath is None else bool(fastpath),
             connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
             heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}", curve=keys,

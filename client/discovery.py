@@ -3,7 +3,8 @@
 A Kubernetes headless Service (``clusterIP: None``) gives one DNS A record per ready loader
 pod; so does docker-compose's DNS for a scaled service.  ``resolve_all("tcp://loaders:5555")``
 turns such a name into one address per server, which ``Client`` then spreads its batches over.
-Resolve again (e.g. at each epoch) to pick up loaders that were added.
+``ResolvedServers(name)`` is the same as a server set: a client given it resolves the name again
+every second, so loaders that are added are used at once and those removed are dropped.
 """
 
 from __future__ import annotations
@@ -32,3 +33,18 @@ def resolve_all(address: str) -> list[str]:
         ip = sockaddr[0]
         out.add(f"tcp://[{ip}]:{port}" if family == socket.AF_INET6 else f"tcp://{ip}:{port}")
     return sorted(out)
+
+
+class ResolvedServers:
+    """A server set (``Client(ResolvedServers("tcp://loaders:5555"))``): the addresses a
+    name resolves to, now."""
+
+    def __init__(self, address: str):
+        resolve_all(address)  # a name that does not resolve is an error now, not later
+        self.address = address
+
+    def addresses(self) -> list[str]:
+        return resolve_all(self.address)
+
+    def __repr__(self) -> str:
+        return f"ResolvedServers({self.address!r})"

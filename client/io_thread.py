@@ -50,6 +50,7 @@ from batchfeed.shared.schema import Field
 
 from .fastpath import Nudge
 from .link import Link, LinkConfig, Welcome
+from .membership import ServerSet, Watcher
 from .ragged import RaggedDecoder
 from .shards import ShardMerger, assign_lanes, held
 from .stream import Stream
@@ -58,6 +59,7 @@ from .window import Credit
 log = logging.getLogger("batchfeed.client")
 
 BYE_TIMEOUT_MS = 1000  # how long close() waits for a server to acknowledge BYE
+RECONNECT_WARN_S = 10.0  # while a server stays away, a warning this often
 
 
 def _close_fd(fd: int) -> None:
@@ -71,16 +73,17 @@ def _close_fd(fd: int) -> None:
 class ClientConfig:
     """Validated client settings (the plan parameters plus how to talk to the servers)."""
 
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # the servers at start
     params: PlanParams
     prefetch: int  # 0: the server chooses
     dataset: str | None
-    fastpath: bool | None  # None: on for ipc:// addresses
+    fastpath: bool | None  # None: wherever it can be (a server on this host)
     connect_timeout: float
     reconnect_timeout: float
     heartbeat_timeout: float
     name: str
     curve: tuple[bytes, bytes, bytes] | None = None  # (public, secret, server public)
+    servers: ServerSet | None = None  # asked for the servers now and then, if given
 
 
 class IOThread:
@@ -111,13 +114,27 @@ class IOThread:
         self._links: list[Link] = []
         self._down_since: dict[int, float] = {}  # lane -> since when no server of it is up
         self.lanes: list[Credit] = []  # one per shard (one: servers of the whole dataset)
+        self._warned_at: dict[int, float] = {}  # lane -> when its loss was last reported
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="batchfeed-io", daemon=True)
+        self._watcher = Watcher(config.servers, config.addresses, self._members_changed) \
+            if config.servers is not None else None
+        self._link_config = LinkConfig(config.params, config.prefetch, config.dataset,
+                                       config.heartbeat_timeout, config.name, config.curve)
+        self._ctx: zmq.Context | None = None
+        self._poller: zmq.Poller | None = None
 
     # ------------------------------------------------------------------ the trainer's calls
 
     def start(self) -> None:
         self._thread.start()
+        if self._watcher is not None:
+            self._watcher.start()
+
+    def _members_changed(self, addresses: tuple[str, ...]) -> None:
+        """(The watcher's thread.)  The server set changed: the I/O thread follows."""
+        self._commands.append(("members", addresses))
+        self.poke()
 
     @property
     def alive(self) -> bool:
@@ -138,6 +155,8 @@ class IOThread:
         if self._closing:
             return
         self._closing = True
+        if self._watcher is not None:
+            self._watcher.close()
         self._commands.append(("close", None))
         self.poke()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -170,14 +189,52 @@ class IOThread:
             link.finish_bye(BYE_TIMEOUT_MS)
 
     def _open_links(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
-        cfg = self.config
-        link_config = LinkConfig(cfg.params, cfg.prefetch, cfg.dataset, cfg.heartbeat_timeout,
-                                 cfg.name, cfg.curve)
-        for address in cfg.addresses:
-            fastpath = address.startswith("ipc://") if cfg.fastpath is None else cfg.fastpath
-            link = Link(address, fastpath, link_config, ctx, poller)
-            self._links.append(link)
-            link.open()
+        self._ctx, self._poller = ctx, poller
+        for address in self.config.addresses:
+            self._add_link(address)
+
+    def _add_link(self, address: str) -> None:
+        """A link to one more server (its lane is known once it answers)."""
+        assert self._ctx is not None and self._poller is not None
+        fastpath = True if self.config.fastpath is None else self.config.fastpath
+        link = Link(address, fastpath, self._link_config, self._ctx, self._poller)
+        link.lane = -1 if self.lanes else 0  # -1: to be placed by its WELCOME
+        self._links.append(link)
+        if not self.lanes:
+            self.unwelcomed.add(address)
+        link.open()
+
+    def _set_members(self, addresses: tuple[str, ...]) -> None:
+        """The server set changed: links to new servers, and none to departed ones (what
+        those owed goes to the others)."""
+        current = {link.address: link for link in self._links}
+        for address, link in current.items():
+            if address not in addresses:
+                log.info("server %s left the client's server set", address)
+                if self._stream is not None and link.lane >= 0:
+                    self._stream.windows[link.lane].forget_link(address)
+                link.bye()
+                link.close()
+                self._links.remove(link)
+                self.unwelcomed.discard(address)
+        for address in addresses:
+            if address not in current:
+                log.info("server %s joined the client's server set", address)
+                self._add_link(address)
+        if not self.lanes and not self.unwelcomed and self.credit is not None:
+            self._set_lanes()  # the servers not yet heard from left: the rest are all there
+            self.welcomed.set()
+        self._reshare()
+
+    def _reshare(self) -> None:
+        """Each lane's credit split over the servers it has now."""
+        if not self.lanes or self.credit is None:
+            return
+        for lane in range(len(self.lanes)):
+            n = sum(1 for link in self._links if link.lane == lane)
+            self.lanes[lane] = Credit.shared_by(self.credit.prefetch, max(1, n))
+            if self._stream is not None:
+                self._stream.windows[lane].credit = self.lanes[lane]
 
     def _serve(self, events: dict) -> bool:
         """One turn of the loop; False once the trainer asked to close."""
@@ -194,8 +251,10 @@ class IOThread:
                     self._on_message(link, msg)
         self._request_more()
         now = time.monotonic()
+        stream = self._stream
+        at = list(stream.positions.where(stream.consumed)) if stream is not None else None
         for link in self._links:
-            link.tick(now, lambda lost: self._lose(lost, fresh_socket=True))
+            link.tick(now, lambda lost: self._lose(lost, fresh_socket=True), at)
         self._check_reachable(now)
         return True
 
@@ -215,6 +274,8 @@ class IOThread:
                 self._stream = arg
             elif cmd == "cancel" and arg is self._stream:
                 self._stream = None
+            elif cmd == "members":
+                self._set_members(arg)
         return True
 
     # ------------------------------------------------------------------ messages
@@ -257,10 +318,24 @@ class IOThread:
         self.unwelcomed.discard(link.address)
         if not self.lanes and not self.unwelcomed:
             self._set_lanes()
+        elif self.lanes and link.lane < 0:
+            self._place(link, welcome)
         elif self.lanes:
             self._check_lane(link, welcome)
         if not self.unwelcomed:
             self.welcomed.set()
+
+    def _place(self, link: Link, welcome: Welcome) -> None:
+        """A server that joined after the start: its lane is its shard (or the one lane)."""
+        n = len(self.lanes)
+        if (welcome.shard is None) != (n == 1) or (welcome.shard is not None and
+                                                   welcome.shard[1] != n):
+            raise DataMismatch(
+                f"the server at {link.address} joined holding {held(welcome.shard)}, but this "
+                f"client's servers hold {held(None) if n == 1 else f'{n} shards'}: start it "
+                "as the others were")
+        link.lane = welcome.shard[0] if welcome.shard is not None else 0
+        self._reshare()
 
     def _check_lane(self, link: Link, welcome: Welcome) -> None:
         """A server that came back must still hold what it held."""
@@ -384,7 +459,13 @@ class IOThread:
 
     def _lose(self, link: Link, fresh_socket: bool) -> None:
         """A server is gone: what it owed goes to the other links (or to it, once back)."""
-        if self._stream is not None:
+        if link.up:
+            others = sum(1 for other in self._links if other.up and other.lane == link.lane)
+            log.warning("lost the batchfeed server at %s; %s, for up to %g s "
+                        "(reconnect_timeout)", link.address,
+                        "the others serve meanwhile, and it is asked to come back"
+                        if others > 1 else "reconnecting", self.config.reconnect_timeout)
+        if self._stream is not None and link.lane >= 0:
             self._stream.windows[link.lane].forget_link(link.address)
         link.lose(fresh_socket)
 
@@ -399,6 +480,12 @@ class IOThread:
                 self._down_since.pop(lane, None)
                 continue
             since = self._down_since.setdefault(lane, now)
+            if now - since >= RECONNECT_WARN_S and now - self._warned_at.get(lane, since) >= \
+                    RECONNECT_WARN_S:
+                self._warned_at[lane] = now
+                log.warning("still no batchfeed server for %s after %.0f s; giving up at "
+                            "reconnect_timeout=%g s", ", ".join(lk.address for lk in links)
+                            or "this client", now - since, self.config.reconnect_timeout)
             if now - since > self.config.reconnect_timeout:
                 where = ", ".join(link.address for link in links)
                 what = f"shard {lane} of {len(self.lanes)} (at {where})" \

@@ -37,6 +37,7 @@ from .fastpath import LeaseBook, RingMap
 log = logging.getLogger("batchfeed.client")
 
 PING_INTERVAL = 1.0
+AT_INTERVAL = 0.5  # how often, at most, a PING tells where the trainer is (for stats)
 HELLO_RETRY_MAX = 4.0
 
 _HANDSHAKE_FAILURES: dict[int, str] = {
@@ -142,6 +143,8 @@ class Link:
         self._hello_wait = 0.25
         self._last_sent = 0.0
         self._last_heard = 0.0
+        self._told_at: list | None = None  # the trainer's position the server was last told
+        self._told_at_time = 0.0
 
     @property
     def up(self) -> bool:
@@ -329,8 +332,9 @@ class Link:
                     raise AuthenticationError(f"the server at {self.address} refused the "
                                               f"connection: {self.handshake_error}")
 
-    def tick(self, now: float, on_lost: Callable[[Link], None]) -> None:
-        """Ping a live server; notice a silent one; re-HELLO (with backoff) a lost one."""
+    def tick(self, now: float, on_lost: Callable[[Link], None], at: list | None = None) -> None:
+        """Ping a live server (saying where the trainer is, ``at``, when that moved); notice a
+        silent one; re-HELLO (with backoff) a lost one."""
         if self.session is None:
             # First contact: the queued HELLO goes out when the socket connects.  After a
             # loss: say it again now and then.
@@ -338,8 +342,10 @@ class Link:
                 self._hello_wait = min(self._hello_wait * 2, HELLO_RETRY_MAX)
                 self.hello()
             return
-        if now - self._last_sent > PING_INTERVAL:
-            self.send(protocol.ping(self.session))
+        moved = at is not None and at != self._told_at and now - self._told_at_time > AT_INTERVAL
+        if moved or now - self._last_sent > PING_INTERVAL:
+            self.send(protocol.ping(self.session, at))
+            self._told_at, self._told_at_time = at, now
         if now - self._last_heard > self.config.heartbeat_timeout:
             log.warning("no word from %s for %.1f s; reconnecting", self.address,
                         now - self._last_heard)

@@ -13,7 +13,9 @@ drives a window, and ``tests/test_window.py`` drives one directly.
 Only a window's own methods change its state, and they refuse (``AssertionError``) a change that
 would break its rules: more credit than ``prefetch``, more than a link's share, a run across an
 epoch boundary, a position asked twice of one link, consumption going backwards or past what was
-handed over.  There is nothing to shut down: a window is dropped with its stream.
+handed over.  ``credit`` is replaced when servers join or leave (each one's share changes); a
+link over its new, smaller share is asked for nothing until it is below it.  There is nothing to
+shut down: a window is dropped with its stream.
 """
 
 from __future__ import annotations
@@ -150,10 +152,7 @@ class Window(Generic[K]):
             return None
         link = min(links, key=lambda lk: len(self._asked.get(lk, ())))
         free = self.credit.link_cap - len(self._asked.get(link, ()))
-        if free < 0:
-            raise AssertionError(f"link {link!r} owes {len(self._asked[link])} positions, "
-                                 f"over its share of {self.credit.link_cap}")
-        if free == 0:
+        if free <= 0:  # (below 0 when more servers joined and the shares shrank)
             return None
         first, count = self._retry_run(free) if self._retry else self._new_run(free)
         if count == 0:

@@ -387,9 +387,7 @@ class Frontend:
         s = self.sessions.find(h["session"], owner)
         if s.table is not None:
             self.leases.collect(s.table)
-        at = h["at"]
-        if isinstance(at, list) and len(at) == 2 and all(type(v) is int for v in at):
-            s.at = tuple(at)
+        s.trainer_at(h["at"])
         if s.request(h["stream"], h["epoch"], h["k0"], h["count"]):
             self.scheduler.wake(s)
 
@@ -400,7 +398,7 @@ class Frontend:
 
     def _on_ping(self, owner: Owner, h: dict) -> None:
         if h["session"] is not None:
-            self.sessions.find(h["session"], owner)
+            self.sessions.find(h["session"], owner).trainer_at(h["at"])
         self._send(owner[0], protocol.pong())
 
     def _on_bye(self, owner: Owner, h: dict) -> None:

@@ -35,7 +35,6 @@ import hmac
 import logging
 import secrets
 import time
-import unicodedata
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -311,6 +310,12 @@ class Session:
 
     # ------------------------------------------------------------------ reporting
 
+    def trainer_at(self, at: object) -> None:
+        """Where its client says the trainer is, [epoch, next batch] (for stats only)."""
+        if isinstance(at, list) and len(at) == 2 and all(type(v) is int and v >= 0
+                                                         for v in at):
+            self.at = (at[0], at[1])
+
     def sent(self, batches: int, nbytes: int) -> None:
         self.batches_sent += batches
         self.bytes_sent += nbytes
@@ -352,8 +357,8 @@ def new_session(owner: Owner, dataset: DatasetSpec, plan: BatchPlan, sizing: Siz
 def printable(text: str, most: int = MAX_NAME) -> str:
     """A peer's name as others may be shown it: control and format characters (terminal
     escapes, bidi overrides) written out as escapes, and at most ``most`` characters."""
-    out = "".join(c if unicodedata.category(c)[0] not in "CZ" or c == " "
-                  else c.encode("unicode_escape").decode("ascii") for c in text)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text)
     return out if len(out) <= most else out[: most - 1] + "~"
 
 

@@ -138,7 +138,7 @@ _HEADERS: dict[str, dict[str, str]] = {
         "offsets": _OPT_LIST,
     },
     RELEASE: {"session": _INT},  # look at the lease table: slots were given back
-    PING: {"session": _OPT_INT},
+    PING: {"session": _OPT_INT, "at": _OPT_LIST},  # at: [epoch, batch] the trainer is at
     PONG: {"session": _OPT_INT},  # the session whose BYE it answers, if it does
     BYE: {"session": _INT},
     STATS: {},
@@ -277,8 +277,8 @@ def release(*, session: int) -> list:
     return encode(RELEASE, session=session)
 
 
-def ping(session: int | None) -> list:
-    return encode(PING, session=session)
+def ping(session: int | None, at: list | None = None) -> list:
+    return encode(PING, session=session, at=at)
 
 
 def pong(session: int | None = None) -> list:

@@ -230,8 +230,8 @@ REPORT = {
 def test_stats_table_reads_plainly() -> None:
     lines = render(REPORT)
     assert lines[0] == ("batchfeed 9.9 at tcp://h:1, up 1h02m | 1 session, 3 workers | slots: "
-                        "5 free, 2 busy, 1 leased of 8 | served 1,234 batches, 3.0 MiB | "
-                        "2 worker restarts | errors: protocol 4")
+                        "5 free, 2 busy, 1 leased of 8 | sent 1,234 batches (prefetch "
+                        "included), 3.0 MiB | 2 worker restarts | errors: protocol 4")
     assert lines[2].split() == ["abcdef01", "rank0", "train", "2", "17/40", "12.5", "8", "3",
                                 "1", "1.0", "MiB", "0.3"]
 
