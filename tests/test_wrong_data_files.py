@@ -325,6 +325,13 @@ def test_a_hugging_face_data_file_outside_its_directory_is_refused(how: str,
     assert "again with save_to_disk" in line or "copy the file in" in line, line
 
 
+def test_a_hugging_face_data_file_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    root = hf_dir(tmp_path / "hf", ["data-00000-of-00001.arrow"])
+    with pytest.raises(DatasetError, match=r"names the data file 'data-00000-of-00001\.arrow', "
+                       "which does not exist; save the dataset again"):
+        inspect_source(str(root))
+
+
 IMAGE = b"\xff\xd8\xff\xe0 not decoded without a transform"
 
 

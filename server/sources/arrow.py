@@ -311,7 +311,7 @@ def _map_ipc(name: str, shown: Path) -> tuple[Any, Any]:
     except (pa.ArrowException, OSError, ValueError) as exc:  # UnicodeDecodeError: a ValueError
         detail = " ".join(str(exc).split())
         raise DatasetError(f"{shown} is not a readable Arrow IPC file or stream ({detail}); "
-                           "re-create it") from None
+                           f"{DAMAGED}") from None
 
 
 def ipc_sources(path: Path) -> list[FieldSource]:
@@ -347,7 +347,7 @@ def parquet_sources(path: Path) -> list[FieldSource]:
         except (pa.ArrowException, OSError, ValueError) as exc:
             detail = " ".join(str(exc).split())
             raise DatasetError(f"{f.path} is not a readable Parquet file ({detail}); "
-                               "re-create it") from None
+                               f"{DAMAGED}") from None
     schema = handles[0].schema_arrow
     for f, h in zip(files, handles):
         if not h.schema_arrow.equals(schema):
@@ -361,12 +361,12 @@ def parquet_sources(path: Path) -> list[FieldSource]:
                 read = [c for h in handles for c in h.read(columns=[name]).column(0).chunks]
             except (pa.ArrowException, OSError, ValueError) as exc:
                 detail = " ".join(str(exc).split())
-                raise DatasetError(f"{path}: column {name!r} cannot be read ({detail}); the "
-                                   "file is damaged: re-create it") from None
+                raise DatasetError(f"{path}: column {name!r} cannot be read ({detail}); "
+                                   f"{DAMAGED}") from None
             got = sum(len(c) for c in read)
             if got != rows:
                 raise DatasetError(f"{path}: column {name!r} has {got:,} rows, but the file's "
-                                   f"metadata says {rows:,}; the file is damaged: re-create it")
+                                   f"metadata says {rows:,}; {DAMAGED}")
             check_chunks(read, name, str(path))
             return read
 
@@ -418,6 +418,9 @@ def _hf_entry(path: Path, name: object) -> Path:
         raise DatasetError(f"{path}/state.json names the data file {name!r}, which is not inside "
                            "the dataset directory; a save_to_disk directory names its own files "
                            "only: save the dataset again with save_to_disk")
+    if not (path / entry).is_symlink() and not (path / entry).exists():
+        raise DatasetError(f"{path}/state.json names the data file {name!r}, which does not "
+                           "exist; save the dataset again with save_to_disk")
     return path / entry
 
 
