@@ -420,6 +420,24 @@ def test_an_image_replaced_by_another_file_after_listing_is_refused(tmp_path: Pa
         SharedDataset.load("t", sources, "test").close()
 
 
+def test_an_image_whose_name_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """Its ``path`` would be text that is not UTF-8 (it was a traceback at start)."""
+    root = image_folder(tmp_path / "images")
+    with open(os.fsencode(root / "cat") + b"/\xff\xfe.jpg", "wb") as f:
+        f.write(IMAGE)
+    line = refusal("--data", root)
+    assert r"the image path 'cat/\xff\xfe.jpg' is not UTF-8" in line and "rename it" in line
+
+
+def test_an_npy_file_whose_name_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """Its stem would be a field name that is not UTF-8 (the server started with it)."""
+    root = npy_dir(tmp_path / "data")
+    with open(os.fsencode(root) + b"/\xff.npy", "wb") as f:
+        np.save(f, np.arange(10))
+    line = refusal("--data", root)
+    assert r"\xff.npy: the field name '\xff' is not UTF-8" in line and "rename it" in line
+
+
 def npy_dir(root: Path) -> Path:
     root.mkdir()
     for name, arr in make_rows(10).items():

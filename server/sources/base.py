@@ -77,8 +77,24 @@ def make_field(name: str, shape: tuple[int, ...], dtype: np.dtype, where: str,
     try:
         check_servable_field(name, dtype, shape)
     except ValueError as exc:
-        raise DatasetError(f"{where}: {exc}") from None
+        raise DatasetError(f"{printable(where)}: {exc}") from None
+    utf8_name(name, "field name", where)
     return Field(name, dtype, tuple(int(d) for d in shape), kind)
+
+
+def printable(name: str | Path) -> str:
+    """A file name for a message: bytes that are not UTF-8 shown as ``\\xff``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(name: str | Path, what: str, where: str | Path = "") -> bytes:
+    """``name`` as UTF-8 (what clients receive); a file name in another encoding is refused."""
+    try:
+        return str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        at = f"{printable(where)}: " if where else ""
+        raise DatasetError(f"{at}the {what} '{printable(name)}' is not UTF-8 (a file name in "
+                           "another encoding?); rename it") from None
 
 
 @dataclass(frozen=True)
@@ -100,35 +116,33 @@ def _file_kind(mode: int) -> str:
 
 def _resolve(entry: Path) -> Path:
     """``entry`` with every symlink followed; a dangling link or a loop is one clear line."""
+    shown = printable(entry)
     try:
         return entry.resolve(strict=True)
     except FileNotFoundError:
         if entry.is_symlink():
-            raise DatasetError(f"{entry} is a dangling link (to {os.readlink(entry)}, which does "
-                               "not exist); remove the link or restore what it points to") \
-                from None
-        raise DatasetError(f"{entry} disappeared while the data was listed; serve a directory "
+            target = printable(os.readlink(entry))
+            raise DatasetError(f"{shown} is a dangling link (to {target}, which does not exist); "
+                               "remove the link or restore what it points to") from None
+        raise DatasetError(f"{shown} disappeared while the data was listed; serve a directory "
                            "nobody changes while the server starts") from None
-    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
-        raise DatasetError(f"{entry} is a link loop (links that lead back to themselves); "
-                           "remove it or point it at a file") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DatasetError(f"{entry} is a link loop (links that lead back to themselves); "
+    except (OSError, RuntimeError) as exc:  # Python < 3.13: RuntimeError("Symlink loop ...")
+        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+            raise DatasetError(f"{shown} is a link loop (links that lead back to themselves); "
                                "remove it or point it at a file") from None
-        raise DatasetError(f"{entry} cannot be read ({exc.strerror}); make it readable or "
-                           "move it out of the data directory") from None
+        raise DatasetError(f"{shown} cannot be read ({exc.strerror}); make it readable or move "
+                           "it out of the data directory") from None
 
 
 def _stat_file(entry: Path, real: Path, st: os.stat_result | None, what: str) -> ListedFile:
     try:
         st = st or os.stat(real)
     except OSError as exc:
-        raise DatasetError(f"{entry} cannot be read ({exc.strerror}); make it readable or "
-                           "move it out of the data directory") from None
+        raise DatasetError(f"{printable(entry)} cannot be read ({exc.strerror}); make it "
+                           "readable or move it out of the data directory") from None
     if not stat.S_ISREG(st.st_mode):
-        raise DatasetError(f"{entry} is {_file_kind(st.st_mode)}, not a file; serve regular "
-                           f"{what} only (move it out of the data directory)")
+        raise DatasetError(f"{printable(entry)} is {_file_kind(st.st_mode)}, not a file; serve "
+                           f"regular {what} only (move it out of the data directory)")
     return ListedFile(entry, real, st.st_dev, st.st_ino, st.st_size)
 
 
@@ -166,18 +180,19 @@ class DataDirectory:
         try:
             st = os.lstat(entry)
         except FileNotFoundError:
-            raise DatasetError(f"{entry} disappeared while the data was listed; serve a "
-                               "directory nobody changes while the server starts") from None
+            raise DatasetError(f"{printable(entry)} disappeared while the data was listed; "
+                               "serve a directory nobody changes while the server starts") \
+                from None
         parent = self._dirs.get(entry.parent)
         if parent is not None and not stat.S_ISLNK(st.st_mode):
             return parent / entry.name, st
         real = _resolve(entry)
         if real != self.real and self.real not in real.parents:
-            target = os.readlink(entry) if entry.is_symlink() else str(real)
+            target = printable(os.readlink(entry) if entry.is_symlink() else real)
             raise DatasetError(
-                f"{entry} is a link to {target}, outside the data directory {self.root}; "
-                "batchfeed serves only what is inside it: copy the file in, or serve the "
-                "folder it points into")
+                f"{printable(entry)} is a link to {target}, outside the data directory "
+                f"{printable(self.root)}; batchfeed serves only what is inside it: copy the file "
+                "in, or serve the folder it points into")
         return real, None
 
 
@@ -187,13 +202,13 @@ def open_listed(f: ListedFile) -> int:
     try:
         fd = os.open(f.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise DatasetError(f"{f.path} changed after it was listed ({exc.strerror}); serve data "
-                           "nobody changes while the server starts") from None
+        raise DatasetError(f"{printable(f.path)} changed after it was listed ({exc.strerror}); "
+                           "serve data nobody changes while the server starts") from None
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (f.dev, f.ino) or not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise DatasetError(f"{f.path} was replaced by another file after it was listed; serve "
-                           "data nobody changes while the server starts")
+        raise DatasetError(f"{printable(f.path)} was replaced by another file after it was "
+                           "listed; serve data nobody changes while the server starts")
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
 

@@ -18,7 +18,7 @@ import numpy as np
 from batchfeed.shared.errors import DatasetError
 from batchfeed.shared.schema import BYTES, STR, Field
 
-from .base import DataDirectory, FieldSource, ListedFile, open_listed
+from .base import DataDirectory, FieldSource, ListedFile, open_listed, utf8_name
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -48,7 +48,7 @@ def image_folder_sources(path: Path) -> list[FieldSource]:
             files.append(folder.file(f, "image files"))
             labels.append(label)
     sizes = np.fromiter((f.size for f in files), dtype=np.int64, count=len(files))
-    names = [str(f.path.relative_to(path)).encode("utf-8") for f in files]
+    names = [utf8_name(f.path.relative_to(path), "image path", path) for f in files]
     where = str(path)
 
     def fill_images(out: np.ndarray, lo: int, hi: int) -> None:
