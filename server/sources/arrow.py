@@ -12,6 +12,16 @@ when such a source is served.  Column types map to fields:
 - dictionary-encoded columns are decoded; anything else (nested lists, maps, structs, dates,
   nulls) is refused at start, naming the column, its type and what to do.
 
+Nothing is served that Arrow itself would not accept: every column is validated in full when
+it is read (``Array.validate(full=True)``: lengths, offsets in range and monotone, UTF-8 of
+strings), Parquet pages are checked against their CRC where the file has one (pyarrow >= 15),
+and a null at any depth (in a column, inside its lists, in a struct's ``bytes``, among a
+dictionary's values) is refused, naming the column and its first row.  A flipped bit in a
+number of a file without checksums (Arrow IPC) cannot be seen: such a file is served exactly as
+pyarrow reads it.  Data files are found and opened through ``base.DataDirectory`` and
+``base.open_listed``: a file named by a Hugging Face ``state.json``, or in a directory of
+Parquet files, must stay inside it.
+
 Ragged fields are copied into shared memory as Arrow holds them: values, and offsets rebased to
 start at 0.  IPC files are read through a memory map, so inspecting them costs no copy; Parquet
 columns holding lists are decoded twice (once to size them, once to fill), so that nothing but
@@ -32,9 +42,11 @@ import numpy as np
 from batchfeed.shared.errors import DatasetError
 from batchfeed.shared.schema import BYTES, FIXED, RAGGED, STR, Ragged
 
-from .base import FieldSource, make_field, regular_file
+from .base import DataDirectory, FieldSource, ListedFile, list_file, listed_path, make_field
 
 INSTALL = "install pyarrow to serve it: pip install 'batchfeed[arrow]'"
+WHAT = "Arrow and Parquet files"
+DAMAGED = "the file is damaged: re-create it"
 IPC_SUFFIXES = (".arrow", ".feather", ".ipc")
 
 
@@ -95,6 +107,65 @@ def _fixed(typ: Any) -> tuple[np.dtype | None, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checks: valid Arrow, no nulls at any depth
+
+
+def check_chunks(chunks: list, name: str, origin: str, damaged: str = DAMAGED) -> None:
+    """Refuse a column (its chunks, in row order) that is not valid Arrow data or that holds a
+    null anywhere in what would be served."""
+    pa = _pyarrow()
+    base, first, count = 0, -1, 0
+    for chunk in chunks:
+        try:
+            chunk.validate(full=True)
+        except (pa.ArrowException, ValueError) as exc:
+            detail = " ".join(str(exc).split())
+            raise DatasetError(f"{origin}: column {name!r} is not valid Arrow data ({detail}); "
+                               f"{damaged}") from None
+        rows = _null_rows(chunk)
+        if len(rows):
+            first = base + int(rows[0]) if first < 0 else first
+            count += len(rows)
+        base += len(chunk)
+    if count:
+        raise DatasetError(
+            f"{origin}: column {name!r} has a null in row {first:,} ({count:,} "
+            f"{'row holds' if count == 1 else 'rows hold'} nulls, counting nulls inside lists); "
+            "batchfeed serves no null values; fill or drop them first: e.g. "
+            "pyarrow.compute.fill_null / drop_null")
+
+
+def _null_rows(arr: Any) -> np.ndarray:
+    """The rows of ``arr`` (from 0, ascending) that hold a null at any depth of what is served:
+    the row itself, list values (nested too), a struct's ``bytes``, a dictionary's values."""
+    pa = _pyarrow()
+    t, typ = pa.types, arr.type
+    found = []
+    if arr.null_count:
+        found.append(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)))
+    if t.is_dictionary(typ):
+        bad = _null_rows(arr.dictionary)
+        if len(bad):
+            indices = arr.indices.to_numpy(zero_copy_only=False)
+            found.append(np.flatnonzero(np.isin(indices, bad)))
+    elif t.is_struct(typ) and typ.get_field_index("bytes") >= 0:
+        found.append(_null_rows(arr.field(typ.get_field_index("bytes"))))
+    elif t.is_list(typ) or t.is_large_list(typ):
+        offsets = _offsets(arr).astype(np.int64)
+        inner = _null_rows(arr.values.slice(offsets[0], offsets[-1] - offsets[0]))
+        if len(inner):
+            found.append(np.searchsorted(offsets - offsets[0], inner, side="right") - 1)
+    elif t.is_fixed_size_list(typ):
+        size = typ.list_size
+        inner = _null_rows(arr.values.slice(arr.offset * size, len(arr) * size))
+        if len(inner):
+            found.append(inner // size)
+    if not found:
+        return np.empty(0, np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
 # Chunks -> numpy
 
 
@@ -138,22 +209,16 @@ def _ragged(chunk: Any, kind: str, shape: tuple[int, ...], zero_copy: bool = Fal
 
 def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, where: str,
                    arrow: tuple[str, str] | None = None) -> FieldSource:
-    """A field from a column given as a function returning its chunks (re-read on fill)."""
+    """A field from a column given as a function returning its chunks (re-read on fill),
+    checked (``check_chunks``) by the function or before."""
     kind, dtype, shape = column_kind(name, typ, where)
     field = make_field(name, shape, dtype, where, kind)
-
-    def plain(chunk: Any) -> Any:
-        chunk = _plain(chunk)
-        if chunk.null_count:
-            raise DatasetError(f"{where} has {chunk.null_count} null values; fill or drop them "
-                               "before serving")
-        return chunk
 
     if kind == FIXED:
         def fill(out: np.ndarray, lo: int, hi: int) -> None:
             pos = 0
             for chunk in _window(chunks(), lo, hi):
-                arr = _flat_values(plain(chunk), shape)
+                arr = _flat_values(_plain(chunk), shape)
                 out[pos : pos + len(arr)] = arr
                 pos += len(arr)
 
@@ -161,7 +226,7 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
 
     n_values = 0
     for chunk in chunks():
-        off = _offsets(plain(chunk))
+        off = _offsets(_plain(chunk))
         n_values += int(off[-1] - off[0])
 
     def fill_values(out: np.ndarray, lo: int, hi: int) -> None:
@@ -201,13 +266,20 @@ def _chunks_of(column: Any) -> list:
     return column.chunks
 
 
-def _table_sources(table: Any, where: str, ipc_path: str | None = None) -> list[FieldSource]:
+def _table_sources(table: Any, where: str, ipc_path: str | None = None,
+                   damaged: str = DAMAGED) -> list[FieldSource]:
+    """A table's columns, each checked whole first (``check_chunks``)."""
+    pa = _pyarrow()
+    try:
+        table.validate()  # the columns' lengths agree (each column is validated in full below)
+    except (pa.ArrowException, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise DatasetError(f"{where} is not a valid Arrow table ({detail}); {damaged}") from None
     sources = []
     for name in table.column_names:
         column = table.column(name)
-        if column.null_count:
-            raise DatasetError(f"{where}: column {name!r} has {column.null_count} null values; "
-                               "fill or drop them before serving")
+        column_kind(name, column.type, f"{where}[{name}]")
+        check_chunks(column.chunks, name, where, damaged)
         mapped = (ipc_path, name) if ipc_path is not None and column.num_chunks == 1 and \
             not _pyarrow().types.is_boolean(column.type) else None
         sources.append(_chunks_source(name, functools.partial(_chunks_of, column), len(table),
@@ -219,28 +291,32 @@ def _table_sources(table: Any, where: str, ipc_path: str | None = None) -> list[
 # Files
 
 
-def _open_ipc(path: Path) -> tuple[Any, Any]:
+def _open_ipc(f: ListedFile) -> tuple[Any, Any]:
     """The table of an Arrow IPC file or stream, read from a memory map, and the map."""
+    with listed_path(f) as name:
+        return _map_ipc(name, f.path)
+
+
+def _map_ipc(name: str, shown: Path) -> tuple[Any, Any]:
     pa = _pyarrow()
-    regular_file(path, "Arrow and Parquet files")
     try:
-        source = pa.memory_map(str(path))
+        source = pa.memory_map(name)
         try:
-            return pa.ipc.open_file(source).read_all(), source
+            table = pa.ipc.open_file(source).read_all()
         except pa.ArrowInvalid:
-            source = pa.memory_map(str(path))
-            return pa.ipc.open_stream(source).read_all(), source
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DatasetError(f"{path} is not a readable Arrow IPC file or stream ({exc}); "
-                           "re-create it") from None
-
-
-def _read_ipc(path: Path) -> Any:
-    return _open_ipc(path)[0]
+            source = pa.memory_map(name)
+            table = pa.ipc.open_stream(source).read_all()
+        table.schema.names  # noqa: B018 - column names that are not UTF-8 fail here, not later
+        return table, source
+    except (pa.ArrowException, OSError, ValueError) as exc:  # UnicodeDecodeError: a ValueError
+        detail = " ".join(str(exc).split())
+        raise DatasetError(f"{shown} is not a readable Arrow IPC file or stream ({detail}); "
+                           f"{DAMAGED}") from None
 
 
 def ipc_sources(path: Path) -> list[FieldSource]:
-    table, source = _open_ipc(path)
+    f = list_file(path, WHAT)
+    table, source = _open_ipc(f)
     # A compressed file (pyarrow.feather.write_feather compresses by default) is decompressed
     # into memory by every process that reads it: mapping it would hold it once per process.
     source.seek(0)
@@ -249,54 +325,103 @@ def ipc_sources(path: Path) -> list[FieldSource]:
     in_place = all(lo <= b.address and b.address + b.size <= hi
                    for column in table.columns for chunk in column.chunks
                    for b in chunk.buffers() if b is not None)
-    return _table_sources(table, str(path), str(path) if in_place else None)
+    return _table_sources(table, str(path), str(f.real) if in_place else None)
 
 
 def parquet_sources(path: Path) -> list[FieldSource]:
-    """A Parquet file, or a directory of them (same schema, concatenated in name order)."""
+    """A Parquet file, or a directory of them (same schema, concatenated in name order).  Each
+    column is validated whenever it is read, and pages are checked against their CRCs."""
     pa = _pyarrow()
-    files = sorted(f for f in path.iterdir() if f.suffix == ".parquet") if path.is_dir() \
-        else [path]
+    if path.is_dir():
+        folder = DataDirectory(path)
+        files = [folder.file(f, WHAT) for f in sorted(path.iterdir()) if f.suffix == ".parquet"]
+    else:
+        files = [list_file(path, WHAT)]
     handles = []
     for f in files:
-        regular_file(f, "Arrow and Parquet files")
         try:
-            handles.append(pa.parquet.ParquetFile(str(f)))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DatasetError(f"{f} is not a readable Parquet file ({exc}); re-create it") \
-                from None
+            with listed_path(f) as name:
+                handle = _parquet_file(name)
+            handle.schema_arrow.names  # noqa: B018 - column names that are not UTF-8 fail here
+            handles.append(handle)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            detail = " ".join(str(exc).split())
+            raise DatasetError(f"{f.path} is not a readable Parquet file ({detail}); "
+                               f"{DAMAGED}") from None
     schema = handles[0].schema_arrow
     for f, h in zip(files, handles):
         if not h.schema_arrow.equals(schema):
-            raise DatasetError(f"{f} has another schema than {files[0]}; every Parquet file of "
-                               "a dataset must have the same columns and types")
+            raise DatasetError(f"{f.path} has another schema than {files[0].path}; every "
+                               "Parquet file of a dataset must have the same columns and types")
     rows = sum(h.metadata.num_rows for h in handles)
     sources = []
     for name in schema.names:
         def chunks(name: str = name) -> list:
             try:
-                return [c for h in handles for c in h.read(columns=[name]).column(0).chunks]
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise DatasetError(f"{path}: column {name!r} cannot be read ({exc}); the file "
-                                   "is damaged: re-create it") from None
+                read = [c for h in handles for c in h.read(columns=[name]).column(0).chunks]
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                detail = " ".join(str(exc).split())
+                raise DatasetError(f"{path}: column {name!r} cannot be read ({detail}); "
+                                   f"{DAMAGED}") from None
+            got = sum(len(c) for c in read)
+            if got != rows:
+                raise DatasetError(f"{path}: column {name!r} has {got:,} rows, but the file's "
+                                   f"metadata says {rows:,}; {DAMAGED}")
+            check_chunks(read, name, str(path))
+            return read
 
         sources.append(_chunks_source(name, chunks, rows, schema.field(name).type,
                                       f"{path}[{name}]"))
     return sources
 
 
+def _parquet_file(name: str) -> Any:
+    """A Parquet file whose pages are checked against their CRCs when they have one."""
+    pa = _pyarrow()
+    try:
+        return pa.parquet.ParquetFile(name, page_checksum_verification=True)
+    except TypeError:  # pyarrow 14 cannot verify page checksums (15 and later can)
+        return pa.parquet.ParquetFile(name)
+
+
 def hf_sources(path: Path) -> list[FieldSource]:
-    """A directory written by ``datasets.Dataset.save_to_disk``: its Arrow stream files."""
+    """A directory written by ``datasets.Dataset.save_to_disk``: its Arrow stream files, each
+    named in ``state.json`` and inside the directory."""
     pa = _pyarrow()
     try:
         state = json.loads((path / "state.json").read_text())
-        files = [path / f["filename"] for f in state["_data_files"]]
+        names = [f["filename"] for f in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{path} looks like a Hugging Face dataset but its state.json cannot "
                            f"be read ({exc}); save it again with save_to_disk") from None
-    tables = [_read_ipc(f) for f in files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return _table_sources(table, str(path), str(files[0]) if len(files) == 1 else None)
+    folder = DataDirectory(path)
+    files = [folder.file(_hf_entry(path, name), WHAT) for name in names]
+    if not files:
+        raise DatasetError(f"{path}/state.json names no data files; save the dataset again "
+                           "with save_to_disk")
+    tables = [_open_ipc(f)[0] for f in files]
+    try:
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except (pa.ArrowException, ValueError) as exc:
+        raise DatasetError(f"{path}: its data files do not make one table ({exc}); save the "
+                           "dataset again with save_to_disk") from None
+    return _table_sources(table, str(path), str(files[0].real) if len(files) == 1 else None)
+
+
+def _hf_entry(path: Path, name: object) -> Path:
+    """A data file named in ``state.json``: a relative name inside the directory, no ``..``."""
+    if not isinstance(name, str) or not name:
+        raise DatasetError(f"{path}/state.json names a data file {name!r} that is not a file "
+                           "name; save the dataset again with save_to_disk")
+    entry = Path(name)
+    if entry.is_absolute() or ".." in entry.parts:
+        raise DatasetError(f"{path}/state.json names the data file {name!r}, which is not inside "
+                           "the dataset directory; a save_to_disk directory names its own files "
+                           "only: save the dataset again with save_to_disk")
+    if not (path / entry).is_symlink() and not (path / entry).exists():
+        raise DatasetError(f"{path}/state.json names the data file {name!r}, which does not "
+                           "exist; save the dataset again with save_to_disk")
+    return path / entry
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -311,13 +436,13 @@ def table_sources(table: Any, where: str) -> list[FieldSource]:
     """An in-memory Arrow table, or a Hugging Face Dataset (its Arrow table)."""
     inner = getattr(table, "data", None)  # datasets.Dataset -> its (Memory)Table
     table = getattr(inner, "table", inner) if inner is not None else table
-    return _table_sources(table, where)
+    return _table_sources(table, where, damaged="the table is damaged: build it again")
 
 
 def attach_column(path: str, column: str, kind: str,
                   shape: tuple[int, ...]) -> np.ndarray | Ragged:
     """In a worker: a column of a memory-mapped IPC file, viewed in place (no copy)."""
-    chunk = _plain(_read_ipc(Path(path)).column(column).chunk(0))
+    chunk = _plain(_map_ipc(path, Path(path))[0].column(column).chunk(0))
     if kind == FIXED:
         return _flat_values(chunk, shape, zero_copy=True)
     return _ragged(chunk, kind, shape, zero_copy=True)

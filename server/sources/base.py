@@ -6,14 +6,26 @@ metadata only), so that every problem is reported before anything is allocated; 
 temporary array.  A ragged field (variable-length rows, strings, bytes) fills two arrays: its
 values and its ``rows + 1`` offsets.  Errors are ``DatasetError``s that name the file, the field
 and what to do.
+
+Files are found through one mechanism, whatever their format.  A ``DataDirectory`` lists the
+files of a data directory (of ``.npy`` or Parquet files, of images, a Hugging Face
+``save_to_disk`` directory): each must resolve inside it, symlinks followed (links inside it are
+fine; a link out of it, a dangling link and a link loop are refused).  A ``ListedFile`` remembers
+the file it found (device and inode), and ``open_listed`` opens that file again at load without
+following a link put in its place and refuses any other file: what is read is what was listed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -65,18 +77,156 @@ def make_field(name: str, shape: tuple[int, ...], dtype: np.dtype, where: str,
     try:
         check_servable_field(name, dtype, shape)
     except ValueError as exc:
-        raise DatasetError(f"{where}: {exc}") from None
+        raise DatasetError(f"{printable(where)}: {exc}") from None
+    utf8_name(name, "field name", where)
     return Field(name, dtype, tuple(int(d) for d in shape), kind)
 
 
-def regular_file(path: Path, what: str = "data files") -> None:
-    """Refuse, before opening it, anything but a regular file (a FIFO would block forever)."""
-    mode = path.stat().st_mode
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
-            "a device or socket"
-        raise DatasetError(f"{path} is {kind}, not a file; serve regular {what} only (move it "
-                           "out of the data directory)")
+def printable(name: str | Path) -> str:
+    """A file name for a message: bytes that are not UTF-8 shown as ``\\xff``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(name: str | Path, what: str, where: str | Path = "") -> bytes:
+    """``name`` as UTF-8 (what clients receive); a file name in another encoding is refused."""
+    try:
+        return str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        at = f"{printable(where)}: " if where else ""
+        raise DatasetError(f"{at}the {what} '{printable(name)}' is not UTF-8 (a file name in "
+                           "another encoding?); rename it") from None
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A data file as it was listed: the name it was found under, the file that name led to
+    (symlinks followed) and that file's identity and size."""
+
+    path: Path  # as listed, for messages
+    real: Path  # where it resolved
+    dev: int
+    ino: int
+    size: int
+
+
+def _file_kind(mode: int) -> str:
+    return "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a device or socket"
+
+
+def _resolve(entry: Path) -> Path:
+    """``entry`` with every symlink followed; a dangling link or a loop is one clear line."""
+    shown = printable(entry)
+    try:
+        return entry.resolve(strict=True)
+    except FileNotFoundError:
+        if entry.is_symlink():
+            target = printable(os.readlink(entry))
+            raise DatasetError(f"{shown} is a dangling link (to {target}, which does not exist); "
+                               "remove the link or restore what it points to") from None
+        raise DatasetError(f"{shown} disappeared while the data was listed; serve a directory "
+                           "nobody changes while the server starts") from None
+    except (OSError, RuntimeError) as exc:  # Python < 3.13: RuntimeError("Symlink loop ...")
+        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+            raise DatasetError(f"{shown} is a link loop (links that lead back to themselves); "
+                               "remove it or point it at a file") from None
+        raise DatasetError(f"{shown} cannot be read ({exc.strerror}); make it readable or move "
+                           "it out of the data directory") from None
+
+
+def _stat_file(entry: Path, real: Path, st: os.stat_result | None, what: str) -> ListedFile:
+    try:
+        st = st or os.stat(real)
+    except OSError as exc:
+        raise DatasetError(f"{printable(entry)} cannot be read ({exc.strerror}); make it "
+                           "readable or move it out of the data directory") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DatasetError(f"{printable(entry)} is {_file_kind(st.st_mode)}, not a file; serve "
+                           f"regular {what} only (move it out of the data directory)")
+    return ListedFile(entry, real, st.st_dev, st.st_ino, st.st_size)
+
+
+def list_file(path: Path, what: str = "data files") -> ListedFile:
+    """A file given by name (``--data x.npy``): it may be a link to anywhere, the user chose it."""
+    return _stat_file(path, _resolve(path), None, what)
+
+
+class DataDirectory:
+    """A directory of data files: every file and sub-directory served from it must resolve
+    inside it.  Plain files cost one ``lstat`` each; only links are resolved."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real = _resolve(root)
+        self._dirs: dict[Path, Path] = {root: self.real}  # listed directory -> where it is
+
+    def resolve(self, entry: Path) -> Path:
+        """Where ``entry`` leads, refused unless that is inside the directory."""
+        return self._locate(entry)[0]
+
+    def directory(self, entry: Path) -> Path:
+        """A sub-directory (such as an image class), checked; its files can then be listed."""
+        real = self.resolve(entry)
+        self._dirs[entry] = real
+        return real
+
+    def file(self, entry: Path, what: str = "data files") -> ListedFile:
+        """A file of the directory, checked: inside it, and a regular file."""
+        real, st = self._locate(entry)
+        return _stat_file(entry, real, st, what)
+
+    def _locate(self, entry: Path) -> tuple[Path, os.stat_result | None]:
+        """(where ``entry`` leads, its ``lstat`` when it is no link)."""
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            raise DatasetError(f"{printable(entry)} disappeared while the data was listed; "
+                               "serve a directory nobody changes while the server starts") \
+                from None
+        parent = self._dirs.get(entry.parent)
+        if parent is not None and not stat.S_ISLNK(st.st_mode):
+            return parent / entry.name, st
+        real = _resolve(entry)
+        if real != self.real and self.real not in real.parents:
+            target = printable(os.readlink(entry) if entry.is_symlink() else real)
+            raise DatasetError(
+                f"{printable(entry)} is a link to {target}, outside the data directory "
+                f"{printable(self.root)}; batchfeed serves only what is inside it: copy the file "
+                "in, or serve the folder it points into")
+        return real, None
+
+
+def open_listed(f: ListedFile) -> int:
+    """A read-only descriptor of the file that was listed as ``f``.  A link put in its place
+    is not followed, a FIFO does not block, and any other file is refused."""
+    try:
+        fd = os.open(f.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DatasetError(f"{printable(f.path)} changed after it was listed ({exc.strerror}); "
+                           "serve data nobody changes while the server starts") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (f.dev, f.ino) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise DatasetError(f"{printable(f.path)} was replaced by another file after it was "
+                           "listed; serve data nobody changes while the server starts")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def open_listed_file(f: ListedFile) -> BinaryIO:
+    """``open_listed`` as a buffered binary file object."""
+    return os.fdopen(open_listed(f), "rb")
+
+
+@contextlib.contextmanager
+def listed_path(f: ListedFile) -> Iterator[str]:
+    """A name for exactly the listed file, for libraries that open files by name (pyarrow,
+    ``np.load(mmap_mode=...)``): ``/proc/self/fd/N`` of the file opened as listed."""
+    fd = open_listed(f)
+    try:
+        yield f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(f.real)
+    finally:
+        os.close(fd)
 
 
 def check_fields(sources: list[FieldSource], where: str) -> None:

@@ -10,7 +10,7 @@ from ``stat``); the files are read when the dataset is loaded.  Decoding happens
 
 from __future__ import annotations
 
-import stat
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from batchfeed.shared.errors import DatasetError
 from batchfeed.shared.schema import BYTES, STR, Field
 
-from .base import FieldSource
+from .base import DataDirectory, FieldSource, ListedFile, open_listed, utf8_name
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -33,30 +33,29 @@ def is_image_folder(path: Path) -> bool:
 
 
 def image_folder_sources(path: Path) -> list[FieldSource]:
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and _images(d))
-    files: list[Path] = []
+    folder = DataDirectory(path)
+    classes: list[str] = []
+    for d in sorted(path.iterdir()):
+        if d.is_dir() and _images(d):
+            folder.directory(d)
+            classes.append(d.name)
+        elif d.is_symlink() and not d.exists():  # a dangling link or a loop: a class, maybe
+            folder.resolve(d)
+    files: list[ListedFile] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
         for f in _images(path / name):
-            mode = f.stat().st_mode
-            if not stat.S_ISREG(mode):
-                raise DatasetError(f"{f} is not a regular file; an image folder holds image "
-                                   "files only (move it out)")
-            files.append(f)
+            files.append(folder.file(f, "image files"))
             labels.append(label)
-    sizes = np.fromiter((f.stat().st_size for f in files), dtype=np.int64, count=len(files))
-    names = [str(f.relative_to(path)).encode("utf-8") for f in files]
+    sizes = np.fromiter((f.size for f in files), dtype=np.int64, count=len(files))
+    names = [utf8_name(f.path.relative_to(path), "image path", path) for f in files]
     where = str(path)
 
     def fill_images(out: np.ndarray, lo: int, hi: int) -> None:
         pos = 0
-        for f, size in zip(files[lo:hi], sizes[lo:hi].tolist()):
-            with open(f, "rb") as fp:
-                got = fp.readinto(out[pos : pos + size].data)
-            if got != size:
-                raise DatasetError(f"{f} changed size while it was read ({size} -> {got} "
-                                   "bytes); serve a folder nobody writes to")
-            pos += size
+        for f in files[lo:hi]:
+            _read_listed(f, out[pos : pos + f.size])
+            pos += f.size
 
     def fill_paths(out: np.ndarray, lo: int, hi: int) -> None:
         out[:] = np.frombuffer(b"".join(names[lo:hi]), dtype=np.uint8)
@@ -81,3 +80,21 @@ def image_folder_sources(path: Path) -> list[FieldSource]:
                     n_values=int(path_lengths.sum()), fill_offsets=offsets_of(path_lengths),
                     where=f"{where}[path]"),
     ]
+
+
+def _read_listed(f: ListedFile, out: np.ndarray) -> None:
+    """The listed file's bytes into ``out`` (its size when listed); refused if it changed."""
+    fd = open_listed(f)
+    try:
+        view, got = memoryview(out.data), 0
+        while got < f.size:
+            n = os.readv(fd, [view[got:]])
+            if not n:
+                break
+            got += n
+        longer = got == f.size and f.size < os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if got != f.size or longer:
+        raise DatasetError(f"{f.path} changed size while it was read ({f.size} bytes when "
+                           "listed); serve a folder nobody writes to")

@@ -3,7 +3,8 @@ field, named after the file stem), or a directory of ``.npy`` files.
 
 Headers only are read here; ``fill`` later re-opens the file, skips the header and reads the
 data straight into the destination (one copy).  Plain ``.npy`` files can be memory-mapped
-instead (``--mmap``).
+instead (``--mmap``).  The files of a directory must resolve inside it, and every file is
+re-opened as it was listed (``base.DataDirectory``, ``base.open_listed``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,25 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError
 
-from .base import FieldSource, Fill, make_field, regular_file
+from .base import (
+    DataDirectory,
+    FieldSource,
+    Fill,
+    ListedFile,
+    list_file,
+    listed_path,
+    make_field,
+    open_listed_file,
+)
 
 _READ_CHUNK = 16 * 2**20
+WHAT = ".npy/.npz files"
 
 
 def _npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -85,23 +97,34 @@ def _copy_array(load: Callable[[], np.ndarray]) -> Fill:
     return fill
 
 
-def npy_source(path: Path, name: str) -> FieldSource:
+def npy_source(path: Path, name: str, listed: ListedFile | None = None) -> FieldSource:
+    """A ``.npy`` file (``listed``: as a directory listed it)."""
     where = str(path)
-    regular_file(path, ".npy/.npz files")
-    with open(path, "rb") as fp:
+    f = listed or list_file(path, WHAT)
+    with open_listed_file(f) as fp:
         shape, fortran, dtype = _npy_header(fp, where)
     field = _array_field(name, shape, dtype, where)
     if fortran:
-        fill = _copy_array(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
+        fill = _copy_array(functools.partial(_npy_mapped, f))
     else:
-        fill = _copy_stream(functools.partial(open, path, "rb"), where, field.row_nbytes)
-    return FieldSource(field, int(shape[0]), fill, path=str(path), where=where)
+        fill = _copy_stream(functools.partial(open_listed_file, f), where, field.row_nbytes)
+    return FieldSource(field, int(shape[0]), fill, path=str(f.real), where=where)
+
+
+def _npy_mapped(f: ListedFile) -> np.ndarray:
+    with listed_path(f) as name:
+        return np.load(name, mmap_mode="r", allow_pickle=False)
 
 
 def npz_sources(path: Path) -> list[FieldSource]:
-    regular_file(path, ".npy/.npz files")
+    f = list_file(path, WHAT)
+    with open_listed_file(f) as archive_fp:
+        return _npz_members(path, f, archive_fp)
+
+
+def _npz_members(path: Path, f: ListedFile, archive_fp: BinaryIO) -> list[FieldSource]:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(archive_fp)
     except zipfile.BadZipFile:
         raise DatasetError(f"{path} is not a valid .npz file (not a zip archive)") from None
     sources = []
@@ -126,21 +149,24 @@ def npz_sources(path: Path) -> list[FieldSource]:
 
             @contextlib.contextmanager
             def open_member(member: str = member) -> Iterator:
-                with zipfile.ZipFile(path) as archive, archive.open(member) as fp:
+                with open_listed_file(f) as whole, zipfile.ZipFile(whole) as archive, \
+                        archive.open(member) as fp:
                     yield fp
 
             if fortran:
-                fill = _copy_array(functools.partial(_npz_member, path, name))
+                fill = _copy_array(functools.partial(_npz_member, f, name))
             else:
                 fill = _copy_stream(open_member, where, field.row_nbytes)
             sources.append(FieldSource(field, int(shape[0]), fill, where=where))
     return sources
 
 
-def _npz_member(path: Path, name: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as archive:
+def _npz_member(f: ListedFile, name: str) -> np.ndarray:
+    with open_listed_file(f) as fp, np.load(fp, allow_pickle=False) as archive:
         return archive[name]
 
 
 def npy_dir_sources(path: Path) -> list[FieldSource]:
-    return [npy_source(f, f.stem) for f in sorted(path.iterdir()) if f.suffix == ".npy"]
+    folder = DataDirectory(path)
+    return [npy_source(f, f.stem, folder.file(f, WHAT)) for f in sorted(path.iterdir())
+            if f.suffix == ".npy"]
