@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import jpeg, jpeg_report, loaders, report, shards, tokens
+from . import fingerprint, jpeg, jpeg_report, loaders, report, shards, tokens
 from .common import failures as section_failures
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, transform_scaling
@@ -40,6 +40,7 @@ SECTIONS = {
     "tokens": Section(tokens.token_section, tokens.format_tokens),
     "jpeg": Section(jpeg.jpeg_section, jpeg_report.format_jpeg),
     "shards": Section(shards.shard_section, shards.format_shards),
+    "fingerprint": Section(fingerprint.fingerprint_section, fingerprint.format_fingerprint),
 }
 
 

@@ -14,7 +14,8 @@ from .common import GB, MIB
 
 # The first three are the loaders section (loaders.py); the others are sections of their own
 # (run.SECTIONS: tokens.py, jpeg.py, shards.py; and stalls.py).
-WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards", "stalls")
+WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards", "stalls",
+                  "fingerprint")
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,16 @@ def test_quick_stalls_prints_a_row_per_dataset_and_transport(bench, tmp_path) ->
         assert r["name"] in out
 
 
+@pytest.mark.slow
+def test_quick_fingerprint_prints_its_cost_per_gb(bench, tmp_path) -> None:
+    out, data = quick(bench, tmp_path, "fingerprint")
+    rows = {r["name"]: r for r in data["fingerprint"]["rows"]}
+    assert set(rows) == {"read every byte", "fingerprint full", "fingerprint sampled"}
+    assert all(r["status"] == "ok" and r["rate"] > 0 for r in rows.values())
+    assert rows["fingerprint full"]["values"]["fingerprint"].startswith("full:")
+    assert "s/GB" in out
+
+
 def test_a_trainer_is_not_stalled_at_epoch_boundaries(serve, dataset_path) -> None:
     tiny = stalls.CASES[0]  # many short epochs, with the server-chosen prefetch
     srv = serve("--data", f"{tiny.name}={dataset_path(tiny.rows)}", "--workers", 1)
