@@ -13,6 +13,10 @@ session's parameters need against the data.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError, InvalidRequest
@@ -33,15 +37,39 @@ from .gather import ALIGN
 from .sessions import BatchEstimate
 from .transform import Transform
 
+log = logging.getLogger("batchfeed.server")
+
+
+class Watched(Protocol):
+    """A dataset whose held files are watched (``dataset.SharedDataset``)."""
+
+    spec: DatasetSpec
+
+    def changed(self) -> str | None: ...
+
 
 class Catalog:
     def __init__(self, datasets: dict[str, DatasetSpec], transforms: dict[str, Transform],
-                 columns: dict[str, Columns]):
+                 columns: dict[str, Columns], held: Sequence[Watched] = ()):
         self.datasets = datasets
         self.transforms = transforms
         self._columns = columns  # dataset -> its fields' read-only views
         self._checked: set = set()
+        self._held = [d for d in held if d.spec.files]  # datasets mapped from held files
         self.broken: dict[str, str] = {}  # dataset -> why it is served no more
+
+    def changed(self) -> list[tuple[str, str]]:
+        """Datasets whose held files changed in place since the last look, and how: they are
+        served no more (``dataset`` refuses them, saying why)."""
+        out = []
+        for d in self._held:
+            name = d.spec.name
+            why = d.changed() if name not in self.broken else None
+            if why is not None:
+                self.broken[name] = why
+                log.error("dataset %s: %s", name, why)
+                out.append((name, why))
+        return out
 
     def dataset(self, name: str | None) -> DatasetSpec:
         if name is None:

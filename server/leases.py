@@ -35,15 +35,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchfeed.shared.errors import ResourceError
 from batchfeed.shared.shm import LEASE_TABLE_HEADER, SharedSegment, segment_name
 
 from .ring import LEASE, SEND, Holder, SlotRing
-
-if TYPE_CHECKING:
-    from .sessions import Session
 
 log = logging.getLogger("batchfeed.server")
 
@@ -208,13 +205,14 @@ class Leases:
 
     # ------------------------------------------------------------------ the budget
 
-    def may_hold(self, s: Session, lease: bool) -> bool:
-        """Whether one more slot may wait on ``s``: a lease (at most a fair share each),
-        or a zero-copy send (bounded by the total only: a reading client frees them in
-        microseconds, and a stalled one's are capped by its credit)."""
+    def may_hold(self, table: LeaseTable | None, lease: bool) -> bool:
+        """Whether one more slot may wait on a session (whose lease table is ``table``): a
+        lease (at most a fair share each), or a zero-copy send (bounded by the total only: a
+        reading client frees them in microseconds, and a stalled one's are capped by its
+        connection's unsent limit)."""
         if self.ring.count_kind(LEASE) + self.ring.count_kind(SEND) >= self.limit:
             return False
-        return not lease or s.table is None or len(s.table.slots) < self.fair_share()
+        return not lease or table is None or len(table.slots) < self.fair_share()
 
     def fair_share(self) -> int:
         """Leases one session may hold: the budget split between the fast-path sessions."""

@@ -162,6 +162,13 @@ class SlotRing:
         assert self.segment is not None and self.segment.buf is not None
         return memoryview(self.segment.buf)[base : base + nbytes]
 
+    def usage(self) -> dict:
+        """How the ring's slots are used, for stats and metrics."""
+        held = self.held()
+        return {"slots": self.n_slots, "slot_bytes": self.slot_bytes,
+                "slots_free": self.free_count, "slots_busy": held[TASK] + held[SEND],
+                "slots_leased": held[LEASE]}
+
     def describe(self) -> dict:
         """What a same-host client needs to map the ring and check it."""
         return {

@@ -31,9 +31,10 @@ from typing import NamedTuple, Protocol
 from batchfeed.shared.plan import BatchPlan
 
 from . import tasks
+from .dataset import DatasetSpec
 from .orders import OrderBoard, OrderState
 from .ring import TASK, Holder, SlotRing
-from .sessions import Session
+from .sessions import MAX_ATTEMPTS, Session
 
 TASKS_PER_WORKER = 2
 
@@ -76,6 +77,19 @@ class GivenUp(NamedTuple):
     epoch: int
     k: int
     timed_out: bool  # its worker was killed for making no progress (else it died)
+
+    def message(self, dataset: DatasetSpec, transform: str | None, task_timeout: float,
+                last_exit: str) -> str:
+        """What its client is told."""
+        how = (f"each worker that gathered it was killed after making no progress for "
+               f"{task_timeout:g} s (--task-timeout)" if self.timed_out
+               else f"each worker that gathered it died (the last {last_exit})")
+        fix = (f"raise --task-timeout if transform {transform} is merely slow on it, or fix "
+               "what it does on this batch's rows" if transform is not None and self.timed_out
+               else "check the data this batch reads (and the server's log)")
+        return (f"batch {self.k} of epoch {self.epoch} of dataset {dataset.name!r} "
+                f"{dataset.describe_files()}could not be made: {how}, {MAX_ATTEMPTS} times; "
+                f"the server goes on with the other batches. To fix: {fix}")
 
 
 class Scheduler:

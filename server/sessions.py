@@ -56,6 +56,7 @@ MAX_PREFETCH = 4096
 AUTO_PREFETCH_BYTES = 16 * 2**20
 MAX_ATTEMPTS = 3  # a batch lost with its worker this often fails instead of being retried
 MAX_NAME = 64  # characters of a client's name kept (for logs, stats and metrics)
+MAX_REPORTED = 200  # sessions listed in a REPORT (its header must stay under the size limit)
 
 
 @dataclass(frozen=True)
@@ -480,3 +481,8 @@ class SessionTable:
     def check(self) -> None:
         for s in self.by_id.values():
             s.check()
+
+    def describe(self, most: int | None = None) -> list[dict]:
+        """The sessions as others may see them (labels, never ids), the first ``most``."""
+        now = time.monotonic()
+        return [s.describe(now) for s in list(self.by_id.values())[:most]]

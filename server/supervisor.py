@@ -221,6 +221,13 @@ class Supervisor:
                 self._schedule(entry[1], f"could not be started: {exc}")
         self.workers.sort(key=lambda w: w.index)
 
+    def describe(self) -> dict:
+        """Its workers, for stats and metrics."""
+        return {"workers": len(self.workers), "worker_pids": [w.pid or 0 for w in self.workers]}
+
+    def counters(self) -> dict[str, int]:
+        return {"worker_restarts": self.restarts, "worker_timeouts": self.timeouts}
+
     @property
     def starting(self) -> int:
         """Successors waiting for their start."""

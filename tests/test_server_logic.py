@@ -494,11 +494,11 @@ def test_the_budget_keeps_slots_for_the_workers() -> None:
         assert leases.fair_share() == 2
         for i in range(2):
             leases.lease(a.table, ring.acquire(Holder(TASK, i)), Holder(TASK, i))
-        assert not leases.may_hold(a, lease=True)  # a holds its share of leases ...
-        assert leases.may_hold(a, lease=False) and leases.may_hold(b, lease=False)
+        assert not leases.may_hold(a.table, lease=True)  # a holds its share of leases ...
+        assert leases.may_hold(a.table, lease=False) and leases.may_hold(b.table, lease=False)
         for _ in range(2):
             ring.acquire(Holder(SEND, b.id))
-        assert not leases.may_hold(b, lease=False)  # at the limit: the rest go copied
+        assert not leases.may_hold(b.table, lease=False)  # at the limit: the rest go copied
         assert ring.free_count == 4  # ... and the workers keep their reserve
     finally:
         leases.close()
