@@ -1,5 +1,6 @@
-"""The client's I/O thread: it owns the ZeroMQ context, the poller, every socket of the client
-(one ``Link`` per server), the command deque and the wake-up pipe.
+"""The client's I/O thread: it owns the ZeroMQ context, the poller, the client's servers
+(``servers.py``: one ``Link`` per server, its lanes and their credit), the command deque and
+the wake-up pipe; a server set's watcher (``membership.py``) hands it changes of the servers.
 
 It keeps the current stream's window full with REQUESTs, receives BATCH messages, hands their
 batches to the stream's window (which puts them back in plan order and drops duplicates) and
@@ -11,7 +12,6 @@ share of the credit, so a faster server frees its share sooner and is asked for 
 link is lost, the batches it owed go to the window's retry pool, which the other links serve
 first; if it comes back it resumes its session and takes new work.  With one server, a loss
 costs a delay: the link says HELLO again (with backoff) and the batches are asked for again.
-When no server has been reachable for ``reconnect_timeout``, the trainer gets ServerUnavailable.
 
 Fast-path slots are given back by the lease arrays' finalizers (``fastpath.py``), from any
 thread, even after this one has ended; they only nudge this thread, which then sends RELEASE so
@@ -39,9 +39,7 @@ import zmq
 from batchfeed.shared import protocol
 from batchfeed.shared.errors import (
     BatchfeedError,
-    DataMismatch,
     ProtocolError,
-    ServerUnavailable,
     UnknownSession,
     error_from_code,
 )
@@ -49,17 +47,16 @@ from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import Field
 
 from .fastpath import Nudge
-from .link import Link, LinkConfig, Welcome
+from .link import Link, Welcome
 from .membership import ServerSet, Watcher
 from .ragged import RaggedDecoder
-from .shards import ShardMerger, assign_lanes, held
+from .servers import Servers
+from .shards import ShardMerger
 from .stream import Stream
 from .window import Credit
 
 log = logging.getLogger("batchfeed.client")
 
-BYE_TIMEOUT_MS = 1000  # how long close() waits for a server to acknowledge BYE
-RECONNECT_WARN_S = 10.0  # while a server stays away, a warning this often
 
 
 def _close_fd(fd: int) -> None:
@@ -96,33 +93,46 @@ class IOThread:
 
     def __init__(self, config: ClientConfig):
         self.config = config
-        self.welcome: Welcome | None = None  # the first server's
-        self.credit: Credit | None = None  # set from the first WELCOME
+        self.servers = Servers(config)
         self.seen_fields: tuple[Field, ...] = ()  # from the first batch (for transforms)
         self.decode = RaggedDecoder((), flat=False)  # str and bytes fields, once welcomed
         self.fatal: BaseException | None = None
-        self.welcomed = threading.Event()  # every server answered, or ``fatal`` is set
-        self.unwelcomed = set(config.addresses)
         self._commands: deque[tuple[str, Any]] = deque()
         self._wake_r, wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(wake_w, False)
         self.poke = Nudge(wake_w)  # wakes this thread, from any thread
         self._given_back = False  # a lease finalizer ran: tell the servers to look
-        self._first_address = ""  # the server whose WELCOME is ``welcome``
         self._stream: Stream | None = None
-        self._links: list[Link] = []
-        self._down_since: dict[int, float] = {}  # lane -> since when no server of it is up
-        self.lanes: list[Credit] = []  # one per shard (one: servers of the whole dataset)
-        self._warned_at: dict[int, float] = {}  # lane -> when its loss was last reported
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="batchfeed-io", daemon=True)
         self._watcher = Watcher(config.servers, config.addresses, self._members_changed) \
             if config.servers is not None else None
-        self._link_config = LinkConfig(config.params, config.prefetch, config.dataset,
-                                       config.heartbeat_timeout, config.name, config.curve)
-        self._ctx: zmq.Context | None = None
-        self._poller: zmq.Poller | None = None
+
+    # What the trainer's side reads of the servers.
+
+    @property
+    def welcome(self) -> Welcome | None:
+        return self.servers.welcome
+
+    @property
+    def credit(self) -> Credit | None:
+        return self.servers.credit
+
+    @property
+    def lanes(self) -> list[Credit]:
+        return self.servers.lanes
+
+    @property
+    def welcomed(self) -> threading.Event:
+        return self.servers.welcomed
+
+    @property
+    def unwelcomed(self) -> set[str]:
+        return self.servers.unwelcomed
+
+    def new_merger(self) -> ShardMerger | None:
+        return self.servers.new_merger()
 
     # ------------------------------------------------------------------ the trainer's calls
 
@@ -172,69 +182,15 @@ class IOThread:
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         try:
-            self._open_links(ctx, poller)
+            self.servers.open(ctx, poller)
             while self._serve(dict(poller.poll(100))):
                 pass
         except BaseException as exc:  # hand every failure to the trainer, never die silently
             log.debug("I/O thread failed", exc_info=True)
             self._fail(exc)
         finally:
-            self._say_bye()
+            self.servers.close()
             ctx.term()
-
-    def _say_bye(self) -> None:
-        for link in self._links:
-            link.bye()
-        for link in self._links:
-            link.finish_bye(BYE_TIMEOUT_MS)
-
-    def _open_links(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
-        self._ctx, self._poller = ctx, poller
-        for address in self.config.addresses:
-            self._add_link(address)
-
-    def _add_link(self, address: str) -> None:
-        """A link to one more server (its lane is known once it answers)."""
-        assert self._ctx is not None and self._poller is not None
-        fastpath = True if self.config.fastpath is None else self.config.fastpath
-        link = Link(address, fastpath, self._link_config, self._ctx, self._poller)
-        link.lane = -1 if self.lanes else 0  # -1: to be placed by its WELCOME
-        self._links.append(link)
-        if not self.lanes:
-            self.unwelcomed.add(address)
-        link.open()
-
-    def _set_members(self, addresses: tuple[str, ...]) -> None:
-        """The server set changed: links to new servers, and none to departed ones (what
-        those owed goes to the others)."""
-        current = {link.address: link for link in self._links}
-        for address, link in current.items():
-            if address not in addresses:
-                log.info("server %s left the client's server set", address)
-                if self._stream is not None and link.lane >= 0:
-                    self._stream.windows[link.lane].forget_link(address)
-                link.bye()
-                link.close()
-                self._links.remove(link)
-                self.unwelcomed.discard(address)
-        for address in addresses:
-            if address not in current:
-                log.info("server %s joined the client's server set", address)
-                self._add_link(address)
-        if not self.lanes and not self.unwelcomed and self.credit is not None:
-            self._set_lanes()  # the servers not yet heard from left: the rest are all there
-            self.welcomed.set()
-        self._reshare()
-
-    def _reshare(self) -> None:
-        """Each lane's credit split over the servers it has now."""
-        if not self.lanes or self.credit is None:
-            return
-        for lane in range(len(self.lanes)):
-            n = sum(1 for link in self._links if link.lane == lane)
-            self.lanes[lane] = Credit.shared_by(self.credit.prefetch, max(1, n))
-            if self._stream is not None:
-                self._stream.windows[lane].credit = self.lanes[lane]
 
     def _serve(self, events: dict) -> bool:
         """One turn of the loop; False once the trainer asked to close."""
@@ -243,7 +199,7 @@ class IOThread:
             self._given_back = True  # (or a command; looking costs the server little)
         if not self._run_commands():
             return False
-        for link in self._links:
+        for link in list(self.servers.links):
             if link.monitor is not None and link.monitor in events and link.on_monitor():
                 self._lose(link, fresh_socket=False)
             if link.sock is not None and link.sock in events:
@@ -253,9 +209,9 @@ class IOThread:
         now = time.monotonic()
         stream = self._stream
         at = list(stream.positions.where(stream.consumed)) if stream is not None else None
-        for link in self._links:
+        for link in self.servers.links:
             link.tick(now, lambda lost: self._lose(lost, fresh_socket=True), at)
-        self._check_reachable(now)
+        self.servers.check_reachable(now)
         return True
 
     def _drain_wake(self) -> None:
@@ -275,7 +231,7 @@ class IOThread:
             elif cmd == "cancel" and arg is self._stream:
                 self._stream = None
             elif cmd == "members":
-                self._set_members(arg)
+                self.servers.set_members(arg, self._stream)
         return True
 
     # ------------------------------------------------------------------ messages
@@ -297,53 +253,9 @@ class IOThread:
         welcome = link.accept(h)
         if welcome is None:
             return
-        first = self.welcome
-        if first is None:
-            self.credit = Credit.shared_by(self.config.prefetch or welcome.prefetch,
-                                           len(self.config.addresses))
+        if self.servers.welcome is None:
             self.decode = RaggedDecoder(welcome.fields, self.config.params.ragged == "flat")
-            self.welcome = welcome
-            self._first_address = link.address
-        else:
-            differs = welcome.differs(first)
-            if differs is not None:
-                first_at = self._first_address
-                again = "came back serving" if link.address not in self.unwelcomed else "serves"
-                raise DataMismatch(
-                    f"the server at {link.address} {again} {welcome.dataset!r} with {differs} "
-                    f"({first_at} serves {first.dataset!r}, fingerprint {first.fingerprint}): "
-                    "it holds other data, and mixing them would train on rows of both.  Every "
-                    "server of a client must serve the same data: restart it on the same "
-                    "files (and transform), or give this client only servers of one dataset")
-        self.unwelcomed.discard(link.address)
-        if not self.lanes and not self.unwelcomed:
-            self._set_lanes()
-        elif self.lanes and link.lane < 0:
-            self._place(link, welcome)
-        elif self.lanes:
-            self._check_lane(link, welcome)
-        if not self.unwelcomed:
-            self.welcomed.set()
-
-    def _place(self, link: Link, welcome: Welcome) -> None:
-        """A server that joined after the start: its lane is its shard (or the one lane)."""
-        n = len(self.lanes)
-        if (welcome.shard is None) != (n == 1) or (welcome.shard is not None and
-                                                   welcome.shard[1] != n):
-            raise DataMismatch(
-                f"the server at {link.address} joined holding {held(welcome.shard)}, but this "
-                f"client's servers hold {held(None) if n == 1 else f'{n} shards'}: start it "
-                "as the others were")
-        link.lane = welcome.shard[0] if welcome.shard is not None else 0
-        self._reshare()
-
-    def _check_lane(self, link: Link, welcome: Welcome) -> None:
-        """A server that came back must still hold what it held."""
-        expected = (link.lane, len(self.lanes)) if len(self.lanes) > 1 else None
-        if welcome.shard != expected:
-            raise ServerUnavailable(
-                f"the server at {link.address} came back holding {held(welcome.shard)}, not "
-                f"{held(expected)} as before; restart it as it was")
+        self.servers.welcomed_by(link, welcome, self._stream)
 
     def _on_error(self, link: Link, h: dict) -> None:
         err = error_from_code(h["code"], h["message"])
@@ -439,8 +351,7 @@ class IOThread:
             at = list(stream.positions.where(stream.consumed))
             for lane, window in enumerate(stream.windows):
                 window.note_consumed(stream.consumed)
-                by_address = {link.address: link for link in self._links
-                              if link.up and link.lane == lane}
+                by_address = self.servers.up(lane)
                 while (run := window.next_request(list(by_address))) is not None:
                     link = by_address[run.link]
                     assert link.session is not None
@@ -450,7 +361,7 @@ class IOThread:
                     asked.add(link.address)
         if self._given_back:
             self._given_back = False
-            for link in self._links:
+            for link in self.servers.links:
                 if link.up and link.books and link.address not in asked:
                     assert link.session is not None
                     link.send(protocol.release(session=link.session))
@@ -458,61 +369,7 @@ class IOThread:
     # ------------------------------------------------------------------ liveness
 
     def _lose(self, link: Link, fresh_socket: bool) -> None:
-        """A server is gone: what it owed goes to the other links (or to it, once back)."""
-        if link.up:
-            others = sum(1 for other in self._links if other.up and other.lane == link.lane)
-            log.warning("lost the batchfeed server at %s; %s, for up to %g s "
-                        "(reconnect_timeout)", link.address,
-                        "the others serve meanwhile, and it is asked to come back"
-                        if others > 1 else "reconnecting", self.config.reconnect_timeout)
-        if self._stream is not None and link.lane >= 0:
-            self._stream.windows[link.lane].forget_link(link.address)
-        link.lose(fresh_socket)
-
-    def _check_reachable(self, now: float) -> None:
-        """ServerUnavailable once a lane (all servers, or one shard's) has had no live server
-        for ``reconnect_timeout``."""
-        if not self.lanes:
-            return
-        for lane in range(len(self.lanes)):
-            links = [link for link in self._links if link.lane == lane]
-            if any(link.up for link in links):
-                self._down_since.pop(lane, None)
-                continue
-            since = self._down_since.setdefault(lane, now)
-            if now - since >= RECONNECT_WARN_S and now - self._warned_at.get(lane, since) >= \
-                    RECONNECT_WARN_S:
-                self._warned_at[lane] = now
-                log.warning("still no batchfeed server for %s after %.0f s; giving up at "
-                            "reconnect_timeout=%g s", ", ".join(lk.address for lk in links)
-                            or "this client", now - since, self.config.reconnect_timeout)
-            if now - since > self.config.reconnect_timeout:
-                where = ", ".join(link.address for link in links)
-                what = f"shard {lane} of {len(self.lanes)} (at {where})" \
-                    if len(self.lanes) > 1 else f"the batchfeed server at {where}"
-                raise ServerUnavailable(
-                    f"lost {what} and it did not come back within "
-                    f"reconnect_timeout={self.config.reconnect_timeout:g} s"
-                )
-
-    def new_merger(self) -> ShardMerger | None:
-        """What puts a stream's pieces together: None over servers of the whole dataset."""
-        if len(self.lanes) < 2:
-            return None
-        assert self.welcome is not None
-        params = self.config.params
-        return ShardMerger(len(self.lanes), self.welcome.fields, params.ragged == "flat",
-                           params.pad_value)
-
-    def _set_lanes(self) -> None:
-        """Once every server answered: one lane, or one per shard (checked complete)."""
-        assert self.credit is not None
-        lanes = assign_lanes({link.address: link.welcome.shard for link in self._links
-                              if link.welcome is not None})
-        for link in self._links:
-            link.lane = lanes[link.address]
-        self.lanes = [Credit.shared_by(self.credit.prefetch, list(lanes.values()).count(lane))
-                      for lane in range(max(lanes.values()) + 1)]
+        self.servers.lose(link, fresh_socket, self._stream)
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, BatchfeedError):
@@ -520,4 +377,4 @@ class IOThread:
         self.fatal = exc
         if self._stream is not None:
             self._stream.ready.put(exc)
-        self.welcomed.set()
+        self.servers.welcomed.set()

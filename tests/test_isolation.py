@@ -68,7 +68,7 @@ def test_100_rounds_of_open_read_break_close_leave_nothing_leased(ipc_server) ->
 def test_views_kept_past_close_stay_valid_and_come_back_when_dropped(ipc_server) -> None:
     with Client(ipc_server.address, batch_size=100, shuffle="none") as client:
         kept = [batch["id"] for batch in client.epoch(0)]
-        assert client._conn._io._links[0].books  # it really was the fast path
+        assert client._conn._io.servers.links[0].books  # it really was the fast path
     with Client(ipc_server.address, batch_size=50, seed=3) as other:  # churns the ring
         for e in range(3):
             assert sorted(epoch_ids(other, e)) == list(range(N))
@@ -132,7 +132,7 @@ def test_forged_messages_from_another_connection_change_nothing(ipc_server) -> N
         it = victim.epoch(0)
         held = [next(it) for _ in range(3)]
         copies = [b["id"].copy() for b in held]
-        victim_id = victim._conn._io._links[0].session  # as if it had leaked
+        victim_id = victim._conn._io.servers.links[0].session  # as if it had leaked
         report = server_report(ipc_server.address)
         labels = [s["id"] for s in report["sessions"]]
         assert f"{victim_id:x}" not in labels and str(victim_id) not in labels
@@ -201,7 +201,7 @@ def test_stats_and_metrics_show_labels_never_session_ids(serve, dataset_path) ->
     srv = serve("--data", dataset_path(N), "--workers", 1, "--metrics-port", port)
     with Client(srv.address, batch_size=10, name="trainerA") as client:
         next(iter(client.epoch(0)))
-        secret_id = f"{client._conn._io._links[0].session:x}"
+        secret_id = f"{client._conn._io.servers.links[0].session:x}"
         report = server_report(srv.address)
         assert [s["id"] for s in report["sessions"]] == ["s1"]
         wait_until(lambda: b"trainerA" in urlopen(f"http://127.0.0.1:{port}/metrics").read(),
