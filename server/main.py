@@ -184,7 +184,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
                 "Stop it or pick another --bind address"
             ) from None
         if config.metrics_port is not None:
-            from .metrics import MetricsEndpoint  # prometheus_client only when asked for
+            from .metrics_http import MetricsEndpoint  # prometheus_client only when asked for
 
             metrics = MetricsEndpoint(frontend, config.metrics_port, config.metrics_bind).start()
         frontend.wait_workers_ready()

@@ -97,7 +97,7 @@ class FakeFrontend:
 def endpoint() -> Iterator[Callable[..., object]]:
     """An in-process MetricsEndpoint over a fake front end with the given limits; closed at the
     end."""
-    from batchfeed.server.metrics import MetricsEndpoint, MetricsLimits
+    from batchfeed.server.metrics_http import MetricsEndpoint, MetricsLimits
 
     opened = []
 
