@@ -33,7 +33,7 @@ from batchfeed.shared.shm import human_bytes
 from batchfeed.shared.units import budget_bounds, plan_units
 
 from .dataset import Columns, DatasetSpec
-from .gather import ALIGN
+from .layout import ALIGN
 from .sessions import BatchEstimate
 from .transform import Transform
 

@@ -1,8 +1,8 @@
 """Batch assembly, in a worker: the rows of a chunk of batches, written straight into a slot.
 
 A chunk's *outputs* are the fields clients receive, each written as one region of the slot
-(64-byte aligned) holding that output's part of every batch, back to back; the BATCH header
-gives each part's shape, so the client cuts the regions into batches without copies.
+(the slot layout is ``layout.py``); the BATCH header gives each part's shape, so the client cuts
+the regions into batches without copies.  Packed rows and token budgets are ``units.py``.
 
 - a fixed field: ``(rows, *shape)`` per batch, gathered with ``np.take(..., out=region)``;
 - a ragged field (``ragged="pad"``, the default): ``f`` as ``(rows, longest)`` padded with
@@ -23,9 +23,7 @@ ragged outputs) are then written the same way: one copy more than without.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TypeAlias
 
 import numpy as np
@@ -36,89 +34,11 @@ from batchfeed.shared.protocol import POSITIONS, ROLE_POSITIONS
 from batchfeed.shared.schema import BYTES, STR, Field, Ragged
 
 from .dataset import DatasetSpec
+from .layout import OFFSETS, VALUES, Layout, Output, RaggedFormat, copied_output, write_outputs
 from .transform import Transform
+from .units import budget_rows, packed_batches, packed_outputs
 
-ALIGN = 64
-VALUES, OFFSETS = "values", "offsets"
 Column: TypeAlias = "np.ndarray | Ragged"
-
-
-def align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-@dataclass(frozen=True)
-class RaggedFormat:
-    """How ragged fields are served (a session's parameters)."""
-
-    mode: str = "pad"  # or "flat"
-    pad_value: float = 0
-    max_length: int | None = None
-
-    @classmethod
-    def of(cls, plan: BatchPlan) -> RaggedFormat:
-        p = plan.params
-        return cls(p.ragged, p.pad_value, p.max_length)
-
-
-@dataclass
-class Output:
-    """One output of a chunk: its name, dtype, role, each batch's shape, and how to write the
-    first ``n`` batches into a region (or None when the chunk's outputs are written together)."""
-
-    name: str
-    dtype: np.dtype
-    role: str | None
-    shapes: list[tuple[int, ...]]
-    write: Callable[[np.ndarray, int], None] | None = None  # None: written by write_outputs' fill
-
-    def sizes(self) -> np.ndarray:
-        """Bytes of the first n batches, for n = 0 .. len(shapes)."""
-        out = np.zeros(len(self.shapes) + 1, np.int64)
-        np.cumsum([math.prod(s) * self.dtype.itemsize for s in self.shapes], out=out[1:])
-        return out
-
-    def wire_dtype(self) -> list:
-        return [self.name, self.dtype.str] + ([self.role] if self.role else [])
-
-
-Layout = tuple[list, list, list, list]  # dtypes, shapes per batch per output, offsets, sizes
-
-
-Fill = Callable[[list[np.ndarray], int], None]
-
-
-def write_outputs(outputs: list[Output], count: int, slot: np.ndarray, what: str,
-                  fill: Fill | None = None) -> Layout:
-    """Write as many of the ``count`` batches as fit in ``slot``; return their layout.
-
-    Each output writes its own region, or ``fill(regions, n)`` writes them all at once (packed
-    rows compute every output in one pass)."""
-    cumulative = [o.sizes() for o in outputs]
-    aligned = np.zeros(count + 1, np.int64)  # slot bytes for n = 0 .. count batches
-    for c in cumulative:
-        aligned += -(-c[: count + 1] // ALIGN) * ALIGN
-    fit = min(count, int(np.searchsorted(aligned, len(slot), side="right")) - 1)
-    if not fit:
-        need = int(aligned[1])
-        raise WorkerError(f"{what} is {need} bytes, more than the server's {len(slot)}-byte "
-                          "slots; restart the server with a larger --slot-mb, or ask for "
-                          "smaller batches (batch_size, max_length)")
-    offsets, sizes, regions, offset = [], [], [], 0
-    for o, c in zip(outputs, cumulative):
-        nbytes = int(c[fit])
-        regions.append(slot[offset : offset + nbytes].view(o.dtype))
-        offsets.append(offset)
-        sizes.append(nbytes)
-        offset = align(offset + nbytes)
-    if fill is not None:
-        fill(regions, fit)
-    for o, region in zip(outputs, regions):
-        if o.write is not None:
-            o.write(region, fit)
-    shapes = [[list(o.shapes[b]) for o in outputs] for b in range(fit)]
-    return [o.wire_dtype() for o in outputs], shapes, offsets, sizes
-
 
 # ---------------------------------------------------------------------------------------------
 # Outputs from the dataset's columns
@@ -213,8 +133,6 @@ def chunk_rows(arrays: Mapping[str, Column], spec: DatasetSpec, plan: BatchPlan,
                order: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
     """The dataset rows of batches ``k0 ..`` (concatenated), and each batch's count."""
     if plan.params.units == "budget":
-        from .units import budget_rows
-
         return budget_rows(plan, arrays, spec.fields, epoch, k0, count)
     rows = [plan.batch_rows(k) for k in range(k0, k0 + count)]
     return plan.chunk_indices(epoch, k0, count, order), rows
@@ -227,8 +145,6 @@ def gather_chunk(arrays: Mapping[str, Column], spec: DatasetSpec, plan: BatchPla
     fmt = RaggedFormat.of(plan)
     what = f"batch {k0} of epoch {epoch}"
     if plan.params.units == "packed":
-        from .units import packed_outputs
-
         packed, fill = packed_outputs(plan, arrays, epoch, k0, count, fmt)
         return write_outputs(packed, count, slot, what, fill)
     idx, rows = chunk_rows(arrays, spec, plan, epoch, k0, count, order)
@@ -285,8 +201,6 @@ def transform_chunk(arrays: Mapping[str, Column], spec: DatasetSpec, plan: Batch
     fmt = RaggedFormat.of(plan)
     results: list[dict[str, Column]] = []
     if plan.params.units == "packed":
-        from .units import packed_batches
-
         inputs: list[dict] = packed_batches(plan, arrays, epoch, k0, count, fmt)
     else:
         idx, rows = chunk_rows(arrays, spec, plan, epoch, k0, count, order)
@@ -331,15 +245,3 @@ def _ragged_results(name: str, parts: list[Ragged], fmt: RaggedFormat,
 
 def _dtype(value: Column) -> np.dtype:
     return value.values.dtype if isinstance(value, Ragged) else value.dtype
-
-
-def copied_output(name: str, parts: list[np.ndarray], role: str | None = None) -> Output:
-    """An output whose parts were computed first (then copied into the slot)."""
-
-    def write(region: np.ndarray, n: int) -> None:
-        pos = 0
-        for p in parts[:n]:
-            region[pos : pos + p.size] = p.reshape(-1)
-            pos += p.size
-
-    return Output(name, parts[0].dtype, role, [p.shape for p in parts], write)

@@ -20,7 +20,7 @@ from batchfeed.shared.plan import ORDERS, BatchPlan
 from batchfeed.shared.schema import Field
 from batchfeed.shared.units import budget_bounds, packed_fields
 
-from .gather import Fill, Output, RaggedFormat
+from .layout import Fill, Output, RaggedFormat
 
 _KEEP = 4
 # Tokens per PackedEpoch.gather call: its int64 temporaries (~24 bytes a token) then stay in a

@@ -361,7 +361,7 @@ def test_a_server_writes_packed_rows_straight_into_its_slot(world_size: int, fit
     fresh arrays, for ranks whose last batch wraps to the epoch's first rows and for a slot too
     small for the chunk."""
     from batchfeed.server import units
-    from batchfeed.server.gather import ALIGN, RaggedFormat, write_outputs
+    from batchfeed.server.layout import ALIGN, RaggedFormat, write_outputs
     from batchfeed.server.units import packed_batches, packed_outputs
 
     monkeypatch.setattr(units, "_GATHER_TOKENS", 3 * 32)  # blocks of 3 rows: cut every batch
