@@ -30,9 +30,9 @@ from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
 from .adapters import converter
 from .connection import Connection
-from .io_thread import ClientConfig
 from .iteration import EpochIterator, Stats
 from .membership import ServerSet, checked_addresses
+from .options import ClientConfig
 
 STATE_FORMAT = "batchfeed-client-1"
 _SIZES = {"rows": "rows", "batches_per_epoch": "batches per epoch"}  # what a state was taken on

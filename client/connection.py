@@ -21,8 +21,9 @@ from typing import Any
 from batchfeed.shared.errors import ForkError, ServerUnavailable
 from batchfeed.shared.schema import Field
 
-from .io_thread import ClientConfig, IOThread
+from .io_thread import IOThread
 from .link import Welcome
+from .options import ClientConfig
 from .stream import Stream
 from .window import Positions
 

@@ -31,7 +31,6 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -43,12 +42,12 @@ from batchfeed.shared.errors import (
     UnknownSession,
     error_from_code,
 )
-from batchfeed.shared.plan import PlanParams
 from batchfeed.shared.schema import Field
 
 from .fastpath import Nudge
 from .link import Link, Welcome
-from .membership import ServerSet, Watcher
+from .membership import Watcher
+from .options import ClientConfig
 from .ragged import RaggedDecoder
 from .servers import Servers
 from .shards import ShardMerger
@@ -64,23 +63,6 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Validated client settings (the plan parameters plus how to talk to the servers)."""
-
-    addresses: tuple[str, ...]  # the servers at start
-    params: PlanParams
-    prefetch: int  # 0: the server chooses
-    dataset: str | None
-    fastpath: bool | None  # None: wherever it can be (a server on this host)
-    connect_timeout: float
-    reconnect_timeout: float
-    heartbeat_timeout: float
-    name: str
-    curve: tuple[bytes, bytes, bytes] | None = None  # (public, secret, server public)
-    servers: ServerSet | None = None  # asked for the servers now and then, if given
 
 
 class IOThread:

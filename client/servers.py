@@ -28,11 +28,11 @@ import zmq
 from batchfeed.shared.errors import DataMismatch, ServerUnavailable
 
 from .link import Link, LinkConfig, Welcome
+from .options import ClientConfig
 from .shards import ShardMerger, assign_lanes, held
 from .window import Credit
 
 if TYPE_CHECKING:
-    from .io_thread import ClientConfig
     from .stream import Stream
 
 log = logging.getLogger("batchfeed.client")
