@@ -63,7 +63,10 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
     base += ["--data", data_dir] if data_dir else ["--synthetic-rows", str(w.rows)]
     plan: list[tuple[str, list, list[str], Any]] = [
         ("tcp://127.0.0.1:0",
-         [(ROW_TCP.format(n=n, s="" if n == 1 else "s"), n, None) for n in TCP_CLIENTS], [], None),
+         # fastpath=False: the socket path, as for a trainer on another host (a client on the
+         # server's host takes the fast path by default, whatever the address)
+         [(ROW_TCP.format(n=n, s="" if n == 1 else "s"), n, False) for n in TCP_CLIENTS], [],
+         None),
         (f"ipc://{work_dir}/bf.sock", [(ROW_IPC_SOCKET, 1, False), (ROW_IPC_FAST, 1, True)], [],
          None)]
     if w.name == "tabular":
@@ -71,7 +74,7 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
 
         keys = os.path.join(work_dir, "keys")
         make_keys(keys)
-        plan.append(("tcp://127.0.0.1:0", [(ROW_CURVE, 1, None)],
+        plan.append(("tcp://127.0.0.1:0", [(ROW_CURVE, 1, False)],
                      ["--curve-secret-key", os.path.join(keys, "server.key_secret"),
                       "--authorized-keys", os.path.join(keys, "authorized")],
                      (os.path.join(keys, "client.key_secret"), os.path.join(keys, "server.key"))))
@@ -93,7 +96,7 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
                         step = 2 * w.batch_size / rows[-1].rate
                         progress(f"{w.name}: {ROW_STALL}")
                         rows.append(guarded(ROW_STALL, functools.partial(
-                            batchfeed_row, ROW_STALL, server, w, 1, None, options, pool,
+                            batchfeed_row, ROW_STALL, server, w, 1, False, options, pool,
                             step_s=step)))
         except ROW_ERRORS as exc:
             done = {r.name for r in rows}
