@@ -47,7 +47,7 @@ from batchfeed import BatchfeedDataset
 from batchfeed.client.torch_data import causal_lm_inputs, collate_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_lm import read_documents, stdlib_files  # noqa: E402  (the same corpus)
+from train_lm import read_documents, stdlib_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -50,7 +50,7 @@ import batchfeed
 from batchfeed import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_lm import read_documents, stdlib_files  # noqa: E402  (the same corpus)
+from train_lm import read_documents, stdlib_files
 
 VOCAB = 256
 

@@ -15,8 +15,8 @@ from conftest import run_example
 pytest.importorskip("torch", reason="the example trains with torch")
 
 LOSSES_RE = re.compile(r"^losses: ([0-9. ]+)$", re.M)
-TINY = ("--files", 6, "--max-bytes", 2000, "--batch-size", 8, "--block-size", 32, "--eval-interval", 20,
-        "--seed", 1)
+TINY = ("--files", 6, "--max-bytes", 2000, "--batch-size", 8, "--block-size", 32,
+        "--eval-interval", 20, "--seed", 1)
 
 
 def digests(path) -> list[str]:
