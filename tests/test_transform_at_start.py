@@ -195,3 +195,19 @@ def test_serve_from_python_refuses_a_bad_transform_in_the_caller(helpers) -> Non
     finally:
         sys.path.remove(str(helpers))
         sys.modules.pop("starttx", None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_readmes_image_command_serves_batches_of_256(serve, tmp_path: Path) -> None:
+    """README: ``batchfeed serve --data imagenet/train --transform
+    "batchfeed.transforms:train_images(size=224)"``, then ``Client(..., batch_size=256)``
+    (on an ephemeral port, one worker: 10 slots of 148 MiB, 1.4 GiB of /dev/shm)."""
+    pytest.importorskip("simplejpeg", reason="the image transforms need simplejpeg")
+    folder = image_folder(tmp_path / "imagenet" / "train", n=300, size=(256, 300))
+    srv = serve("--data", folder, "--transform", "batchfeed.transforms:train_images(size=224)",
+                "--workers", 1)
+    assert "slots of 148.0 MiB" in srv.ready_line, srv.ready_line
+    with Client(srv.address, batch_size=256) as client:
+        batches = [(b["image"].shape, b["image"].dtype.name) for b in client.epoch(0)]
+    assert batches == [((256, 3, 224, 224), "float32"), ((44, 3, 224, 224), "float32")]
