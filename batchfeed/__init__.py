@@ -1,8 +1,9 @@
 """batchfeed: a streaming mini-batch loader service for ML training.
 
-``from batchfeed import Client`` is the trainer-side API; ``batchfeed serve`` starts a server,
-and ``batchfeed.serve(data)`` one for data already in memory.  Both are imported lazily, so
-that server processes never load client code.
+``from batchfeed import Client`` is the trainer-side API, and ``BatchfeedDataset`` its torch
+``IterableDataset``; ``batchfeed serve`` starts a server, and ``batchfeed.serve(data)`` one for
+data already in memory.  They are imported lazily, on first use: server processes never load
+client code, and ``import batchfeed`` never imports torch (only ``BatchfeedDataset`` does).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from batchfeed.shared.errors import (
     DataMismatch,
     DatasetError,
     ForkError,
+    InvalidArgument,
+    InvalidArgumentType,
     InvalidRequest,
     IteratorSuperseded,
     ProtocolError,
@@ -30,16 +33,20 @@ from batchfeed.shared.version import __version__
 
 if TYPE_CHECKING:
     from batchfeed.client import Client
+    from batchfeed.client.torch_data import BatchfeedDataset
     from batchfeed.serving import serve
 
 __all__ = [
     "AuthenticationError",
+    "BatchfeedDataset",
     "BatchfeedError",
     "Client",
     "CreditExceeded",
     "DataMismatch",
     "DatasetError",
     "ForkError",
+    "InvalidArgument",
+    "InvalidArgumentType",
     "InvalidRequest",
     "IteratorSuperseded",
     "ProtocolError",
@@ -59,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from batchfeed.client import Client
 
         return Client
+    if name == "BatchfeedDataset":
+        from batchfeed.client.torch_data import BatchfeedDataset
+
+        return BatchfeedDataset
     if name == "serve":
         from batchfeed.serving import serve
 

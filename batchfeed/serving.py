@@ -6,7 +6,10 @@
 
 ``data`` is a dict of columns (numpy arrays; lists of arrays, str or bytes for ragged fields),
 a pyarrow Table, a Hugging Face ``Dataset``, or a path as ``batchfeed serve --data`` takes.  Its
-columns are checked here, in the caller, so a bad one raises ``DatasetError`` at once; then a
+columns, and the options (the bind address's security among them), are checked here, in the
+caller, so a bad one raises at once, naming the Python argument (``insecure=True``, not the
+command line's ``--insecure``): ``DatasetError`` for the data, ``InvalidArgument`` for an
+option; a transform that cannot serve (run on sample batches) raises ``DatasetError``.  Then a
 child process is forked that inherits the objects as they are (nothing is pickled or written to
 disk), loads them into shared memory and serves them.  ``ServerHandle.stop()`` (also on
 ``with`` exit, and at interpreter exit) stops it: SIGTERM, then the usual ladder.  The child
@@ -31,7 +34,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from batchfeed.shared.errors import BatchfeedError, ResourceError, error_from_code
+from batchfeed.shared.errors import (
+    BatchfeedError,
+    InvalidArgument,
+    InvalidRequest,
+    ResourceError,
+    error_from_code,
+)
 from batchfeed.shared.procs import stop_process
 
 _PR_SET_PDEATHSIG = 1
@@ -97,6 +106,7 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
     """
     from batchfeed.launch import READY_RE
     from batchfeed.server.config import ServerConfig
+    from batchfeed.server.security import ServerSecurity
     from batchfeed.server.sources import check_fields, inspect_source
     from batchfeed.server.sources.memory import memory_sources
 
@@ -114,7 +124,15 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
         # Not a TemporaryDirectory: its finalizer would also run in a forked child's exit.
         tmpdir = tempfile.mkdtemp(prefix="batchfeed-")
         bind = f"ipc://{tmpdir}/server.sock"
-    config = ServerConfig(bind=bind, workers=workers, **options)
+    try:
+        config = ServerConfig(bind=bind, workers=workers, **options)
+        ServerSecurity(config.bind, config.curve_secret_key, config.authorized_keys,
+                       config.insecure).check()
+    except BatchfeedError as exc:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        kind = InvalidArgument if isinstance(exc, InvalidRequest) else type(exc)
+        raise kind(python_words(str(exc))) from None
     read_fd, write_fd = os.pipe()
     ctx = multiprocessing.get_context("fork")
     process = ctx.Process(target=_child, args=(config, datasets, write_fd),
@@ -130,10 +148,42 @@ def serve(data: Any, *, bind: str | None = None, name: str = "data", workers: in
             shutil.rmtree(tmpdir, ignore_errors=True)
         code, sep, message = line.partition("\t")
         if sep:  # the child's typed error, as the server would have printed it
-            raise error_from_code(code, message)
+            raise error_from_code(code, python_words(message))
         raise ResourceError(f"the server did not start: {line or 'it exited'} (its error is "
                             "printed above)")
     return ServerHandle(process, m.group(1), line, tmpdir)
+
+
+# The command line's words for serve()'s arguments, as the server's messages name them.
+_PYTHON_WORDS = (
+    ("--curve-secret-key and --authorized-keys", "curve_secret_key= and authorized_keys="),
+    ("--curve-secret-key", "curve_secret_key="),
+    ("--authorized-keys", "authorized_keys="),
+    ("pass --insecure", "pass insecure=True"),
+    ("--insecure", "insecure=True"),
+    ("--metrics-bind", "metrics_bind="),
+    ("--metrics-port", "metrics_port="),
+    ("another --bind address", "another bind= address"),
+    ("--bind", "bind="),
+    ("--workers", "workers="),
+    ("--slots/--slot-mb", "slots=/slot_bytes="),
+    ("--slots", "slots="),
+    ("--slot-mb", "slot_bytes="),
+    ("--max-sessions-per-connection", "max_sessions_per_connection="),
+    ("--max-sessions", "max_sessions="),
+    ("--max-unsent-mb", "max_unsent_bytes="),
+    ("--max-order-mb", "max_order_bytes="),
+    ("--max-image-pixels", "max_image_pixels="),
+    ("--fingerprint", "fingerprint="),
+    ("--shard", "shard="),
+)
+
+
+def python_words(message: str) -> str:
+    """A server's message with its command-line flags named as ``serve()``'s arguments."""
+    for flag, argument in _PYTHON_WORDS:
+        message = message.replace(flag, argument)
+    return message
 
 
 def _stop_at_exit() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.errors import InvalidArgument
 from batchfeed.shared.protocol import FieldBatch
 
 FORMATS = ("numpy", "torch", "jax")
@@ -35,16 +35,16 @@ def converter(format: str, *, pin_memory: bool = False, device: Any = None,
               zero_copy_readonly: bool = False) -> Convert | None:
     """The per-batch conversion for ``format`` (None for numpy: batches pass through)."""
     if format not in FORMATS:
-        raise InvalidRequest(
+        raise InvalidArgument(
             f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     if format == "numpy":
         if pin_memory or device is not None:
-            raise InvalidRequest("pin_memory and device need format='torch' or 'jax'")
+            raise InvalidArgument("pin_memory and device need format='torch' or 'jax'")
         return None
     if format == "torch":
         return _torch_converter(pin_memory, device, zero_copy_readonly)
     if pin_memory:
-        raise InvalidRequest("pin_memory is a torch option; jax places arrays with device=")
+        raise InvalidArgument("pin_memory is a torch option; jax places arrays with device=")
     return _jax_converter(device)
 
 
@@ -53,7 +53,7 @@ def _torch_converter(pin_memory: bool, device: Any,
     try:
         import torch
     except ImportError:
-        raise InvalidRequest(
+        raise InvalidArgument(
             "format='torch' needs PyTorch: pip install 'batchfeed[torch]'") from None
     if pin_memory and not torch.cuda.is_available():
         warnings.warn("pin_memory=True has no effect without CUDA; ignoring it", stacklevel=3)
@@ -92,7 +92,7 @@ def _jax_converter(device: Any) -> Convert:
     try:
         import jax
     except ImportError:
-        raise InvalidRequest("format='jax' needs JAX: pip install jax") from None
+        raise InvalidArgument("format='jax' needs JAX: pip install jax") from None
 
     def convert(batch: dict[str, np.ndarray]) -> FieldBatch:
         return FieldBatch((name, _texts(arr) if not isinstance(arr, np.ndarray)

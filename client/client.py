@@ -9,20 +9,33 @@ The constructor validates the parameters, connects and learns the dataset's sche
 background I/O thread then keeps up to ``prefetch`` batches on their way.  ``epoch(e,
 start_batch=k)`` yields exactly the batches an uninterrupted epoch yields from ``k`` on; a client
 serves one iterator at a time, and a newer ``epoch()`` call makes the last one raise
-IteratorSuperseded.  ``state_dict()`` / ``from_state_dict()`` checkpoint and resume (refusing a
-dataset of another size).  ``close()`` (or leaving the ``with`` block) says goodbye and stops the
-I/O thread.
+IteratorSuperseded.  ``stream(start_epoch, start_batch)`` is one endless iterator across epochs,
+for loops that count steps, not epochs.  ``state_dict()`` / ``from_state_dict()`` checkpoint and
+resume (refusing a dataset of another size).  ``close()`` (or leaving the ``with`` block) says
+goodbye and stops the I/O thread.
+
+``plan_params`` turns Client's plan keywords into ``PlanParams``: the one conversion that
+``Client`` and ``BatchfeedDataset`` share.  Arguments are checked here, before any server is
+asked: a bad one is an ``InvalidArgument`` (a ValueError; ``InvalidArgumentType``, also a
+TypeError, for a wrong type).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchfeed.shared.errors import DataMismatch, InvalidRequest, ProtocolError
+from batchfeed.shared.errors import (
+    DataMismatch,
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidRequest,
+    ProtocolError,
+)
 from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
@@ -30,7 +43,7 @@ from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
 from .adapters import converter
 from .connection import Connection
-from .iteration import EpochIterator, Stats
+from .iteration import EpochIterator, Stats, StreamIterator
 from .membership import ServerSet, checked_addresses
 from .options import ClientConfig
 
@@ -51,6 +64,7 @@ class Client:
             every second: servers that join are used at once, those that leave hand their
             batches to the others.
         batch_size: rows per batch.  The last batch of an epoch is short unless ``drop_last``.
+            Leave it unset (or None) with ``max_tokens=``.
         shuffle: ``"full"`` (a fresh permutation per seed and epoch), ``"buffer"`` (a shuffle
             buffer of ``buffer_size`` over the dataset order) or ``"none"``.
         seed: makes the order reproducible; the same seed and epoch give the same batches.
@@ -82,6 +96,7 @@ class Client:
         pack: ``{"tokens": L}`` packs the epoch's documents into rows of exactly L tokens
             (``batch_size`` is then rows per batch), with ``tokens_segment_ids`` and
             ``tokens_positions``; more fields of the same lengths may be packed alongside.
+            (``pack=("tokens",), pack_length=L``, the form a state holds, means the same.)
         max_tokens: batches of whole documents whose padded size stays within this budget
             (fairseq's scheme; the batch count is the same every epoch).
 
@@ -93,9 +108,14 @@ class Client:
     epochs equal: rows repeated to pad the epoch (``drop_last=False``), and rows no rank gets
     (``drop_last=True``), per epoch over all ranks.
 
-    One iterator at a time: ``epoch()`` returns an iterator over one epoch, and a newer call
-    replaces the last (which then raises IteratorSuperseded, also in a thread blocked in its
-    ``next()``).  Use one Client per concurrent reader.
+    Bad arguments raise ``InvalidArgument`` here, before the server is asked
+    (``InvalidArgumentType``, also a TypeError, for a wrong type); what the server refuses
+    against its data raises ``InvalidRequest``.
+
+    One iterator at a time: ``epoch()`` returns an iterator over one epoch (``stream()`` one
+    over every epoch from a start on), and a newer call replaces the last (which then raises
+    IteratorSuperseded, also in a thread blocked in its ``next()``).  Use one Client per
+    concurrent reader.
     """
 
     def __init__(
@@ -129,30 +149,23 @@ class Client:
         max_tokens: int | None = None,
         token_field: str | None = None,
     ):
-        if isinstance(pack, Mapping):
-            pack, pack_length = _pack_lengths(pack)
-        if batch_size is None:
-            if max_tokens is None:
-                raise InvalidRequest("Client needs batch_size= (or max_tokens= for batches of "
-                                     "a token budget)")
-            batch_size = 1
-        params = PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
-                            buffer_size=buffer_size, drop_last=drop_last, rank=rank,
-                            world_size=world_size, sampling=sampling, label=label,
-                            weights=weights, epoch_rows=epoch_rows, ragged=ragged,
-                            pad_value=pad_value, max_length=max_length,
-                            pack=tuple(pack) if pack is not None else None,
-                            pack_length=pack_length, max_tokens=max_tokens,
-                            token_field=token_field)
-        servers = address if isinstance(address, ServerSet) else None
-        addresses = checked_addresses(servers.addresses() if servers is not None else address)
+        params = plan_params(batch_size, shuffle, seed, drop_last, rank, world_size,
+                             buffer_size=buffer_size, sampling=sampling, label=label,
+                             weights=weights, epoch_rows=epoch_rows, ragged=ragged,
+                             pad_value=pad_value, max_length=max_length, pack=pack,
+                             pack_length=pack_length, max_tokens=max_tokens,
+                             token_field=token_field)
+        addresses, servers = check_addresses(address)
         if prefetch is not None and (type(prefetch) is not int or prefetch < 1):
-            raise InvalidRequest(f"prefetch must be a positive int, got {prefetch!r}")
+            raise (InvalidArgumentType if type(prefetch) is not int else InvalidArgument)(
+                f"prefetch must be a positive int, got {prefetch!r}")
         for what, value in (("connect_timeout", connect_timeout),
                             ("reconnect_timeout", reconnect_timeout),
                             ("heartbeat_timeout", heartbeat_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidArgumentType(f"{what} must be a number of seconds, got {value!r}")
             if not value > 0:
-                raise InvalidRequest(f"{what} must be positive, got {value!r}")
+                raise InvalidArgument(f"{what} must be positive, got {value!r}")
         self.params = params
         self._dataset_name = dataset
         keys = None
@@ -244,7 +257,7 @@ class Client:
     @property
     def _live(self) -> Connection:
         if self._conn is None:
-            raise InvalidRequest("this client is closed")
+            raise InvalidArgument("this client is closed; make a new Client to read on")
         self._conn.check_process()
         return self._conn
 
@@ -270,11 +283,10 @@ class Client:
         """
         convert = converter(format, pin_memory=pin_memory, device=device,
                             zero_copy_readonly=zero_copy_readonly)
-        if type(epoch) is not int or epoch < 0:
-            raise InvalidRequest(f"epoch must be an int >= 0, got {epoch!r}")
+        check_position(epoch, start_batch)
         bpe = self.batches_per_epoch
-        if type(start_batch) is not int or not 0 <= start_batch <= bpe:
-            raise InvalidRequest(
+        if start_batch > bpe:
+            raise InvalidArgument(
                 f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), "
                 f"got {start_batch!r}"
             )
@@ -289,6 +301,31 @@ class Client:
         iterator = EpochIterator(self, stream, epoch, start_batch, convert)
         self._iterator = weakref.ref(iterator)
         return iterator
+
+    def stream(self, start_epoch: int = 0, start_batch: int = 0, *, format: str = "numpy",
+               pin_memory: bool = False, device: Any = None,
+               zero_copy_readonly: bool = False) -> StreamIterator:
+        """Every batch from batch ``start_batch`` of ``start_epoch`` on, epoch after epoch,
+        without end: for loops that count steps, not epochs (nanoGPT's ``get_batch()``)::
+
+            batches = client.stream()
+            for step in range(max_steps):
+                batch = next(batches)
+
+        It yields what ``epoch(e)`` then ``epoch(e + 1)`` ... would (the next epoch's batches
+        are prefetched across the boundary), takes ``epoch()``'s ``format`` and placement
+        options, and tells where it is (``.epoch``, ``.next_batch``).  ``state_dict()`` covers
+        it: after ``Client.from_state_dict(address, state)``,
+        ``client.stream(state["epoch"], state["next_batch"])`` goes on with exactly the batch
+        the checkpointed run would have taken next.  Like ``epoch()``, a newer ``epoch()`` or
+        ``stream()`` call replaces it.
+        """
+        check_position(start_epoch, start_batch)
+        options = {"format": format, "pin_memory": pin_memory, "device": device,
+                   "zero_copy_readonly": zero_copy_readonly}
+        converter(format, pin_memory=pin_memory, device=device,
+                  zero_copy_readonly=zero_copy_readonly)  # bad options fail here, at once
+        return StreamIterator(self, start_epoch, start_batch, options)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -321,11 +358,12 @@ class Client:
         checked.
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise InvalidRequest(f"not a batchfeed client state (expected format "
-                                 f"{STATE_FORMAT}); pass what Client.state_dict() returned")
+            raise InvalidArgument(f"not a batchfeed client state (expected format "
+                                  f"{STATE_FORMAT}); pass what Client.state_dict() returned")
         taken_on = TakenOn.of(state)
         known = {f.name for f in dataclasses.fields(PlanParams)}
-        params = PlanParams.from_wire({k: v for k, v in state.items() if k in known})
+        params = PlanParams.from_wire({k: v for k, v in state.items() if k in known},
+                                      InvalidArgument)
         client = cls(address, **params.to_wire(), dataset=state.get("dataset"), **kwargs)
         try:
             client._check_taken_on(taken_on)
@@ -393,7 +431,7 @@ class Client:
 
 @dataclasses.dataclass(frozen=True)
 class TakenOn:
-    """What a checkpoint was taken on, read from a state dict (checked: InvalidRequest)."""
+    """What a checkpoint was taken on, read from a state dict (checked: InvalidArgument)."""
 
     sizes: dict[str, int]
     fingerprint: Fingerprint | None = None
@@ -405,26 +443,88 @@ class TakenOn:
         sizes = {key: state[key] for key in _SIZES if key in state}
         for key, value in sizes.items():
             if type(value) is not int or value < 0:
-                raise InvalidRequest(f"the state's {key!r} must be an int >= 0, got {value!r}; "
-                                     "pass what state_dict() returned")
+                raise InvalidArgument(f"the state's {key!r} must be an int >= 0, got "
+                                      f"{value!r}; pass what state_dict() returned")
         fingerprint = None
         if state.get("fingerprint") is not None:
             try:
                 fingerprint = Fingerprint.from_wire(state["fingerprint"])
             except ProtocolError as exc:
-                raise InvalidRequest(f"the state's 'fingerprint' is damaged ({exc}); pass what "
-                                     "state_dict() returned") from None
+                raise InvalidArgument(f"the state's 'fingerprint' is damaged ({exc}); pass "
+                                      "what state_dict() returned") from None
         transform = state.get("transform")
         if transform is not None and not isinstance(transform, str):
-            raise InvalidRequest(f"the state's 'transform' must be a string, got "
-                                 f"{transform!r:.80}")
+            raise InvalidArgument(f"the state's 'transform' must be a string, got "
+                                  f"{transform!r:.80}")
         return cls(sizes, fingerprint, transform, "transform" in state)
+
+
+def plan_params(batch_size: int | None = None, shuffle: str | bool = "full", seed: int = 0,
+                drop_last: bool = False, rank: int = 0, world_size: int = 1, *,
+                buffer_size: int = 0, sampling: str = "uniform", label: str | None = None,
+                weights: str | None = None, epoch_rows: int | None = None, ragged: str = "pad",
+                pad_value: float = 0, max_length: int | None = None,
+                pack: Mapping[str, int] | Sequence[str] | None = None, pack_length: int = 0,
+                max_tokens: int | None = None, token_field: str | None = None) -> PlanParams:
+    """``Client``'s plan keywords (see ``Client``) as ``PlanParams``: the one conversion that
+    ``Client`` and ``BatchfeedDataset`` share, so both accept exactly the same arguments.
+
+    Users' forms become the plan's: ``pack={"tokens": 2048}`` becomes ``pack=("tokens",)``
+    with ``pack_length=2048`` (the form a state holds, also accepted), and ``batch_size``
+    unset (or None) with ``max_tokens=`` becomes the plan's ``batch_size=1`` (each batch is
+    one token budget).  InvalidArgument (InvalidArgumentType: wrong type) otherwise.
+    """
+    if isinstance(pack, str):
+        raise InvalidArgumentType(f"pack= maps the ragged fields to pack to the row length, "
+                                  f"e.g. pack={{{pack!r}: 2048}}; got pack={pack!r}")
+    if isinstance(pack, Mapping):
+        pack, length = _pack_lengths(pack)
+        if pack_length and pack_length != length:
+            raise InvalidArgument(f"pack= gives rows of {length!r} tokens but pack_length="
+                                  f"{pack_length!r}; leave pack_length out")
+        pack_length = length
+    elif pack is not None:
+        if not isinstance(pack, Sequence):
+            raise InvalidArgumentType(f"pack= maps the ragged fields to pack to the row "
+                                      f"length, e.g. pack={{'tokens': 2048}}; got {pack!r:.80}")
+        pack = tuple(pack)
+    if batch_size is None:
+        if max_tokens is None:
+            raise InvalidArgument("batch_size= is needed (or max_tokens= for batches of a "
+                                  "token budget, with batch_size left unset)")
+        batch_size = 1
+    return PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
+                      buffer_size=buffer_size, drop_last=drop_last, rank=rank,
+                      world_size=world_size, sampling=sampling, label=label, weights=weights,
+                      epoch_rows=epoch_rows, ragged=ragged, pad_value=pad_value,
+                      max_length=max_length, pack=pack, pack_length=pack_length,
+                      max_tokens=max_tokens, token_field=token_field)
+
+
+PLAN_KEYWORDS = tuple(inspect.signature(plan_params).parameters)  # the plan's part of Client's
+
+
+def check_addresses(address: object) -> tuple[tuple[str, ...], ServerSet | None]:
+    """The servers a client is given: one address, a list of distinct ones (each
+    tcp://HOST:PORT or ipc://PATH), or a server set (with its addresses now)."""
+    if isinstance(address, ServerSet):
+        return checked_addresses(address.addresses(), "a server set's addresses"), address
+    return checked_addresses(address), None
+
+
+def check_position(epoch: object, start_batch: object, what: str = "epoch") -> None:
+    """``epoch`` and ``start_batch`` are ints >= 0 (InvalidArgument, or InvalidArgumentType)."""
+    for name, value in ((what, epoch), ("start_batch", start_batch)):
+        if type(value) is not int:
+            raise InvalidArgumentType(f"{name} must be an int >= 0, got {value!r}")
+        if value < 0:
+            raise InvalidArgument(f"{name} must be an int >= 0, got {value!r}")
 
 
 def _pack_lengths(pack: Mapping[str, int]) -> tuple[tuple[str, ...], int]:
     """``pack={"tokens": 2048, "mask": 2048}`` as (fields, row length)."""
     lengths = set(pack.values())
     if len(lengths) != 1:
-        raise InvalidRequest(f"pack= packs aligned fields into rows of one length, e.g. "
-                             f"pack={{'tokens': 2048, 'mask': 2048}}; got {dict(pack)!r}")
+        raise InvalidArgument(f"pack= packs aligned fields into rows of one length, e.g. "
+                              f"pack={{'tokens': 2048, 'mask': 2048}}; got {dict(pack)!r}")
     return tuple(pack), lengths.pop()

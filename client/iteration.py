@@ -1,5 +1,6 @@
 """Iterating a client: ``EpochIterator`` (one epoch's batches, in plan order, from the client's
-current stream) and the trainer-side counters behind ``Client.stats()``.
+current stream), ``StreamIterator`` (``Client.stream()``: epoch after epoch, without end) and the
+trainer-side counters behind ``Client.stats()``.
 
 An iterator reads its stream through the connection (``Connection.take``) and tells the I/O
 thread how far the trainer is.  Another ``client.epoch()`` call supersedes it (it raises
@@ -127,3 +128,54 @@ class EpochIterator:
         if getattr(self, "_end", None) is not None and self._next < self._end:
             self._stream.abandoned = True
             self._conn.cancel(self._stream)
+
+
+class StreamIterator:
+    """``Client.stream()``: the batches of ``start_epoch`` from ``start_batch`` on, then every
+    batch of the epochs after it, without end (each epoch is an ``EpochIterator`` of the
+    client, opened when the last one is read to its end, so the prefetch runs across the
+    boundary).  ``epoch`` and ``next_batch`` say where it is, as ``Client.state_dict()`` does.
+    """
+
+    def __init__(self, client: Client, start_epoch: int, start_batch: int,
+                 options: dict[str, Any]):
+        self._client = client
+        self._options = options
+        self._batches = client.epoch(start_epoch, start_batch, **options)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self._position()[0]
+
+    @property
+    def next_batch(self) -> int:
+        """The number of the next batch within ``epoch``."""
+        return self._position()[1]
+
+    def _position(self) -> tuple[int, int]:
+        batches = self._batches
+        if batches._k >= self._client.batches_per_epoch:  # read to its end: the next epoch's
+            return batches.epoch + 1, 0
+        return batches.epoch, batches._k
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                return next(self._batches)
+            except StopIteration:
+                pass
+            current = self._client._iterator() if self._client._iterator is not None else None
+            if current is not self._batches:  # another epoch() call came since: it reads now
+                raise IteratorSuperseded(
+                    f"another epoch() or stream() call replaced this stream (at epoch "
+                    f"{self._batches.epoch + 1}, batch 0): a Client serves one iterator at a "
+                    "time; use one Client per concurrent reader")
+            self._batches = self._client.epoch(self._batches.epoch + 1, 0, **self._options)
+
+    def close(self) -> None:
+        """Stop: the client stops requesting.  Safe to call twice."""
+        self._batches.close()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from batchfeed.shared.addresses import check_address
-from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.errors import InvalidArgument, InvalidArgumentType, InvalidRequest
 
 log = logging.getLogger("batchfeed.client")
 
@@ -34,16 +34,21 @@ class ServerSet(Protocol):
 
 
 def checked_addresses(addresses: object, what: str = "address") -> tuple[str, ...]:
-    """A non-empty tuple of distinct, valid server addresses (InvalidRequest otherwise)."""
+    """A non-empty tuple of distinct, valid server addresses (InvalidArgument otherwise)."""
     if isinstance(addresses, str):
         addresses = (addresses,)
-    if not isinstance(addresses, Sequence) or not addresses or \
-            not all(isinstance(a, str) for a in addresses) or \
-            len(set(addresses)) != len(addresses):
-        raise InvalidRequest(f"{what} must be tcp://HOST:PORT or ipc://PATH (or a list of "
-                             f"distinct ones, or a server set), got {addresses!r:.200}")
+    if not isinstance(addresses, Sequence):
+        raise InvalidArgumentType(f"{what} must be tcp://HOST:PORT or ipc://PATH (or a list of "
+                                  f"them, or a server set), got {addresses!r:.80}")
+    if not addresses or len(set(addresses)) != len(addresses) or not all(
+            isinstance(a, str) for a in addresses):
+        raise InvalidArgument(f"{what} must be tcp://HOST:PORT or ipc://PATH (or a list of "
+                              f"distinct ones, or a server set), got {addresses!r:.200}")
     for a in addresses:
-        check_address(a)
+        try:
+            check_address(a)
+        except InvalidRequest as exc:
+            raise InvalidArgument(str(exc)) from None
     return tuple(addresses)
 
 

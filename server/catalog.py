@@ -3,12 +3,15 @@ session's parameters need against the data.
 
 - ``dataset(name)``: the named dataset, or the only one (``InvalidRequest`` naming the choices
   otherwise);
-- ``served_fields(dataset)``: the dataset's fields, a transform's declared output, or () when
-  a transform declares nothing (clients then learn the fields from the first batch);
+- ``served_fields(dataset, plan)``: the dataset's fields, or a transform's output as derived at
+  start from sample batches (``transform.derive``); in a packed plan, what the transform
+  returns on packed rows (derived at the first HELLO that asks, then kept);
 - ``check_plan``: what a session's plan needs of the server: its epoch order within the
   server's budget (``--max-order-mb``; balanced and weighted sampling choose their epoch's
   length), and for balanced and weighted sampling a label or weights column that can be
-  used, checked once per dataset and field.
+  used, checked once per dataset and field;
+- ``estimate``: one batch's bytes in a slot, from the served fields; a batch asked of more
+  rows than the dataset has is one batch of all of them, and says so when it does not fit.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .dataset import Columns, DatasetSpec
 from .layout import ALIGN
 from .sessions import BatchEstimate
 from .transform import Transform
+from .trial import derive_packed
 
 log = logging.getLogger("batchfeed.server")
 
@@ -56,6 +60,7 @@ class Catalog:
         self._columns = columns  # dataset -> its fields' read-only views
         self._checked: set = set()
         self._held = [d for d in held if d.spec.files]  # datasets mapped from held files
+        self._packed_outputs: dict[tuple, tuple[Field, ...]] = {}  # (dataset, pack, L) -> fields
         self.broken: dict[str, str] = {}  # dataset -> why it is served no more
 
     def changed(self) -> list[tuple[str, str]]:
@@ -86,11 +91,24 @@ class Catalog:
             raise DatasetError(f"dataset {name!r} is served no more: {self.broken[name]}")
         return self.datasets[name]
 
-    def served_fields(self, dataset: DatasetSpec) -> tuple[Field, ...]:
+    def served_fields(self, dataset: DatasetSpec,
+                      plan: BatchPlan | None = None) -> tuple[Field, ...]:
+        """What clients receive: the dataset's fields, or its transform's output (on packed
+        rows for a packed plan)."""
         transform = self.transforms.get(dataset.name)
         if transform is None:
             return dataset.fields
+        if plan is not None and plan.params.pack is not None:
+            return self._packed_output(dataset, transform, plan.params)
         return transform.fields(dataset.fields) or ()
+
+    def _packed_output(self, dataset: DatasetSpec, transform: Transform,
+                       params: PlanParams) -> tuple[Field, ...]:
+        key = (dataset.name, params.pack, params.pack_length, params.pad_value)
+        if key not in self._packed_outputs:
+            self._packed_outputs[key] = derive_packed(transform, dataset,
+                                                      self.columns(dataset), params)
+        return self._packed_outputs[key]
 
     def columns(self, dataset: DatasetSpec) -> Columns:
         """The dataset's columns, read-only."""
@@ -118,22 +136,41 @@ class Catalog:
                 f"{most:,} rows per epoch, or restart the server with a larger --max-order-mb")
         self._check_sampling_fields(dataset, plan.params)
         check_pad_value(dataset.fields, params)
+        transform = self.transforms.get(dataset.name)
+        if transform is not None and params.pack is not None:
+            self._packed_output(dataset, transform, params)  # one it cannot take: refused now
         return plan
 
     def estimate(self, dataset: DatasetSpec, plan: BatchPlan) -> BatchEstimate:
         """One batch's bytes in a slot, for sizing the session's messages."""
-        params, served = plan.params, self.served_fields(dataset)
+        params, served = plan.params, self.served_fields(dataset, plan)
+        transform = self.transforms.get(dataset.name)
         fields = served or dataset.fields
-        growth = 1 if served or dataset.name not in self.transforms else 4
+        growth = 1 if served or transform is None else 4
         if params.pack is not None:
             per_token = sum(f.dtype.itemsize for f in dataset.fields if f.name in params.pack)
+            if transform is not None:  # its output on packed rows, per token
+                per_token = max(per_token, sum(f.row_nbytes for f in served))
             return BatchEstimate(plan.batch_size * params.pack_length * (per_token + 8),
-                                 growth=growth, what=f"one batch of {plan.batch_size} packed rows")
-        rows, exact = plan.batch_size, True
+                                 exact=transform is None, growth=growth,
+                                 what=f"one batch of {plan.batch_size} packed rows")
+        rows, exact = min(plan.batch_size, plan.rank_rows), True
+        what = f"one batch of {rows} rows"
+        hint = ""
+        if plan.batch_size > plan.rank_rows:
+            whole = "the dataset" if plan.rank_rows == plan.epoch_rows else "this rank's share"
+            what = (f"batch_size={plan.batch_size:,} is larger than {whole} "
+                    f"({plan.rank_rows:,} rows), so its one batch an epoch, all of those rows,")
+            hint = f"a batch_size of at most {plan.rank_rows:,}"
         if params.max_tokens is not None:
             starts = budget_bounds(params, self.columns(dataset), dataset.name,
                                    dataset.fields)[1]
             rows, exact = int(np.diff(starts).max(initial=1)), False
+            what = f"one batch of {rows} rows"
+        if transform is not None and transform.outputs is not None:
+            nbytes = transform.batch_bytes(rows)
+            exact = exact and transform.stable and all(not f.ragged for f in served)
+            return BatchEstimate(nbytes, exact=exact, what=what, hint=hint)
         nbytes = ALIGN * 2 * len(fields)
         for f in fields:
             st = dict(zip(dataset.fields, dataset.storage)).get(f)
@@ -145,8 +182,8 @@ class Catalog:
                 mean = (st.n_values // max(1, dataset.rows) + 1) if st else 1
                 nbytes += rows * (2 * mean * f.row_nbytes + 8) + 8
                 exact = False
-        what = f"one batch of {rows} rows"
-        return BatchEstimate(nbytes, exact=exact and growth == 1, growth=growth, what=what)
+        return BatchEstimate(nbytes, exact=exact and growth == 1, growth=growth, what=what,
+                             hint=hint)
 
     def _check_sampling_fields(self, dataset: DatasetSpec, params: PlanParams) -> None:
         for name, check in ((params.label, check_label), (params.weights, check_weights)):

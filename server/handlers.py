@@ -84,7 +84,7 @@ class ClientMessages:
         params = PlanParams.from_wire(h["params"])
         dataset = self.catalog.dataset(h["dataset"])
         plan = self.catalog.plan(dataset, params, self.config.max_order_bytes)
-        fields = self.catalog.served_fields(dataset)
+        fields = self.catalog.served_fields(dataset, plan)
         sizing = size_session(self.catalog.estimate(dataset, plan), h["prefetch"],
                               self.ring.slot_bytes, self.config.chunk_bytes)
         session = new_session(owner, dataset, plan, sizing, name=h["name"] or "",

@@ -3,7 +3,9 @@
 Start-up order matters and is written once here:
 1. remove segments left by servers that were SIGKILLed (found by name prefix);
 2. read every dataset's headers and check everything, including room in /dev/shm;
-3. load the data into shared memory and create the slot ring;
+3. load the data into shared memory; run each transform on sample batches of its dataset
+   (its output schema, or the one line that says why it cannot serve), size the slots for its
+   output, and create the slot ring;
 4. fork the workers (before this process has a ZeroMQ context), bind, wait for them;
 5. print the ready line and run the event loop until SIGINT or SIGTERM.
 Shutdown runs in ``finally`` in reverse: workers stopped and joined, sockets closed, segments
@@ -28,9 +30,10 @@ import zmq
 
 from batchfeed.shared.errors import DatasetError, ResourceError
 from batchfeed.shared.fingerprint import Fingerprint
+from batchfeed.shared.schema import describe_schema
 from batchfeed.shared.shm import check_shm_room, human_bytes, new_token, remove_stale_segments
 
-from .config import ServerConfig
+from .config import TRANSFORM_BATCH_ROWS, ServerConfig
 from .dataset import (
     SYNTHETIC_NAME,
     FieldSource,
@@ -47,6 +50,7 @@ from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
 from .sources import default_names
 from .transform import Transform, load_transform
+from .trial import derive
 from .worker import keep_big_allocations_out_of_the_heap
 
 log = logging.getLogger("batchfeed.server")
@@ -166,10 +170,17 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         # process's PSS until unmapped): drop them before the workers fork.  Data passed to
         # batchfeed.serve() stays with its caller.
         sources = None
-        ring = SlotRing(token, config.n_slots, slot_bytes)
         specs = {d.spec.name: d.spec for d in datasets}
-        for name, transform in transforms.items():  # a pass-through of a missing field stops here
-            transform.fields(specs[name].fields)
+        transforms = {name: derive(transform, specs[name], by_name(datasets, name).arrays)
+                      for name, transform in transforms.items()}
+        sized = config.slot_size(widest, max((t.batch_bytes(TRANSFORM_BATCH_ROWS)
+                                              for t in transforms.values()), default=0))
+        if sized > slot_bytes:  # the transform's output is bigger than its input
+            slot_bytes = sized
+            check_shm_room(HEADER_BYTES + config.n_slots * slot_bytes,
+                           f"the slot ring ({config.n_slots} x {human_bytes(slot_bytes)}, for "
+                           f"batches of {TRANSFORM_BATCH_ROWS} rows of the transform's output)")
+        ring = SlotRing(token, config.n_slots, slot_bytes)
         frontend = Frontend(config, specs, ring, security, transforms,
                             {d.spec.name: d.arrays for d in datasets}, datasets)
         gc.collect()
@@ -216,6 +227,10 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.stdout.flush()
+
+
+def by_name(datasets: list[SharedDataset], name: str) -> SharedDataset:
+    return next(d for d in datasets if d.spec.name == name)
 
 
 def fingerprint_of(sources: list[FieldSource], config: ServerConfig, path: str | None,
@@ -271,7 +286,10 @@ def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: Server
     described = "; ".join(d.spec.describe() for d in datasets)
     prints = ", ".join(str(d.spec.fingerprint) for d in datasets if d.spec.fingerprint)
     extra = ", CURVE" if config.curve_secret_key else ""
-    extra += "".join(f", transform {t}" for t in config.transforms)
+    for name, t in frontend.transforms.items():  # what clients get: the sample run's schema
+        output = describe_schema(t.outputs) if t.outputs is not None else "?"
+        extra += f", transform {t.name} -> [{output}]"
+        extra += f" of {name}" if len(datasets) > 1 else ""
     extra += f", metrics at {metrics_url}" if metrics_url else ""
     extra += f", fingerprint {prints}" if prints else ""
     return (f"batchfeed serve: ready: {described} at {frontend.address} "

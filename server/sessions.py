@@ -68,6 +68,7 @@ class BatchEstimate:
     exact: bool = True
     growth: int = 1  # an undeclared transform's output may be this much bigger (uint8->float32)
     what: str = "one batch"
+    hint: str = ""  # what to ask for instead, when more rows than the data has made it big
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ def size_session(estimate: BatchEstimate, prefetch: int, slot_bytes: int,
     if not 1 <= prefetch <= MAX_PREFETCH:
         raise InvalidRequest(f"prefetch must be in [1, {MAX_PREFETCH}], got {prefetch}")
     if estimate.exact and batch_bytes > slot_bytes:
+        if estimate.hint:  # more rows than the data has: a smaller batch_size is the fix
+            raise InvalidRequest(
+                f"{estimate.what} is {batch_bytes:,} bytes, more than this server's slot "
+                f"size ({slot_bytes:,} bytes); ask for {estimate.hint}")
         raise InvalidRequest(
             f"{estimate.what} is {batch_bytes} bytes, more than this server's slot size "
             f"({slot_bytes} bytes); use a smaller batch_size or restart the server with "

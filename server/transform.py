@@ -13,28 +13,44 @@ into token ids); they are then served as the session asked (padded, or flat).  T
 change dtypes and shapes (crops, normalisation, padding tokens to the batch's longest
 sequence).  A transform may declare what it returns with an ``output_schema``
 attribute, ``{"x": ("float32", (3, 28, 28)), "label": "same", ...}`` (per-row shapes; ``"same"``:
-the dataset's field of that name, passed through as it is, of any kind); the server then
-announces it at HELLO and sizes messages from it.  Otherwise clients learn the schema from the
-first batch.  A ``str`` or ``bytes`` field a transform passes through stays one when the
-schema declares it (``"same"``); undeclared, it arrives as its UTF-8 bytes, flat (values and
-``<name>_offsets``), as the first batch cannot say it was text.
+the dataset's field of that name, passed through as it is, of any kind).
+
+It is tried once at start on sample batches of the data (``trial.py``), which gives its
+output schema (``Transform.outputs``): clients are told it at HELLO, and the server sizes its
+slots and messages from it.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError, WorkerError
-from batchfeed.shared.schema import Field, Ragged, check_servable_dtype
+from batchfeed.shared.schema import (
+    FIXED,
+    Field,
+    Ragged,
+    check_servable_dtype,
+)
+
+from .layout import ALIGN
+
+if TYPE_CHECKING:
+
+    pass
 
 _TAG_TRANSFORM = 0x5452414E
+SAMPLE_ROWS = (4, 3)  # rows of the two sample batches a transform is run on at start ...
+SAMPLE_TRIES = 8  # ... out of at most this many (a sample with a bad row is replaced)
 
 TransformFn = Callable[[dict, np.random.Generator], dict]
+_NOT_RUN = object()
 
 
 @dataclass(frozen=True)
@@ -42,9 +58,15 @@ class Transform:
     name: str  # "package.module:function", for error messages
     fn: TransformFn
     schema: tuple[Field | str, ...] | None  # declared output: fields, or names passed through
+    outputs: tuple[Field, ...] | None = None  # derived at start from sample batches (derive)
+    stable: bool = True  # the outputs' per-row shapes were the same in both samples
+    row_bytes: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
 
     def fields(self, inputs: tuple[Field, ...]) -> tuple[Field, ...] | None:
-        """The declared output, the names passed through resolved against ``inputs``."""
+        """The output schema: as derived at start, else the declared one (the names passed
+        through resolved against ``inputs``), else None."""
+        if self.outputs is not None:
+            return self.outputs
         if self.schema is None:
             return None
         by_name = {f.name: f for f in inputs}
@@ -55,14 +77,26 @@ class Transform:
                                f"have (it has {', '.join(by_name)})")
         return tuple(by_name[f] if isinstance(f, str) else f for f in self.schema)
 
+    def batch_bytes(self, rows: int) -> int:
+        """About how many slot bytes a batch of ``rows`` rows of the output takes (ragged
+        outputs at twice their mean length in the samples: padding), 0 before ``derive``."""
+        if self.outputs is None:
+            return 0
+        total = 2 * ALIGN * len(self.outputs)
+        for f in self.outputs:
+            per_row = self.row_bytes.get(f.name, f.row_nbytes)
+            total += math.ceil(rows * (per_row if f.kind == FIXED else 2 * per_row + 8))
+        return total
+
     def rng(self, seed: int, epoch: int, global_batch: int) -> np.random.Generator:
         return np.random.default_rng([seed, epoch, global_batch, _TAG_TRANSFORM])
 
     def apply(self, batch: dict[str, np.ndarray], rng: np.random.Generator,
-              where: str) -> dict:
-        """Run the transform and check what it returned; errors name it and the batch."""
+              where: str, ran: Any = _NOT_RUN) -> dict:
+        """Run the transform and check what it returned (``ran``: what it returned, when it
+        was run already); errors name it and the batch."""
         try:
-            out = self.fn(batch, rng)
+            out = self.fn(batch, rng) if ran is _NOT_RUN else ran
         except Exception as exc:
             raise WorkerError(f"transform {self.name} raised on {where}: "
                               f"{type(exc).__name__}: {exc}") from None

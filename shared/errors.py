@@ -3,6 +3,12 @@
 Every error carries a stable wire ``code``.  The server sends ``(code, message)`` in an ERROR
 message; the client turns it back into the same class with :func:`error_from_code` and raises it
 in the trainer's thread.  Messages say what was wrong and what to do about it.
+
+Two families say who refused: ``InvalidArgument`` (a ``ValueError``; ``InvalidArgumentType``, of
+the wrong type, is also a ``TypeError``) is a call's argument refused where the call was made,
+before any server was asked (``Client(batch_size=0)``, ``client.epoch(-1)``); ``InvalidRequest``
+is a request the server refused against its data and limits (an unknown dataset or field, a
+batch bigger than its slots).  Both are ``ValueError``s, so ``except ValueError`` catches either.
 """
 
 from __future__ import annotations
@@ -27,9 +33,25 @@ class VersionMismatch(ProtocolError):
 
 
 class InvalidRequest(BatchfeedError, ValueError):
-    """Parameters that cannot make a batch plan (batch_size 0, rank >= world_size, ...)."""
+    """A request the server refused: parameters that cannot make a batch plan on its data
+    (an unknown dataset or field, a batch bigger than its slots, an epoch order over its
+    budget, ...)."""
 
     code = "invalid_request"
+
+
+class InvalidArgument(BatchfeedError, ValueError):
+    """An argument refused where the call was made, before any server was asked: a bad value
+    (``batch_size=0``, ``rank >= world_size``), arguments that do not go together, or a call
+    on a closed client."""
+
+    code = "invalid_argument"
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of the wrong type (``batch_size="256"``), or an unknown keyword."""
+
+    code = "invalid_argument_type"
 
 
 class DatasetError(BatchfeedError):
@@ -102,6 +124,8 @@ _BY_CODE: dict[str, type[BatchfeedError]] = {
         ProtocolError,
         VersionMismatch,
         InvalidRequest,
+        InvalidArgument,
+        InvalidArgumentType,
         DatasetError,
         ServerUnavailable,
         UnknownSession,

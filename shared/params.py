@@ -11,6 +11,10 @@ variable-length fields are served:
   rows of exactly ``pack_length`` tokens (``batch_size`` is then packed rows per batch);
 - ``max_tokens`` (with ``token_field``): batches of documents whose padded size stays within
   ``max_tokens`` tokens, instead of ``batch_size`` rows.
+
+Constructing one checks the arguments where they were given: ``InvalidArgument`` (a
+``ValueError``; ``InvalidArgumentType`` for a wrong type, also a ``TypeError``).  ``from_wire``
+is how a server reads a client's: what it refuses is an ``InvalidRequest``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .errors import InvalidRequest
+from .errors import BatchfeedError, InvalidArgument, InvalidArgumentType, InvalidRequest
 
 SHUFFLE_MODES = ("full", "buffer", "none")
 SAMPLING_MODES = ("uniform", "balanced", "weighted")
@@ -29,10 +33,19 @@ _INT_FIELDS = ("batch_size", "seed", "buffer_size", "rank", "world_size", "epoch
                "max_length", "pack_length", "max_tokens")
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+def _check_int(name: str, value: object, low: int, high: int | None = None,
+               refused: type[BatchfeedError] = InvalidRequest) -> None:
+    """``value`` is an int in [low, high]; otherwise ``refused`` (a server's check:
+    InvalidRequest), or for a PlanParams argument InvalidArgumentType if it is no int."""
     if type(value) is not int or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidRequest(f"{name} must be an int {bound}, got {value!r}")
+        if refused is InvalidArgument and type(value) is not int:
+            refused = InvalidArgumentType
+        raise refused(f"{name} must be an int {bound}, got {value!r}")
+
+
+def _int_argument(name: str, value: object, low: int, high: int | None = None) -> None:
+    _check_int(name, value, low, high, InvalidArgument)
 
 
 @dataclass(frozen=True)
@@ -70,59 +83,59 @@ class PlanParams:
             object.__setattr__(self, "pack", tuple(self.pack))
         for name in ("label", "weights", "token_field"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise InvalidRequest(f"{name} must be a field name (a string), got "
+                raise InvalidArgumentType(f"{name} must be a field name (a string), got "
                                      f"{getattr(self, name)!r:.80}")
         if self.pack is not None and not isinstance(self.pack, tuple):
-            raise InvalidRequest(f"pack names the ragged fields to pack, e.g. "
+            raise InvalidArgumentType(f"pack names the ragged fields to pack, e.g. "
                                  f"pack={{'tokens': 2048}}, got {self.pack!r:.80}")
-        _check_int("batch_size", self.batch_size, 1)
+        _int_argument("batch_size", self.batch_size, 1)
         if not isinstance(self.shuffle, str) or self.shuffle not in SHUFFLE_MODES:
             modes = ", ".join(map(repr, SHUFFLE_MODES))
-            raise InvalidRequest(f"shuffle must be one of {modes}, got {self.shuffle!r}")
-        _check_int("seed", self.seed, 0, MAX_SEED)
+            raise InvalidArgument(f"shuffle must be one of {modes}, got {self.shuffle!r}")
+        _int_argument("seed", self.seed, 0, MAX_SEED)
         if self.shuffle == "buffer" and not (type(self.buffer_size) is int
                                              and self.buffer_size >= 1):
-            raise InvalidRequest(f"shuffle='buffer' needs buffer_size >= 1, "
+            raise InvalidArgument(f"shuffle='buffer' needs buffer_size >= 1, "
                                  f"got {self.buffer_size!r}")
-        _check_int("buffer_size", self.buffer_size, 0)
+        _int_argument("buffer_size", self.buffer_size, 0)
         if type(self.drop_last) is not bool:
-            raise InvalidRequest(f"drop_last must be True or False, got {self.drop_last!r}")
-        _check_int("world_size", self.world_size, 1)
+            raise InvalidArgumentType(f"drop_last must be True or False, got {self.drop_last!r}")
+        _int_argument("world_size", self.world_size, 1)
         if type(self.rank) is not int or not 0 <= self.rank < self.world_size:
-            raise InvalidRequest(f"rank {self.rank!r} is out of range for world_size "
+            raise InvalidArgument(f"rank {self.rank!r} is out of range for world_size "
                                  f"{self.world_size}: ranks go from 0 to {self.world_size - 1}")
         self._check_sampling()
         self._check_ragged()
 
     def _check_ragged(self) -> None:
         if not isinstance(self.ragged, str) or self.ragged not in RAGGED_MODES:
-            raise InvalidRequest(f"ragged must be 'pad' or 'flat', got {self.ragged!r}")
+            raise InvalidArgument(f"ragged must be 'pad' or 'flat', got {self.ragged!r}")
         if isinstance(self.pad_value, bool) or not isinstance(self.pad_value, (int, float)):
-            raise InvalidRequest(f"pad_value must be a number, got {self.pad_value!r}")
+            raise InvalidArgumentType(f"pad_value must be a number, got {self.pad_value!r}")
         if self.max_length is not None:
-            _check_int("max_length", self.max_length, 1)
+            _int_argument("max_length", self.max_length, 1)
         if self.pack is not None:
             if not self.pack or not all(isinstance(f, str) and f for f in self.pack):
-                raise InvalidRequest(f"pack names the ragged fields to pack, e.g. "
+                raise InvalidArgument(f"pack names the ragged fields to pack, e.g. "
                                      f"pack={{'tokens': 2048}}, got {self.pack!r}")
-            _check_int("pack_length", self.pack_length, 1)
+            _int_argument("pack_length", self.pack_length, 1)
             if self.sampling != "uniform" or self.max_tokens is not None:
-                raise InvalidRequest("pack= packs every document once per epoch: it goes with "
+                raise InvalidArgument("pack= packs every document once per epoch: it goes with "
                                      "sampling='uniform' and without max_tokens")
             if self.max_length is not None:
-                raise InvalidRequest("pack= keeps whole documents (one continues in the next "
+                raise InvalidArgument("pack= keeps whole documents (one continues in the next "
                                      "row); leave max_length unset")
         elif self.pack_length:
-            raise InvalidRequest("pack_length goes with pack=")
+            raise InvalidArgument("pack_length goes with pack=")
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 1)
+            _int_argument("max_tokens", self.max_tokens, 1)
             if self.sampling != "uniform" or self.shuffle != "full":
-                raise InvalidRequest("max_tokens= shuffles documents by itself: it goes with "
+                raise InvalidArgument("max_tokens= shuffles documents by itself: it goes with "
                                      "sampling='uniform' and shuffle='full'")
             if self.batch_size != 1:
-                raise InvalidRequest("max_tokens= replaces batch_size (leave it unset)")
+                raise InvalidArgument("max_tokens= replaces batch_size (leave it unset)")
         elif self.token_field is not None:
-            raise InvalidRequest("token_field goes with max_tokens=")
+            raise InvalidArgument("token_field goes with max_tokens=")
 
     @property
     def units(self) -> str:
@@ -131,40 +144,46 @@ class PlanParams:
 
     def _check_sampling(self) -> None:
         if not isinstance(self.sampling, str) or self.sampling not in SAMPLING_MODES:
-            raise InvalidRequest(f"sampling must be one of "
+            raise InvalidArgument(f"sampling must be one of "
                                  f"{', '.join(map(repr, SAMPLING_MODES))}, got {self.sampling!r}")
         needs = {"balanced": ("label", self.label), "weighted": ("weights", self.weights)}
         for mode, (arg, value) in needs.items():
             if self.sampling == mode and not (isinstance(value, str) and value):
-                raise InvalidRequest(f"sampling={mode!r} needs {arg}=FIELD, the name of the "
+                raise InvalidArgument(f"sampling={mode!r} needs {arg}=FIELD, the name of the "
                                      f"dataset field that holds the {arg}")
         if self.label is not None and self.sampling != "balanced":
-            raise InvalidRequest("label= goes with sampling='balanced'")
+            raise InvalidArgument("label= goes with sampling='balanced'")
         if self.weights is not None and self.sampling != "weighted":
-            raise InvalidRequest("weights= goes with sampling='weighted'")
+            raise InvalidArgument("weights= goes with sampling='weighted'")
         if self.sampling == "uniform":
             if self.epoch_rows is not None:
-                raise InvalidRequest("epoch_rows= goes with sampling='balanced' or 'weighted'; "
+                raise InvalidArgument("epoch_rows= goes with sampling='balanced' or 'weighted'; "
                                      "a uniform epoch is every row once")
         else:
             if self.shuffle != "full":
-                raise InvalidRequest(f"sampling={self.sampling!r} shuffles by itself; leave "
+                raise InvalidArgument(f"sampling={self.sampling!r} shuffles by itself; leave "
                                      f"shuffle at 'full' (got {self.shuffle!r})")
             if self.epoch_rows is not None:
-                _check_int("epoch_rows", self.epoch_rows, 1)
+                _int_argument("epoch_rows", self.epoch_rows, 1)
 
     def to_wire(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, data: object) -> PlanParams:
+    def from_wire(cls, data: object,
+                  refused: type[BatchfeedError] = InvalidRequest) -> PlanParams:
+        """Parameters as a peer sent them (or a checkpoint holds them); what is wrong with them
+        is a ``refused`` (a server's: InvalidRequest; a client reading a state passes
+        InvalidArgument)."""
         if not isinstance(data, dict):
-            raise InvalidRequest("plan parameters must be a map")
+            raise refused("plan parameters must be a map")
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
-            raise InvalidRequest(f"unknown plan parameters {unknown}; known: {sorted(known)}")
+            raise refused(f"unknown plan parameters {unknown}; known: {sorted(known)}")
         if "batch_size" not in data:
-            raise InvalidRequest("plan parameters need batch_size")
-        return cls(**data)
-
+            raise refused("plan parameters need batch_size")
+        try:
+            return cls(**data)
+        except InvalidArgument as exc:
+            raise refused(str(exc)) from None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import make_rows, shared_server
 
-from batchfeed import Client, InvalidRequest
+from batchfeed import Client, InvalidArgument
 
 torch = pytest.importorskip("torch")
 
@@ -81,7 +81,7 @@ def test_iterable_dataset_in_a_dataloader(server) -> None:
         assert torch.cat([b["id"] for b in loader]).tolist() == e0.tolist()
         forked = iter(DataLoader(ds, batch_size=None, num_workers=1))
         try:
-            with pytest.raises(InvalidRequest, match="num_workers=0"):
+            with pytest.raises(InvalidArgument, match="num_workers=0"):
                 next(forked)
         finally:  # left to the garbage collector, its shutdown stalls a later test for 5 s
             forked._shutdown_workers()
@@ -91,9 +91,9 @@ def test_iterable_dataset_in_a_dataloader(server) -> None:
 
 def test_unknown_format_is_refused(server) -> None:
     with Client(server.address, batch_size=64) as c:
-        with pytest.raises(InvalidRequest, match="format must be one of"):
+        with pytest.raises(InvalidArgument, match="format must be one of"):
             c.epoch(0, format="tensorflow")
-        with pytest.raises(InvalidRequest, match="pin_memory"):
+        with pytest.raises(InvalidArgument, match="pin_memory"):
             c.epoch(0, pin_memory=True)
 
 

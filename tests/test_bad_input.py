@@ -93,8 +93,11 @@ BAD_MESSAGES = {
                                          dtypes=[["x", "<f4"]], shapes=[[[-4, 2]]],
                                          buffers=[b""]),
     "request for no session": protocol.request(session=123, stream=1, epoch=0, k0=0, count=1),
-    "hello with absurd params": protocol.hello({"batch_size": 2**62}, client="x", dataset=None,
-                                               prefetch=1, fastpath=False),
+    # (a batch_size over the dataset's rows is one batch of all of them: drop_last=True
+    # makes it a plan with no batch at all)
+    "hello with absurd params": protocol.hello({"batch_size": 2**62, "drop_last": True},
+                                               client="x", dataset=None, prefetch=1,
+                                               fastpath=False),
     "hello with a list for params": [msgpack.packb({"v": 1, "kind": "hello", "client": "x",
                                                      "params": [1], "prefetch": 1,
                                                      "fastpath": False})],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from batchfeed import Client, InvalidRequest
+from batchfeed import Client, InvalidArgument, InvalidRequest
 
 N = 5003
 EPOCHS = 3
@@ -91,7 +91,7 @@ def test_state_dict_is_small_plain_json(serve, dataset_path) -> None:
 
 def test_a_foreign_state_is_refused(serve, dataset_path) -> None:
     srv = serve("--data", dataset_path(N), "--workers", 1)
-    with pytest.raises(InvalidRequest, match="not a batchfeed client state"):
+    with pytest.raises(InvalidArgument, match="not a batchfeed client state"):
         Client.from_state_dict(srv.address, {"epoch": 1})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.errors import InvalidArgument, InvalidArgumentType, InvalidRequest
 from batchfeed.shared.plan import BatchPlan, PlanParams, buffer_order, full_order
 
 
@@ -257,8 +257,21 @@ def test_order_does_not_depend_on_cache_state() -> None:
     (dict(batch_size=8, shuffle=1), "shuffle must be one of"),
 ])
 def test_bad_parameters_are_refused_with_the_reason(kwargs: dict, words: str) -> None:
-    with pytest.raises(InvalidRequest, match=words):
+    with pytest.raises(InvalidArgument, match=words):  # where they were given: a ValueError
         PlanParams(**kwargs)
+    with pytest.raises(InvalidRequest, match=words):  # a server reading them: its refusal
+        PlanParams.from_wire(kwargs)
+
+
+def test_a_parameter_of_the_wrong_type_is_also_a_type_error() -> None:
+    for kwargs in (dict(batch_size="8"), dict(batch_size=8, drop_last="yes"),
+                   dict(batch_size=8, pad_value="0"), dict(batch_size=8, seed=1.5)):
+        with pytest.raises(InvalidArgumentType) as info:
+            PlanParams(**kwargs)
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    with pytest.raises(InvalidArgument) as info:
+        PlanParams(batch_size=0)
+    assert not isinstance(info.value, (TypeError, InvalidRequest))
 
 
 def test_drop_last_with_no_full_batch_per_rank_is_refused() -> None:
@@ -297,7 +310,7 @@ def test_shuffle_true_and_false_mean_full_and_none() -> None:
     assert PlanParams.from_wire({"batch_size": 8, "shuffle": False}) == off
     weighted = PlanParams(batch_size=8, sampling="weighted", weights="w", shuffle=True)
     assert weighted.shuffle == "full"
-    with pytest.raises(InvalidRequest, match="shuffles by itself"):
+    with pytest.raises(InvalidArgument, match="shuffles by itself"):
         PlanParams(batch_size=8, sampling="balanced", label="y", shuffle=False)
 
 
@@ -316,5 +329,5 @@ def test_numpy_integers_are_taken_as_ints(np_int: type) -> None:
             type(v) for v in plain.to_wire().values()]
     assert BatchPlan(100, got[0]).batches_per_epoch == 7
     assert PlanParams(batch_size=8, drop_last=np.True_).drop_last is True
-    with pytest.raises(InvalidRequest, match="batch_size must be an int >= 1"):
+    with pytest.raises(InvalidArgument, match="batch_size must be an int >= 1"):
         PlanParams(batch_size=np_int(0))

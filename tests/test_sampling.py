@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import shared_server
 
-from batchfeed import Client, InvalidRequest
+from batchfeed import Client, InvalidArgument, InvalidRequest
 from batchfeed.shared.plan import BatchPlan, PlanParams
 
 N = 1003
@@ -173,7 +173,7 @@ def test_sampling_with_ranks_drop_last_and_start_batch(sampling: str, extra: dic
     (dict(sampling="weighted", weights="w", epoch_rows=0), "epoch_rows must be"),
 ])
 def test_bad_sampling_parameters(kwargs: dict, words: str) -> None:
-    with pytest.raises(InvalidRequest, match=words):
+    with pytest.raises(InvalidArgument, match=words):
         PlanParams(batch_size=8, **kwargs)
 
 

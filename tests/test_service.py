@@ -20,7 +20,13 @@ from conftest import (
     wait_until,
 )
 
-from batchfeed import Client, InvalidRequest, ServerUnavailable, VersionMismatch
+from batchfeed import (
+    Client,
+    InvalidArgument,
+    InvalidRequest,
+    ServerUnavailable,
+    VersionMismatch,
+)
 from batchfeed.launch import ServerProcess
 from batchfeed.shared import protocol
 from batchfeed.shared.plan import BatchPlan, PlanParams
@@ -190,7 +196,7 @@ def test_ipc_fast_path_gives_the_same_batches(serve, dataset_path, ipc_address) 
     (dict(batch_size=8, shuffle="buffer"), "needs buffer_size"),
 ])
 def test_bad_parameters_raise_in_the_trainer(server, kwargs: dict, words: str) -> None:
-    with pytest.raises(InvalidRequest, match=words):
+    with pytest.raises(InvalidArgument, match=words):  # checked here, before the server is asked
         Client(server.address, **kwargs)
 
 
@@ -237,9 +243,9 @@ def test_unknown_dataset_and_bad_start_batch(server) -> None:
     with pytest.raises(InvalidRequest, match="unknown dataset 'nope'; this server serves: data"):
         Client(server.address, batch_size=8, dataset="nope")
     with Client(server.address, batch_size=8) as c:
-        with pytest.raises(InvalidRequest, match="start_batch"):
+        with pytest.raises(InvalidArgument, match="start_batch"):
             c.epoch(0, start_batch=c.batches_per_epoch + 1)
-        with pytest.raises(InvalidRequest, match="epoch"):
+        with pytest.raises(InvalidArgument, match="epoch"):
             c.epoch(-1)
 
 
@@ -258,7 +264,7 @@ def test_closed_client_says_so(server) -> None:
     c = Client(server.address, batch_size=8)
     c.close()
     c.close()
-    with pytest.raises(InvalidRequest, match="closed"):
+    with pytest.raises(InvalidArgument, match="closed"):
         c.epoch(0)
 
 

@@ -31,7 +31,7 @@ def test_a_script_whose_client_fails_outside_a_with_block_still_exits() -> None:
     script = SCRIPT + "batchfeed.Client(server.address, batch_size=0)\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode == 1 and "InvalidRequest" in done.stderr, done.stderr
+    assert done.returncode == 1 and "InvalidArgument" in done.stderr, done.stderr
     assert not pid_alive(int(done.stdout.split()[0]))
 
 

@@ -19,7 +19,7 @@ import time
 import pytest
 from conftest import shared_server, wait_until
 
-from batchfeed import Client, InvalidRequest, IteratorSuperseded
+from batchfeed import Client, InvalidArgument, InvalidRequest, IteratorSuperseded
 from batchfeed.shared.plan import BatchPlan, PlanParams
 
 torch = pytest.importorskip("torch")
@@ -169,9 +169,9 @@ def test_a_state_is_the_clients_and_resumes_a_client(make_dataset, server) -> No
 
 def test_a_state_of_other_parameters_or_data_is_refused(make_dataset) -> None:
     state = make_dataset().state_dict()
-    with pytest.raises(InvalidRequest, match=r"taken with seed=3, .* has seed=4"):
+    with pytest.raises(InvalidArgument, match=r"taken with seed=3, .* has seed=4"):
         make_dataset(seed=4).load_state_dict(state)
-    with pytest.raises(InvalidRequest, match="not a batchfeed state"):
+    with pytest.raises(InvalidArgument, match="not a batchfeed state"):
         make_dataset().load_state_dict({"epoch": 1})
     bigger = {**state, "rows": N + 1}
     connected = make_dataset()
@@ -195,9 +195,9 @@ def test_as_tuple_unpacks_fields_in_order(make_dataset) -> None:
         assert torch.equal(data[:, 0], target.float())
         rows.append(target.tolist())
     assert rows == expected(0)
-    with pytest.raises(InvalidRequest, match="as_tuple names .z., but the batches have: "):
+    with pytest.raises(InvalidArgument, match="as_tuple names .z., but the batches have: "):
         iter(make_dataset(as_tuple=("x", "z")))
-    with pytest.raises(InvalidRequest, match="as_tuple must be a sequence of field names"):
+    with pytest.raises(TypeError, match="as_tuple must be a sequence of field names"):
         make_dataset(as_tuple="x")
 
 

@@ -93,3 +93,17 @@ def die_on_row_500(batch: dict, rng: np.random.Generator) -> dict:
     if (batch["id"] == 500).any():
         os.kill(os.getpid(), signal.SIGSEGV)
     return batch
+
+
+def expand_past_the_samples(batch: dict, rng: np.random.Generator) -> dict:
+    """Like ``expand``, but 4x wider still once past the rows the server samples at start, so
+    that the output outgrows what the server sized it from."""
+    img = batch["img"].astype(np.float64)
+    if (batch["id"] >= 16).any():
+        img = np.concatenate([img] * 4, axis=1)
+    return {"id": batch["id"], "img": img}
+
+
+def not_a_dict_on_row_96(batch: dict, rng: np.random.Generator) -> dict | list:
+    """Returns garbage on the batch holding row 96 only (the sample at start passes)."""
+    return [batch["id"]] if (batch["id"] == 96).any() else batch
