@@ -78,8 +78,8 @@ class Client:
             classes oversampled, majority ones undersampled) or ``"weighted"`` (rows drawn
             with replacement with probability proportional to the field ``weights``).
             ``epoch_rows`` sets the epoch's length for those two (default: the dataset's rows).
-        prefetch: batches requested ahead of the trainer (default: the server picks 16 MiB
-            worth, or three of its messages if more, between 8 and 512 batches).
+        prefetch: batches requested ahead of the trainer (default: the server picks 64 MiB
+            worth, or four of its messages if more, between 8 and 1,024 batches).
         dataset: which dataset, when the server serves several.
         fastpath: read batches straight from the server's shared memory.  By default it is
             used wherever it can be: with a server on this host, over ``ipc://`` or tcp (the

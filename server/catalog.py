@@ -37,7 +37,7 @@ from batchfeed.shared.units import budget_bounds, plan_units
 
 from .dataset import Columns, DatasetSpec
 from .layout import ALIGN
-from .sessions import BatchEstimate
+from .sizing import BatchEstimate
 from .transform import Transform
 from .trial import derive_packed
 

@@ -45,7 +45,8 @@ from .ratelog import RateLimitedLog
 from .ring import SlotRing
 from .scheduler import TASKS_PER_WORKER, GivenUp, Scheduler
 from .security import IpcPath, ServerSecurity, check_ipc_free
-from .sessions import Owner, SessionTable
+from .session import Owner
+from .sessions import SessionTable
 from .supervisor import Supervisor, WorkerHandle
 from .transform import Transform
 from .worker import WorkerSpec

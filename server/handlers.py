@@ -35,7 +35,9 @@ from .outbox import Outbox
 from .ratelog import RateLimitedLog
 from .ring import SlotRing
 from .scheduler import Scheduler
-from .sessions import MAX_REPORTED, Owner, SessionTable, new_session, size_session
+from .session import Owner, new_session
+from .sessions import MAX_REPORTED, SessionTable
+from .sizing import size_session
 from .transform import Transform
 
 log = logging.getLogger("batchfeed.server")

@@ -26,7 +26,8 @@ from . import tasks
 from .leases import Leases
 from .ring import SlotRing
 from .scheduler import InFlight
-from .sessions import Session, SessionTable
+from .session import Session
+from .sessions import SessionTable
 
 log = logging.getLogger("batchfeed.server")
 

@@ -34,7 +34,7 @@ from . import tasks
 from .dataset import DatasetSpec
 from .orders import OrderBoard, OrderState
 from .ring import TASK, Holder, SlotRing
-from .sessions import MAX_ATTEMPTS, Session
+from .session import MAX_ATTEMPTS, Session
 
 TASKS_PER_WORKER = 2
 

@@ -23,13 +23,9 @@ from batchfeed.server.leases import TABLE_HEADER, Leases
 from batchfeed.server.orders import OrderBoard, OrderState
 from batchfeed.server.ring import LEASE, SEND, TASK, Holder, RingError, SlotRing
 from batchfeed.server.scheduler import TASKS_PER_WORKER, Scheduler
-from batchfeed.server.sessions import (
-    BatchEstimate,
-    Session,
-    SessionTable,
-    new_session,
-    size_session,
-)
+from batchfeed.server.session import Session, new_session
+from batchfeed.server.sessions import SessionTable
+from batchfeed.server.sizing import BatchEstimate, size_session
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
@@ -208,7 +204,7 @@ def test_sizing_refuses_a_batch_bigger_than_a_slot() -> None:
         size_session(BatchEstimate(10_000 * 16, what="one batch of 10000 rows"), 0,
                      64 * 1024, 1 << 20)
     sizing = size_session(BatchEstimate(64 * 16 + 128), 0, 1 << 20, 1 << 20)
-    assert sizing.max_chunk == (1 << 20) // sizing.batch_bytes and 8 <= sizing.prefetch <= 512
+    assert sizing.max_chunk == (1 << 20) // sizing.batch_bytes and 8 <= sizing.prefetch <= 1024
 
 
 # ---------------------------------------------------------------------------------------------
