@@ -23,32 +23,26 @@ TypeError, for a wrong type).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchfeed.shared.errors import (
-    DataMismatch,
     InvalidArgument,
     InvalidArgumentType,
-    InvalidRequest,
-    ProtocolError,
 )
-from batchfeed.shared.fingerprint import Fingerprint
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
 from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
 from .adapters import converter
+from .arguments import check_addresses, check_position, plan_params
+from .checkpoint import STATE_FORMAT, TakenOn
 from .connection import Connection
-from .iteration import EpochIterator, Stats, StreamIterator
-from .membership import ServerSet, checked_addresses
+from .iteration import EpochIterator, Progress, StreamIterator
+from .membership import ServerSet
 from .options import ClientConfig
-
-STATE_FORMAT = "batchfeed-client-1"
-_SIZES = {"rows": "rows", "batches_per_epoch": "batches per epoch"}  # what a state was taken on
 
 
 class Client:
@@ -180,8 +174,7 @@ class Client:
             connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout,
             heartbeat_timeout=heartbeat_timeout, name=name or f"rank{rank}", curve=keys,
         )
-        self._stats = Stats()
-        self._position = (0, 0)  # (epoch last iterated, first batch not yet handed out)
+        self._progress = Progress()  # where the trainer is, and its counters
         self._iterator: weakref.ref[EpochIterator] | None = None  # the last one epoch() made
         self._plan: BatchPlan | None = None  # made from the WELCOME's rows, when first asked
         self._conn: Connection | None = Connection(config)
@@ -290,15 +283,15 @@ class Client:
                 f"start_batch must be in [0, {bpe}] (an epoch has {bpe} batches), "
                 f"got {start_batch!r}"
             )
-        previous = self._iterator() if self._iterator is not None else None
+        previous = self._last_iterator()
         replacing = previous is not None and previous.live
         if replacing:
             assert previous is not None
             previous._supersede(f"epoch {epoch} from batch {start_batch} replaced this iterator "
                                 f"over epoch {previous.epoch}")
-        self._position = (epoch, start_batch)
+        self._progress.epoch, self._progress.next_batch = epoch, start_batch
         stream = self._live.stream_at(epoch, start_batch, bpe, fresh=replacing)
-        iterator = EpochIterator(self, stream, epoch, start_batch, convert)
+        iterator = EpochIterator(self._live, self._progress, stream, epoch, start_batch, convert)
         self._iterator = weakref.ref(iterator)
         return iterator
 
@@ -325,7 +318,11 @@ class Client:
                    "zero_copy_readonly": zero_copy_readonly}
         converter(format, pin_memory=pin_memory, device=device,
                   zero_copy_readonly=zero_copy_readonly)  # bad options fail here, at once
-        return StreamIterator(self, start_epoch, start_batch, options)
+        return StreamIterator(lambda e, k: self.epoch(e, k, **options), self._last_iterator,
+                              self.batches_per_epoch, start_epoch, start_batch)
+
+    def _last_iterator(self) -> EpochIterator | None:
+        return self._iterator() if self._iterator is not None else None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -339,7 +336,7 @@ class Client:
         ``client.epoch(state["epoch"], start_batch=state["next_batch"])`` continue with
         exactly the batches the uninterrupted run would have given.
         """
-        epoch, next_batch = self._position
+        epoch, next_batch = self._progress.at
         welcome = self._welcome
         return {**self.params.to_wire(), "dataset": self._dataset_name, "epoch": epoch,
                 "next_batch": next_batch, "rows": self.rows,
@@ -373,42 +370,12 @@ class Client:
         return client
 
     def _check_taken_on(self, taken_on: TakenOn) -> None:
-        """Refuse to resume on data other than the checkpoint's: another size (InvalidRequest),
-        or another fingerprint or transform (DataMismatch)."""
-        where = ", ".join(self._live.config.addresses)
-        now = {"rows": self.rows, "batches_per_epoch": self.batches_per_epoch}
-        then = taken_on.sizes
-        differ = [key for key in _SIZES if key in then and then[key] != now[key]]
-        if differ:
-            then_ = ", ".join(f"{taken_on.sizes[key]:,} {_SIZES[key]}" for key in differ)
-            here = ", ".join(f"{now[key]:,} {_SIZES[key]}" for key in differ)
-            raise InvalidRequest(
-                f"this checkpoint was taken on a dataset with {then_}, but the dataset "
-                f"{self.dataset!r} served at {where} has {here}: resuming would give other "
-                "rows than the checkpointed run.  Restore against the dataset the checkpoint "
-                "was taken on (pass dataset=NAME if the server serves several), or start a new "
-                "run with Client(...)"
-            )
-        welcome = self._welcome
-        if taken_on.fingerprint is not None and (welcome.fingerprint is None or
-                                                 not welcome.fingerprint.agrees(
-                                                     taken_on.fingerprint)):
-            raise DataMismatch(
-                f"this checkpoint was taken on data with fingerprint {taken_on.fingerprint}, "
-                f"but the dataset {self.dataset!r} served at {where} has fingerprint "
-                f"{welcome.fingerprint}: it is other data (same size or not), and resuming "
-                "would give other rows than the checkpointed run.  Serve the files the "
-                "checkpoint was taken on, or start a new run with Client(...)")
-        if taken_on.has_transform and taken_on.transform != welcome.transform:
-            raise DataMismatch(
-                f"this checkpoint was taken from a server running transform "
-                f"{taken_on.transform}, but the server at {where} runs {welcome.transform}: "
-                "its batches would differ from the checkpointed run's.  Serve with the same "
-                "--transform, or start a new run")
+        """Refuse to resume on data other than the checkpoint's (see ``TakenOn.check``)."""
+        taken_on.check(self._welcome, ", ".join(self._live.config.addresses))
 
     def stats(self) -> dict[str, float]:
         """Batches and bytes received, time spent waiting on data, and their rates."""
-        return self._stats.snapshot()
+        return self._progress.stats.snapshot()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -427,104 +394,3 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else ", ".join(self._conn.config.addresses)
         return f"Client({state}, {self.params})"
-
-
-@dataclasses.dataclass(frozen=True)
-class TakenOn:
-    """What a checkpoint was taken on, read from a state dict (checked: InvalidArgument)."""
-
-    sizes: dict[str, int]
-    fingerprint: Fingerprint | None = None
-    transform: str | None = None
-    has_transform: bool = False  # older states did not record one
-
-    @classmethod
-    def of(cls, state: dict[str, Any]) -> TakenOn:
-        sizes = {key: state[key] for key in _SIZES if key in state}
-        for key, value in sizes.items():
-            if type(value) is not int or value < 0:
-                raise InvalidArgument(f"the state's {key!r} must be an int >= 0, got "
-                                      f"{value!r}; pass what state_dict() returned")
-        fingerprint = None
-        if state.get("fingerprint") is not None:
-            try:
-                fingerprint = Fingerprint.from_wire(state["fingerprint"])
-            except ProtocolError as exc:
-                raise InvalidArgument(f"the state's 'fingerprint' is damaged ({exc}); pass "
-                                      "what state_dict() returned") from None
-        transform = state.get("transform")
-        if transform is not None and not isinstance(transform, str):
-            raise InvalidArgument(f"the state's 'transform' must be a string, got "
-                                  f"{transform!r:.80}")
-        return cls(sizes, fingerprint, transform, "transform" in state)
-
-
-def plan_params(batch_size: int | None = None, shuffle: str | bool = "full", seed: int = 0,
-                drop_last: bool = False, rank: int = 0, world_size: int = 1, *,
-                buffer_size: int = 0, sampling: str = "uniform", label: str | None = None,
-                weights: str | None = None, epoch_rows: int | None = None, ragged: str = "pad",
-                pad_value: float = 0, max_length: int | None = None,
-                pack: Mapping[str, int] | Sequence[str] | None = None, pack_length: int = 0,
-                max_tokens: int | None = None, token_field: str | None = None) -> PlanParams:
-    """``Client``'s plan keywords (see ``Client``) as ``PlanParams``: the one conversion that
-    ``Client`` and ``BatchfeedDataset`` share, so both accept exactly the same arguments.
-
-    Users' forms become the plan's: ``pack={"tokens": 2048}`` becomes ``pack=("tokens",)``
-    with ``pack_length=2048`` (the form a state holds, also accepted), and ``batch_size``
-    unset (or None) with ``max_tokens=`` becomes the plan's ``batch_size=1`` (each batch is
-    one token budget).  InvalidArgument (InvalidArgumentType: wrong type) otherwise.
-    """
-    if isinstance(pack, str):
-        raise InvalidArgumentType(f"pack= maps the ragged fields to pack to the row length, "
-                                  f"e.g. pack={{{pack!r}: 2048}}; got pack={pack!r}")
-    if isinstance(pack, Mapping):
-        pack, length = _pack_lengths(pack)
-        if pack_length and pack_length != length:
-            raise InvalidArgument(f"pack= gives rows of {length!r} tokens but pack_length="
-                                  f"{pack_length!r}; leave pack_length out")
-        pack_length = length
-    elif pack is not None:
-        if not isinstance(pack, Sequence):
-            raise InvalidArgumentType(f"pack= maps the ragged fields to pack to the row "
-                                      f"length, e.g. pack={{'tokens': 2048}}; got {pack!r:.80}")
-        pack = tuple(pack)
-    if batch_size is None:
-        if max_tokens is None:
-            raise InvalidArgument("batch_size= is needed (or max_tokens= for batches of a "
-                                  "token budget, with batch_size left unset)")
-        batch_size = 1
-    return PlanParams(batch_size=batch_size, shuffle=shuffle, seed=seed,
-                      buffer_size=buffer_size, drop_last=drop_last, rank=rank,
-                      world_size=world_size, sampling=sampling, label=label, weights=weights,
-                      epoch_rows=epoch_rows, ragged=ragged, pad_value=pad_value,
-                      max_length=max_length, pack=pack, pack_length=pack_length,
-                      max_tokens=max_tokens, token_field=token_field)
-
-
-PLAN_KEYWORDS = tuple(inspect.signature(plan_params).parameters)  # the plan's part of Client's
-
-
-def check_addresses(address: object) -> tuple[tuple[str, ...], ServerSet | None]:
-    """The servers a client is given: one address, a list of distinct ones (each
-    tcp://HOST:PORT or ipc://PATH), or a server set (with its addresses now)."""
-    if isinstance(address, ServerSet):
-        return checked_addresses(address.addresses(), "a server set's addresses"), address
-    return checked_addresses(address), None
-
-
-def check_position(epoch: object, start_batch: object, what: str = "epoch") -> None:
-    """``epoch`` and ``start_batch`` are ints >= 0 (InvalidArgument, or InvalidArgumentType)."""
-    for name, value in ((what, epoch), ("start_batch", start_batch)):
-        if type(value) is not int:
-            raise InvalidArgumentType(f"{name} must be an int >= 0, got {value!r}")
-        if value < 0:
-            raise InvalidArgument(f"{name} must be an int >= 0, got {value!r}")
-
-
-def _pack_lengths(pack: Mapping[str, int]) -> tuple[tuple[str, ...], int]:
-    """``pack={"tokens": 2048, "mask": 2048}`` as (fields, row length)."""
-    lengths = set(pack.values())
-    if len(lengths) != 1:
-        raise InvalidArgument(f"pack= packs aligned fields into rows of one length, e.g. "
-                              f"pack={{'tokens': 2048, 'mask': 2048}}; got {dict(pack)!r}")
-    return tuple(pack), lengths.pop()

@@ -1,11 +1,13 @@
 """Iterating a client: ``EpochIterator`` (one epoch's batches, in plan order, from the client's
-current stream), ``StreamIterator`` (``Client.stream()``: epoch after epoch, without end) and the
-trainer-side counters behind ``Client.stats()``.
+current stream), ``StreamIterator`` (``Client.stream()``: epoch after epoch, without end) and
+``Progress``, the trainer-side record a client's iterators share: where the trainer is (what
+``Client.state_dict()`` saves) and what it consumed and waited (``Client.stats()``).
 
-An iterator reads its stream through the connection (``Connection.take``) and tells the I/O
-thread how far the trainer is.  Another ``client.epoch()`` call supersedes it (it raises
-IteratorSuperseded from then on, also in a thread blocked in ``next()``); ``close()`` or dropping
-it stops the prefetching.  Nothing else to shut down.
+An iterator reads its stream through the connection (``Connection.take``), tells the I/O
+thread how far the trainer is, and keeps ``Progress``; it knows nothing else of the client.
+Another ``client.epoch()`` call supersedes it (it raises IteratorSuperseded from then on, also
+in a thread blocked in ``next()``); ``close()`` or dropping it stops the prefetching.  Nothing
+else to shut down.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from batchfeed.shared.errors import IteratorSuperseded
 from .stream import Stream
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .connection import Connection
 
 
 class Stats:
@@ -44,6 +46,20 @@ class Stats:
         }
 
 
+class Progress:
+    """Where a client's trainer is: the epoch last iterated and the first batch of it not yet
+    handed out (what a checkpoint saves), and its counters."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.next_batch = 0
+        self.stats = Stats()
+
+    @property
+    def at(self) -> tuple[int, int]:
+        return self.epoch, self.next_batch
+
+
 class EpochIterator:
     """Batches of one epoch in plan order; ``len()`` is the number still to come.
 
@@ -53,13 +69,13 @@ class EpochIterator:
     supersedes it: from then on ``next()`` raises IteratorSuperseded.
     """
 
-    def __init__(self, client: Client, stream: Stream, epoch: int, start: int,
-                 convert: Callable[[dict], dict] | None = None):
-        self._client = client
-        self._conn = client._live
+    def __init__(self, conn: Connection, progress: Progress, stream: Stream, epoch: int,
+                 start: int, convert: Callable[[dict], dict] | None = None):
+        self._conn = conn
+        self._progress = progress
         self._convert = convert
         self._stream = stream
-        self._stats = client._stats
+        self._stats = progress.stats
         self._epoch = epoch
         self._k = start
         self._next = stream.position(epoch, start)
@@ -70,6 +86,11 @@ class EpochIterator:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def next_batch(self) -> int:
+        """The number of the next batch it gives (the epoch's length once read to its end)."""
+        return self._k
 
     @property
     def live(self) -> bool:
@@ -105,7 +126,7 @@ class EpochIterator:
         stats.wait_s += waited
         self._next += 1
         self._k += 1
-        self._client._position = (self._epoch, self._k)
+        self._progress.epoch, self._progress.next_batch = self._epoch, self._k
         # Tell the I/O thread how far the trainer is every ``unit`` batches, and at its first
         # batch of an epoch: that moves the request horizon a whole epoch on (running on, the
         # stream asks for batches up to the end of the epoch after the trainer's).
@@ -137,11 +158,13 @@ class StreamIterator:
     boundary).  ``epoch`` and ``next_batch`` say where it is, as ``Client.state_dict()`` does.
     """
 
-    def __init__(self, client: Client, start_epoch: int, start_batch: int,
-                 options: dict[str, Any]):
-        self._client = client
-        self._options = options
-        self._batches = client.epoch(start_epoch, start_batch, **options)
+    def __init__(self, open_epoch: Callable[[int, int], EpochIterator],
+                 current: Callable[[], EpochIterator | None], batches_per_epoch: int,
+                 start_epoch: int, start_batch: int):
+        self._open_epoch = open_epoch  # the client's epoch(e, k), with the stream's options
+        self._current = current  # the iterator the client's last epoch() call made
+        self._bpe = batches_per_epoch
+        self._batches = open_epoch(start_epoch, start_batch)
 
     @property
     def epoch(self) -> int:
@@ -155,9 +178,9 @@ class StreamIterator:
 
     def _position(self) -> tuple[int, int]:
         batches = self._batches
-        if batches._k >= self._client.batches_per_epoch:  # read to its end: the next epoch's
+        if batches.next_batch >= self._bpe:  # read to its end: the next epoch's first
             return batches.epoch + 1, 0
-        return batches.epoch, batches._k
+        return batches.epoch, batches.next_batch
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -168,13 +191,12 @@ class StreamIterator:
                 return next(self._batches)
             except StopIteration:
                 pass
-            current = self._client._iterator() if self._client._iterator is not None else None
-            if current is not self._batches:  # another epoch() call came since: it reads now
+            if self._current() is not self._batches:  # another epoch() call came: it reads
                 raise IteratorSuperseded(
                     f"another epoch() or stream() call replaced this stream (at epoch "
                     f"{self._batches.epoch + 1}, batch 0): a Client serves one iterator at a "
                     "time; use one Client per concurrent reader")
-            self._batches = self._client.epoch(self._batches.epoch + 1, 0, **self._options)
+            self._batches = self._open_epoch(self._batches.epoch + 1, 0)
 
     def close(self) -> None:
         """Stop: the client stops requesting.  Safe to call twice."""

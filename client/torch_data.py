@@ -65,16 +65,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from batchfeed.shared.errors import InvalidArgument, InvalidArgumentType, IteratorSuperseded
 from batchfeed.shared.plan import PlanParams
 
-from .client import (
-    PLAN_KEYWORDS,
-    STATE_FORMAT,
-    Client,
-    EpochIterator,
-    TakenOn,
-    check_addresses,
-    check_position,
-    plan_params,
-)
+from .arguments import PLAN_KEYWORDS, check_addresses, check_position, plan_params
+from .checkpoint import STATE_FORMAT, TakenOn
+from .client import Client, EpochIterator
 from .membership import ServerSet
 
 _PARAM_NAMES = tuple(f.name for f in dataclasses.fields(PlanParams))
