@@ -40,171 +40,22 @@ from typing import Any
 import numpy as np
 
 from batchfeed.shared.errors import DatasetError
-from batchfeed.shared.schema import BYTES, FIXED, RAGGED, STR, Ragged
+from batchfeed.shared.schema import FIXED, Ragged
 
+from .arrow_columns import (
+    DAMAGED,
+    check_chunks,
+    column_kind,
+    flat_values,
+    offsets_of,
+    plain,
+    pyarrow_module,
+    ragged_of,
+)
 from .base import DataDirectory, FieldSource, ListedFile, list_file, listed_path, make_field
 
-INSTALL = "install pyarrow to serve it: pip install 'batchfeed[arrow]'"
 WHAT = "Arrow and Parquet files"
-DAMAGED = "the file is damaged: re-create it"
 IPC_SUFFIXES = (".arrow", ".feather", ".ipc")
-
-
-def _pyarrow() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.ipc
-        import pyarrow.parquet
-    except ImportError:
-        raise DatasetError(f"this data is Arrow or Parquet; {INSTALL}") from None
-    return pyarrow
-
-
-# ---------------------------------------------------------------------------------------------
-# Types
-
-
-def column_kind(name: str, typ: Any, where: str) -> tuple[str, np.dtype, tuple[int, ...]]:
-    """(kind, dtype of the values, shape of a row (fixed) or of one element (ragged))."""
-    pa = _pyarrow()
-    t = pa.types
-    if t.is_dictionary(typ):
-        return column_kind(name, typ.value_type, where)
-    if t.is_string(typ) or t.is_large_string(typ):
-        return STR, np.dtype(np.uint8), ()
-    if t.is_binary(typ) or t.is_large_binary(typ):
-        return BYTES, np.dtype(np.uint8), ()
-    if t.is_struct(typ) and {typ.field(i).name for i in range(typ.num_fields)} >= {"bytes"}:
-        inner = typ.field(typ.get_field_index("bytes")).type
-        if t.is_binary(inner) or t.is_large_binary(inner):
-            return BYTES, np.dtype(np.uint8), ()  # a Hugging Face Image or Audio column
-    if t.is_list(typ) or t.is_large_list(typ):
-        dtype, shape = _fixed(typ.value_type)
-        if dtype is not None:
-            return RAGGED, dtype, shape
-    else:
-        dtype, shape = _fixed(typ)
-        if dtype is not None:
-            return FIXED, dtype, shape
-    raise DatasetError(
-        f"{where}: column {name!r} has type {typ}, which batchfeed cannot serve; it serves "
-        "numbers, fixed-size lists (tensors), lists of numbers, strings and binary. Flatten "
-        "or encode the column (for instance one list column per level, or bytes)")
-
-
-def _fixed(typ: Any) -> tuple[np.dtype | None, tuple[int, ...]]:
-    """The dtype and shape of a number or a (nested) fixed-size list of numbers."""
-    pa = _pyarrow()
-    shape: list[int] = []
-    while pa.types.is_fixed_size_list(typ):
-        shape.append(typ.list_size)
-        typ = typ.value_type
-    if pa.types.is_boolean(typ):
-        return np.dtype(np.bool_), tuple(shape)
-    if pa.types.is_integer(typ) or pa.types.is_floating(typ):
-        return np.dtype(typ.to_pandas_dtype()), tuple(shape)
-    return None, ()
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks: valid Arrow, no nulls at any depth
-
-
-def check_chunks(chunks: list, name: str, origin: str, damaged: str = DAMAGED) -> None:
-    """Refuse a column (its chunks, in row order) that is not valid Arrow data or that holds a
-    null anywhere in what would be served."""
-    pa = _pyarrow()
-    base, first, count = 0, -1, 0
-    for chunk in chunks:
-        try:
-            chunk.validate(full=True)
-        except (pa.ArrowException, ValueError) as exc:
-            detail = " ".join(str(exc).split())
-            raise DatasetError(f"{origin}: column {name!r} is not valid Arrow data ({detail}); "
-                               f"{damaged}") from None
-        rows = _null_rows(chunk)
-        if len(rows):
-            first = base + int(rows[0]) if first < 0 else first
-            count += len(rows)
-        base += len(chunk)
-    if count:
-        raise DatasetError(
-            f"{origin}: column {name!r} has a null in row {first:,} ({count:,} "
-            f"{'row holds' if count == 1 else 'rows hold'} nulls, counting nulls inside lists); "
-            "batchfeed serves no null values; fill or drop them first: e.g. "
-            "pyarrow.compute.fill_null / drop_null")
-
-
-def _null_rows(arr: Any) -> np.ndarray:
-    """The rows of ``arr`` (from 0, ascending) that hold a null at any depth of what is served:
-    the row itself, list values (nested too), a struct's ``bytes``, a dictionary's values."""
-    pa = _pyarrow()
-    t, typ = pa.types, arr.type
-    found = []
-    if arr.null_count:
-        found.append(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)))
-    if t.is_dictionary(typ):
-        bad = _null_rows(arr.dictionary)
-        if len(bad):
-            indices = arr.indices.to_numpy(zero_copy_only=False)
-            found.append(np.flatnonzero(np.isin(indices, bad)))
-    elif t.is_struct(typ) and typ.get_field_index("bytes") >= 0:
-        found.append(_null_rows(arr.field(typ.get_field_index("bytes"))))
-    elif t.is_list(typ) or t.is_large_list(typ):
-        offsets = _offsets(arr).astype(np.int64)
-        inner = _null_rows(arr.values.slice(offsets[0], offsets[-1] - offsets[0]))
-        if len(inner):
-            found.append(np.searchsorted(offsets - offsets[0], inner, side="right") - 1)
-    elif t.is_fixed_size_list(typ):
-        size = typ.list_size
-        inner = _null_rows(arr.values.slice(arr.offset * size, len(arr) * size))
-        if len(inner):
-            found.append(inner // size)
-    if not found:
-        return np.empty(0, np.int64)
-    return np.unique(np.concatenate(found).astype(np.int64))
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunks -> numpy
-
-
-def _plain(chunk: Any) -> Any:
-    pa = _pyarrow()
-    if pa.types.is_dictionary(chunk.type):
-        chunk = chunk.dictionary_decode()
-    if pa.types.is_struct(chunk.type):
-        chunk = chunk.flatten()[chunk.type.get_field_index("bytes")]
-    return chunk
-
-
-def _flat_values(values: Any, shape: tuple[int, ...], zero_copy: bool = False) -> np.ndarray:
-    """A numeric or fixed-size-list array as numpy, ``(n, *shape)``."""
-    while _pyarrow().types.is_fixed_size_list(values.type):
-        values = values.flatten()
-    arr = values.to_numpy(zero_copy_only=zero_copy)
-    return arr.reshape((-1, *shape))
-
-
-def _offsets(chunk: Any) -> np.ndarray:
-    """A list, string or binary chunk's offsets (rows + 1, absolute into its values buffer)."""
-    pa = _pyarrow()
-    wide = pa.types.is_large_list(chunk.type) or pa.types.is_large_string(chunk.type) or \
-        pa.types.is_large_binary(chunk.type)
-    dtype = np.int64 if wide else np.int32
-    return np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk) + 1,
-                         offset=chunk.offset * np.dtype(dtype).itemsize)
-
-
-def _ragged(chunk: Any, kind: str, shape: tuple[int, ...], zero_copy: bool = False) -> Ragged:
-    """A chunk as values and offsets (offsets absolute into ``values``)."""
-    chunk = _plain(chunk)
-    offsets = _offsets(chunk)
-    if kind in (STR, BYTES):
-        values = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
-    else:
-        values = _flat_values(chunk.values, shape, zero_copy)
-    return Ragged(values, offsets)
 
 
 def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, where: str,
@@ -218,7 +69,7 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
         def fill(out: np.ndarray, lo: int, hi: int) -> None:
             pos = 0
             for chunk in _window(chunks(), lo, hi):
-                arr = _flat_values(_plain(chunk), shape)
+                arr = flat_values(plain(chunk), shape)
                 out[pos : pos + len(arr)] = arr
                 pos += len(arr)
 
@@ -226,13 +77,13 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
 
     n_values = 0
     for chunk in chunks():
-        off = _offsets(_plain(chunk))
+        off = offsets_of(plain(chunk))
         n_values += int(off[-1] - off[0])
 
     def fill_values(out: np.ndarray, lo: int, hi: int) -> None:
         pos = 0
         for chunk in _window(chunks(), lo, hi):
-            rag = _ragged(chunk, kind, shape)
+            rag = ragged_of(chunk, kind, shape)
             part = rag.values[rag.offsets[0] : rag.offsets[-1]]
             out[pos : pos + len(part)] = part
             pos += len(part)
@@ -240,7 +91,7 @@ def _chunks_source(name: str, chunks: Callable[[], Any], rows: int, typ: Any, wh
     def fill_offsets(out: np.ndarray) -> None:
         out[0], pos, base = 0, 1, 0
         for chunk in chunks():
-            off = _offsets(_plain(chunk)).astype(np.int64)
+            off = offsets_of(plain(chunk)).astype(np.int64)
             n = len(off) - 1
             out[pos : pos + n] = off[1:] - off[0] + base
             if n:
@@ -269,7 +120,7 @@ def _chunks_of(column: Any) -> list:
 def _table_sources(table: Any, where: str, ipc_path: str | None = None,
                    damaged: str = DAMAGED) -> list[FieldSource]:
     """A table's columns, each checked whole first (``check_chunks``)."""
-    pa = _pyarrow()
+    pa = pyarrow_module()
     try:
         table.validate()  # the columns' lengths agree (each column is validated in full below)
     except (pa.ArrowException, ValueError) as exc:
@@ -281,7 +132,7 @@ def _table_sources(table: Any, where: str, ipc_path: str | None = None,
         column_kind(name, column.type, f"{where}[{name}]")
         check_chunks(column.chunks, name, where, damaged)
         mapped = (ipc_path, name) if ipc_path is not None and column.num_chunks == 1 and \
-            not _pyarrow().types.is_boolean(column.type) else None
+            not pyarrow_module().types.is_boolean(column.type) else None
         sources.append(_chunks_source(name, functools.partial(_chunks_of, column), len(table),
                                       column.type, f"{where}[{name}]", mapped))
     return sources
@@ -298,7 +149,7 @@ def _open_ipc(f: ListedFile) -> tuple[Any, Any]:
 
 
 def _map_ipc(name: str, shown: Path) -> tuple[Any, Any]:
-    pa = _pyarrow()
+    pa = pyarrow_module()
     try:
         source = pa.memory_map(name)
         try:
@@ -331,7 +182,7 @@ def ipc_sources(path: Path) -> list[FieldSource]:
 def parquet_sources(path: Path) -> list[FieldSource]:
     """A Parquet file, or a directory of them (same schema, concatenated in name order).  Each
     column is validated whenever it is read, and pages are checked against their CRCs."""
-    pa = _pyarrow()
+    pa = pyarrow_module()
     if path.is_dir():
         folder = DataDirectory(path)
         files = [folder.file(f, WHAT) for f in sorted(path.iterdir()) if f.suffix == ".parquet"]
@@ -377,7 +228,7 @@ def parquet_sources(path: Path) -> list[FieldSource]:
 
 def _parquet_file(name: str) -> Any:
     """A Parquet file whose pages are checked against their CRCs when they have one."""
-    pa = _pyarrow()
+    pa = pyarrow_module()
     try:
         return pa.parquet.ParquetFile(name, page_checksum_verification=True)
     except TypeError:  # pyarrow 14 cannot verify page checksums (15 and later can)
@@ -387,7 +238,7 @@ def _parquet_file(name: str) -> Any:
 def hf_sources(path: Path) -> list[FieldSource]:
     """A directory written by ``datasets.Dataset.save_to_disk``: its Arrow stream files, each
     named in ``state.json`` and inside the directory."""
-    pa = _pyarrow()
+    pa = pyarrow_module()
     try:
         state = json.loads((path / "state.json").read_text())
         names = [f["filename"] for f in state["_data_files"]]
@@ -442,7 +293,7 @@ def table_sources(table: Any, where: str) -> list[FieldSource]:
 def attach_column(path: str, column: str, kind: str,
                   shape: tuple[int, ...]) -> np.ndarray | Ragged:
     """In a worker: a column of a memory-mapped IPC file, viewed in place (no copy)."""
-    chunk = _plain(_map_ipc(path, Path(path))[0].column(column).chunk(0))
+    chunk = plain(_map_ipc(path, Path(path))[0].column(column).chunk(0))
     if kind == FIXED:
-        return _flat_values(chunk, shape, zero_copy=True)
-    return _ragged(chunk, kind, shape, zero_copy=True)
+        return flat_values(chunk, shape, zero_copy=True)
+    return ragged_of(chunk, kind, shape, zero_copy=True)
