@@ -242,7 +242,7 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
-    from batchfeed.shared.security import make_keys
+    from batchfeed.shared.curve_keys import make_keys
 
     for path in make_keys(args.directory, tuple(args.name or ("server", "client"))):
         print(path)

@@ -73,7 +73,7 @@ class StatsQuery:
         self.timeout = timeout
         self.keys: tuple[bytes, bytes, bytes] | None = None
         if curve is not None:
-            from batchfeed.shared.security import check_libzmq, load_public, load_secret
+            from batchfeed.shared.curve_keys import check_libzmq, load_public, load_secret
 
             check_libzmq()
             self.keys = (*load_secret(curve[0]), load_public(curve[1]))

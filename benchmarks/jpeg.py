@@ -248,7 +248,7 @@ def goals(rows: list[Row], sets: tuple[ImageSet, ...]) -> list[Goal]:
 
 
 def versions() -> dict[str, str]:
-    """The image libraries installed here (batchfeed.images picks among them)."""
+    """The image libraries installed here (batchfeed.transforms.images picks among them)."""
     found = {d: version(d) for d in ("pillow", "simplejpeg", "opencv-python-headless",
                                      "opencv-python", "torch", "torchvision", "spdl-io")}
     return {d: v for d, v in found.items() if v is not None}

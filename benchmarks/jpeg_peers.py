@@ -2,9 +2,10 @@
 resizes and flips with FFmpeg's filters), in its documented setup for image training data: a
 ``spdl.pipeline`` whose source yields (file, label, crop box, flip) per image, one stage that
 loads each image on a thread pool (FFmpeg releases the GIL), an aggregate into batches and a
-stage that makes each batch float32 CHW, normalised (``batchfeed.images.to_float_chw``, the same
-numpy code batchfeed's workers run), with a sink buffer.  The crop box is drawn as
-torchvision's ``RandomResizedCrop`` draws it (``batchfeed.images.random_resized_crop_box``).
+stage that makes each batch float32 CHW, normalised (``batchfeed.transforms.images.
+to_float_chw``, the same numpy code batchfeed's workers run), with a sink buffer.  The crop box
+is drawn as torchvision's ``RandomResizedCrop`` draws it (``random_resized_crop_box`` of
+``batchfeed.transforms.images``).
 
 Ray Data's image row, when its issue builds it, goes here beside SPDL's.
 """
@@ -60,7 +61,7 @@ def folder_samples(root: str) -> list[tuple[str, int]]:
 
 def _source(samples: list[tuple[str, int]], size: int, seed: int) -> Iterator[tuple]:
     """Epoch after epoch: a fresh permutation, a crop box and a coin per image."""
-    from batchfeed.images import random_resized_crop_box
+    from batchfeed.transforms.images import random_resized_crop_box
 
     rng = np.random.default_rng(seed)
     while True:
@@ -80,7 +81,7 @@ def _load(item: tuple, crop: int) -> tuple[np.ndarray, int]:
 
 
 def _collate(items: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
-    from batchfeed.images import to_float_chw
+    from batchfeed.transforms.images import to_float_chw
 
     images = np.stack([image for image, _ in items])
     return {"image": to_float_chw(images), "label": np.array([lb for _, lb in items], np.int64)}

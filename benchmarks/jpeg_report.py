@@ -55,9 +55,9 @@ def format_jpeg(result: dict[str, Any], options: BenchOptions) -> list[str]:
         lines += two_server_lines(mine, result["cores"])
     lines += ["", "  how the rows are set up:",
               "  batchfeed: --transform \"batchfeed.transforms:train_images(size=S)\" in the "
-              "servers' workers (decoder and resizer as batchfeed.images picks them from what is "
-              "installed), --slot-mb as one batch needs; the client on the fast path (ipc://, "
-              "what a trainer on the server's host uses) but in the tcp row."]
+              "servers' workers (decoder and resizer as batchfeed.transforms.images picks them "
+              "from what is installed), --slot-mb as one batch needs; the client on the fast "
+              "path (ipc://, what a trainer on the server's host uses) but in the tcp row."]
     seen: set[str] = set()
     for r in rows:  # the same setup for both sets: once
         if r.setup and r.name not in seen:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import fingerprint, jpeg, jpeg_report, loaders, report, shards, tokens
+from . import fingerprint_cost, jpeg, jpeg_report, loaders, report, shard_servers, tokens
 from .common import failures as section_failures
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, transform_scaling
@@ -39,8 +39,9 @@ class Section:
 SECTIONS = {
     "tokens": Section(tokens.token_section, tokens.format_tokens),
     "jpeg": Section(jpeg.jpeg_section, jpeg_report.format_jpeg),
-    "shards": Section(shards.shard_section, shards.format_shards),
-    "fingerprint": Section(fingerprint.fingerprint_section, fingerprint.format_fingerprint),
+    "shards": Section(shard_servers.shard_section, shard_servers.format_shards),
+    "fingerprint": Section(fingerprint_cost.fingerprint_section,
+                           fingerprint_cost.format_fingerprint),
 }
 
 

@@ -70,7 +70,7 @@ def server_rows(w: Workload, data_dir: str | None, work_dir: str, options: Bench
         (f"ipc://{work_dir}/bf.sock", [(ROW_IPC_SOCKET, 1, False), (ROW_IPC_FAST, 1, True)], [],
          None)]
     if w.name == "tabular":
-        from batchfeed.shared.security import make_keys
+        from batchfeed.shared.curve_keys import make_keys
 
         keys = os.path.join(work_dir, "keys")
         make_keys(keys)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from batchfeed.shared.packing import PackedEpoch
+from batchfeed.server.packing import PackedEpoch
 
 from .common import (
     ROW_ERRORS,

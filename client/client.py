@@ -28,13 +28,13 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchfeed.shared.curve_keys import check_libzmq, load_public, load_secret
 from batchfeed.shared.errors import (
     InvalidArgument,
     InvalidArgumentType,
 )
 from batchfeed.shared.plan import BatchPlan, PlanParams
 from batchfeed.shared.schema import Field
-from batchfeed.shared.security import check_libzmq, load_public, load_secret
 
 from .adapters import converter
 from .arguments import check_addresses, check_position, plan_params

@@ -1,5 +1,5 @@
 """The client's I/O thread: it owns the ZeroMQ context, the poller, the client's servers
-(``servers.py``: one ``Link`` per server, its lanes and their credit), the command deque and
+(``lanes.py``: one ``Link`` per server, its lanes and their credit), the command deque and
 the wake-up pipe; a server set's watcher (``membership.py``) hands it changes of the servers.
 
 It keeps the current stream's window full with REQUESTs, receives BATCH messages, hands their
@@ -45,11 +45,11 @@ from batchfeed.shared.errors import (
 from batchfeed.shared.schema import Field
 
 from .fastpath import Nudge
+from .lanes import Servers
 from .link import Link, Welcome
 from .membership import Watcher
 from .options import ClientConfig
 from .ragged import RaggedDecoder
-from .servers import Servers
 from .shards import ShardMerger
 from .stream import Stream
 from .window import Credit

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from batchfeed.server.plan_units import budget_bounds, plan_units
 from batchfeed.shared.errors import DatasetError, InvalidRequest
 from batchfeed.shared.plan import (
     BatchPlan,
@@ -33,12 +34,11 @@ from batchfeed.shared.plan import (
 )
 from batchfeed.shared.schema import RAGGED, Field
 from batchfeed.shared.shm import human_bytes
-from batchfeed.shared.units import budget_bounds, plan_units
 
 from .dataset import Columns, DatasetSpec
 from .layout import ALIGN
 from .sizing import BatchEstimate
-from .transform import Transform
+from .transform_runner import Transform
 from .trial import derive_packed
 
 log = logging.getLogger("batchfeed.server")

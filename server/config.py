@@ -56,7 +56,7 @@ class ServerConfig:
     max_sessions: int = Limits.sessions
     max_sessions_per_connection: int = Limits.per_connection
     max_unsent_bytes: int = Limits.unsent_bytes  # per connection
-    max_image_pixels: int = 0  # 0: batchfeed.images' default
+    max_image_pixels: int = 0  # 0: batchfeed.transforms.images' default
 
     def __post_init__(self) -> None:
         if self.workers < 0:

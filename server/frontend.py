@@ -3,7 +3,7 @@
 It owns the client-facing ROUTER socket and the poller, and dispatches what arrives:
 
 - client messages to ``ClientMessages`` (``handlers.py``: HELLO, CLAIM, REQUEST, RELEASE, PING,
-  BYE, STATS), which acts through the sessions (``sessions.py``), each honoured only from the
+  BYE, STATS), which acts through the sessions (``session_table.py``), each honoured only from the
   connection that owns the session it names;
 - the scheduler (``scheduler.py``) turns queued batches into tasks for idle workers;
 - worker replies come back over the workers' socketpairs, and deaths through their sentinels,
@@ -39,16 +39,16 @@ from .config import ServerConfig
 from .dataset import Columns, DatasetSpec
 from .handlers import ClientMessages
 from .leases import Leases
-from .orders import OrderBoard
+from .order_board import OrderBoard
 from .outbox import Outbox
 from .ratelog import RateLimitedLog
 from .ring import SlotRing
 from .scheduler import TASKS_PER_WORKER, GivenUp, Scheduler
 from .security import IpcPath, ServerSecurity, check_ipc_free
 from .session import Owner
-from .sessions import SessionTable
+from .session_table import SessionTable
 from .supervisor import Supervisor, WorkerHandle
-from .transform import Transform
+from .transform_runner import Transform
 from .worker import WorkerSpec
 
 log = logging.getLogger("batchfeed.server")

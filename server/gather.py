@@ -2,7 +2,7 @@
 
 A chunk's *outputs* are the fields clients receive, each written as one region of the slot
 (the slot layout is ``layout.py``); the BATCH header gives each part's shape, so the client cuts
-the regions into batches without copies.  Packed rows and token budgets are ``units.py``.
+the regions into batches without copies.  Packed rows and token budgets are ``unit_batches.py``.
 
 - a fixed field: ``(rows, *shape)`` per batch, gathered with ``np.take(..., out=region)``;
 - a ragged field (``ragged="pad"``, the default): ``f`` as ``(rows, longest)`` padded with
@@ -35,8 +35,8 @@ from batchfeed.shared.schema import BYTES, STR, Field, Ragged
 
 from .dataset import DatasetSpec
 from .layout import OFFSETS, VALUES, Layout, Output, RaggedFormat, copied_output, write_outputs
-from .transform import Transform
-from .units import budget_rows, packed_batches, packed_outputs
+from .transform_runner import Transform
+from .unit_batches import budget_rows, packed_batches, packed_outputs
 
 Column: TypeAlias = "np.ndarray | Ragged"
 

@@ -36,9 +36,9 @@ from .ratelog import RateLimitedLog
 from .ring import SlotRing
 from .scheduler import Scheduler
 from .session import Owner, new_session
-from .sessions import MAX_REPORTED, SessionTable
+from .session_table import MAX_REPORTED, SessionTable
 from .sizing import size_session
-from .transform import Transform
+from .transform_runner import Transform
 
 log = logging.getLogger("batchfeed.server")
 

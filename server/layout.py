@@ -6,7 +6,7 @@ A chunk's *outputs* are the fields clients receive, each written as one region o
 ``write_outputs`` fits as many batches as the slot holds and writes them (a single batch too big
 for a slot is a ``WorkerError`` saying what to change); the layout it returns is what a DONE
 tells the front end and a BATCH header tells the client.  ``RaggedFormat`` is how a session wants
-variable-length fields.  Used by ``gather.py`` (rows of the dataset) and ``units.py`` (packed
+variable-length fields.  Used by ``gather.py`` (rows of the dataset) and ``unit_batches.py`` (packed
 rows and token budgets); it imports neither.
 """
 

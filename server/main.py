@@ -44,12 +44,12 @@ from .dataset import (
     shard_range,
     synthetic_sources,
 )
-from .fingerprint import file_fingerprint, sources_fingerprint, synthetic_fingerprint
+from .fingerprinting import file_fingerprint, sources_fingerprint, synthetic_fingerprint
 from .frontend import BookkeepingError, Frontend, WorkersFailed
 from .ring import HEADER_BYTES, SlotRing
 from .security import ServerSecurity
 from .sources import default_names
-from .transform import Transform, load_transform
+from .transform_runner import Transform, load_transform
 from .trial import derive
 from .worker import keep_big_allocations_out_of_the_heap
 
@@ -147,7 +147,7 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
         if sources is None:
             sources = dataset_sources(config)
         if config.max_image_pixels:  # before the workers fork: they inherit it
-            from batchfeed import images
+            from batchfeed.transforms import images
 
             images.set_max_pixels(config.max_image_pixels)
         transforms = load_transforms(config, list(sources))

@@ -27,7 +27,7 @@ from .leases import Leases
 from .ring import SlotRing
 from .scheduler import InFlight
 from .session import Session
-from .sessions import SessionTable
+from .session_table import SessionTable
 
 log = logging.getLogger("batchfeed.server")
 

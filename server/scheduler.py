@@ -32,7 +32,7 @@ from batchfeed.shared.plan import BatchPlan
 
 from . import tasks
 from .dataset import DatasetSpec
-from .orders import OrderBoard, OrderState
+from .order_board import OrderBoard, OrderState
 from .ring import TASK, Holder, SlotRing
 from .session import MAX_ATTEMPTS, Session
 

@@ -21,8 +21,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from batchfeed.shared.addresses import is_loopback
+from batchfeed.shared.curve_keys import check_libzmq, load_secret
 from batchfeed.shared.errors import AuthenticationError, InvalidRequest, ResourceError
-from batchfeed.shared.security import check_libzmq, load_secret
 
 log = logging.getLogger("batchfeed.server")
 

@@ -15,7 +15,7 @@ old stream that workers are gathering are dropped on arrival.
 
 A sent message is *unsent* until ZeroMQ has handed all of it to the kernel (its
 ``MessageTracker`` is done): what the session's connection costs the server's memory beyond the
-ring, bounded by ``SessionTable`` (``sessions.py``).
+ring, bounded by ``SessionTable`` (``session_table.py``).
 
 A batch whose task was lost (its worker died or timed out) is asked again alone, so that one bad
 batch cannot take innocent ones with it; lost ``MAX_ATTEMPTS`` times, it fails (``lost``

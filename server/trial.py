@@ -34,7 +34,7 @@ from batchfeed.shared.schema import (
 )
 
 from .gather import batch_of
-from .transform import Transform
+from .transform_runner import Transform
 
 if TYPE_CHECKING:
     from batchfeed.shared.params import PlanParams
@@ -80,8 +80,8 @@ def derive_packed(transform: Transform, spec: DatasetSpec, columns: Mapping[str,
     """The output schema of ``transform`` on packed rows (``params.pack``): run on two rows
     packed from the dataset's first documents, as a worker packs them (InvalidRequest when it
     cannot serve them: the session asked for what this transform cannot take)."""
-    from batchfeed.shared.packing import PackedEpoch
-    from batchfeed.shared.units import packed_fields
+    from batchfeed.server.packing import PackedEpoch
+    from batchfeed.server.plan_units import packed_fields
 
     assert params.pack is not None
     fields = packed_fields(params, columns)

@@ -37,14 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from batchfeed.server.plan_units import plan_units
 from batchfeed.shared.errors import BatchfeedError, DatasetError, WorkerError
 from batchfeed.shared.plan import ORDERS, BatchPlan, PlanParams
-from batchfeed.shared.units import plan_units
 
 from . import tasks
 from .dataset import DatasetSpec, changed_file
 from .gather import gather_chunk, transform_chunk
-from .orders import WorkerOrders
+from .order_board import WorkerOrders
 
 log = logging.getLogger("batchfeed.server.worker")
 

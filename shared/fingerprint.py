@@ -1,7 +1,7 @@
 """A dataset's identity: its fingerprint, as servers announce it and clients compare it.
 
 A server computes its dataset's fingerprint from the data's content when it starts
-(``batchfeed.server.fingerprint``); WELCOME carries it, a client checks every server it talks
+(``batchfeed.server.fingerprinting``); WELCOME carries it, a client checks every server it talks
 to (at connect and at every reconnect) against the first, and ``state_dict`` records it, so
 that servers of different data, a server replaced by one of other data, or a checkpoint
 restored on other data are refused instead of mixed.

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ sits beside the package, at the repository's root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, inprocess, jpeg, loaders, peers, served, shards, stalls  # noqa: E402
+from benchmarks import common, inprocess, jpeg, loaders, peers, served, shard_servers, stalls  # noqa: E402
 from benchmarks import tokens as token_section  # noqa: E402
 from benchmarks.workloads import WORKLOAD_NAMES, BenchOptions  # noqa: E402
 
@@ -190,7 +190,7 @@ def test_quick_jpeg_has_batchfeed_torch_and_spdl_rows_per_set(bench, tmp_path) -
 def test_quick_shards_checks_every_row_against_the_full_server(bench, tmp_path) -> None:
     out, data = quick(bench, tmp_path, "shards")
     rows = data["shards"]["rows"]
-    assert [r["name"] for r in rows] == list(shards.SHARD_ROWS)
+    assert [r["name"] for r in rows] == list(shard_servers.SHARD_ROWS)
     for r in rows:
         assert r["status"] == "ok", r
         assert r["values"]["checked_batches"] > 0 and len(r["values"]["pss_vs_full"]) in (1, 2)

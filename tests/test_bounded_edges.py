@@ -468,7 +468,7 @@ def cost(fn: Callable[[], object]) -> tuple[float, int, BaseException | None]:
 
 
 def crop32(data: bytes, name: str) -> Callable[[], object]:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     rng = np.random.default_rng(0)
     return lambda: images.crop_resize(
@@ -491,7 +491,7 @@ def warm() -> None:
 ])
 def test_an_image_over_the_limit_fails_in_a_second_for_a_few_mb(bombs, warm, kind: str,
                                                                   name: str, size: str) -> None:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     seconds, grown, error = cost(crop32(bombs(kind), name))
     print(f"\n{name} ({len(bombs(kind)):,} bytes): refused in {seconds * 1000:.1f} ms, "
@@ -506,7 +506,7 @@ def test_an_image_over_the_limit_fails_in_a_second_for_a_few_mb(bombs, warm, kin
 
 def test_without_simplejpeg_the_jpeg_bomb_is_refused_by_pillow_from_its_header(
         bombs, warm, monkeypatch) -> None:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     monkeypatch.setattr(images, "_optional", lambda module: None)
     seconds, grown, error = cost(crop32(bombs("jpeg"), "cat/bomb.jpg"))
@@ -516,7 +516,7 @@ def test_without_simplejpeg_the_jpeg_bomb_is_refused_by_pillow_from_its_header(
 
 @contextlib.contextmanager
 def max_pixels(n: int) -> Iterator[None]:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     before = images.MAX_PIXELS
     images.set_max_pixels(n)
@@ -533,10 +533,10 @@ def png(width: int, height: int) -> bytes:
 
 
 def test_set_max_pixels_moves_the_limit_for_batchfeed_and_pillow_alike() -> None:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     assert images.MAX_PIXELS == images.DEFAULT_MAX_PIXELS == 64_000_000
-    images.open_image(png(4, 4))  # Pillow is aligned once batchfeed.images uses it
+    images.open_image(png(4, 4))  # Pillow is aligned once batchfeed.transforms.images uses it
     assert 2 * Image.MAX_IMAGE_PIXELS == images.MAX_PIXELS  # Pillow refuses above twice it
     with max_pixels(1_000):
         assert images.crop_resize(png(40, 25), 8, lambda w, h: (0, 0, w, h)).shape == (8, 8, 3)

@@ -22,7 +22,7 @@ import pytest
 
 import batchfeed
 from batchfeed import Client, InvalidArgument, InvalidArgumentType, InvalidRequest
-from batchfeed.shared.security import make_keys
+from batchfeed.shared.curve_keys import make_keys
 
 torch = pytest.importorskip("torch", reason="BatchfeedDataset is a torch IterableDataset")
 

@@ -15,9 +15,9 @@ import pytest
 import zmq
 
 from batchfeed.client.iteration import EpochIterator, Progress
+from batchfeed.client.lanes import Servers
 from batchfeed.client.link import Link, LinkConfig, Welcome
 from batchfeed.client.options import ClientConfig
-from batchfeed.client.servers import Servers
 from batchfeed.client.window import Positions
 from batchfeed.shared import protocol
 from batchfeed.shared.errors import DataMismatch, ProtocolError

@@ -151,7 +151,7 @@ def without(hidden: str, real: Callable[[str], Any], module: str) -> Any:
 @pytest.mark.parametrize("size", [32, 96])
 def test_every_decoder_and_resize_give_the_same_crop_within_a_few_levels(size: int,
                                                                           monkeypatch) -> None:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     data = jpeg(photo(300, 260, 1))
     box = (20.5, 31.0, 230.0, 280.5)
@@ -179,7 +179,7 @@ def test_every_decoder_and_resize_give_the_same_crop_within_a_few_levels(size: i
 def test_the_crop_draws_the_rng_once_whichever_decoder_reads_the_file(monkeypatch) -> None:
     """A JPEG simplejpeg cannot read falls back to Pillow without a second draw: servers with
     and without simplejpeg give the same crops."""
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     pixels = photo(120, 90, 2)
     cmyk = io.BytesIO()
@@ -195,7 +195,8 @@ def test_the_crop_draws_the_rng_once_whichever_decoder_reads_the_file(monkeypatc
 
 
 def test_a_missing_opencv_is_a_clear_error_at_start(monkeypatch) -> None:
-    from batchfeed import images, transforms
+    from batchfeed import transforms
+    from batchfeed.transforms import images
 
     monkeypatch.setattr(images, "_optional", lambda mod: None)
     with pytest.raises(ImportError, match=r"batchfeed\[images-fast\]"):
@@ -207,7 +208,7 @@ def test_a_missing_opencv_is_a_clear_error_at_start(monkeypatch) -> None:
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_to_float_chw_is_the_plain_formula(normalize: bool) -> None:
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     x = np.random.default_rng(3).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
     mean, std = (images.IMAGENET_MEAN, images.IMAGENET_STD) if normalize else (None, None)
@@ -220,7 +221,8 @@ def test_to_float_chw_is_the_plain_formula(normalize: bool) -> None:
 
 
 def test_a_missing_pillow_stops_the_start_naming_the_extra(monkeypatch) -> None:
-    from batchfeed import images, transforms
+    from batchfeed import transforms
+    from batchfeed.transforms import images
 
     def no_pillow() -> None:
         raise ImportError("image transforms need Pillow: pip install 'batchfeed[images]'")

@@ -38,7 +38,7 @@ from conftest import free_port
 
 from batchfeed import probe
 from batchfeed.launch import ServerProcess
-from batchfeed.shared.security import make_keys
+from batchfeed.shared.curve_keys import make_keys
 
 try:
     import yaml
@@ -159,7 +159,7 @@ def shard_count(sts: dict) -> int:
 
 def shm_needed_bytes(sts: dict) -> int:
     """The formula's /dev/shm: the shard + the slot ring + the kept epoch orders + slack."""
-    from batchfeed.server.orders import KEEP
+    from batchfeed.server.order_board import KEEP
     from batchfeed.shared.plan import index_dtype
 
     annotations = sts["metadata"]["annotations"]

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batchfeed import Client, __version__
 from batchfeed.server.metrics import SnapshotCollector
-from batchfeed.shared.security import make_keys
+from batchfeed.shared.curve_keys import make_keys
 from batchfeed.stats import _Screen, render
 
 N = 5_003

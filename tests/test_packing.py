@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchfeed.shared import orders as plan
-from batchfeed.shared.errors import DatasetError, InvalidRequest
-from batchfeed.shared.packing import (
+from batchfeed.server.packing import (
     _TAG_BUDGET,
     PackedEpoch,
     PackedRows,
@@ -18,6 +16,8 @@ from batchfeed.shared.packing import (
     ragged_lengths,
     token_budget_batches,
 )
+from batchfeed.shared import orders as plan
+from batchfeed.shared.errors import DatasetError, InvalidRequest
 from batchfeed.shared.plan import full_order
 
 PAD = -1
@@ -360,14 +360,14 @@ def test_a_server_writes_packed_rows_straight_into_its_slot(world_size: int, fit
     """The worker's path (every output in one pass, in the slot, in blocks of rows) against
     fresh arrays, for ranks whose last batch wraps to the epoch's first rows and for a slot too
     small for the chunk."""
-    from batchfeed.server import units
+    from batchfeed.server import unit_batches
     from batchfeed.server.layout import ALIGN, RaggedFormat, write_outputs
-    from batchfeed.server.units import packed_batches, packed_outputs
+    from batchfeed.server.unit_batches import packed_batches, packed_outputs
 
-    monkeypatch.setattr(units, "_GATHER_TOKENS", 3 * 32)  # blocks of 3 rows: cut every batch
+    monkeypatch.setattr(unit_batches, "_GATHER_TOKENS", 3 * 32)  # blocks of 3 rows: cut every batch
+    from batchfeed.server.plan_units import plan_units
     from batchfeed.shared.plan import BatchPlan, PlanParams
     from batchfeed.shared.schema import Ragged
-    from batchfeed.shared.units import plan_units
 
     rng = np.random.default_rng(5)
     lengths = random_lengths(rng, 400, L=32)

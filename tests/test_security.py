@@ -15,8 +15,8 @@ import zmq
 
 from batchfeed import AuthenticationError, Client
 from batchfeed.server.security import is_loopback
-from batchfeed.shared import protocol, security
-from batchfeed.shared.security import make_keys
+from batchfeed.shared import curve_keys, protocol
+from batchfeed.shared.curve_keys import make_keys
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_an_old_libzmq_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(zmq, "zmq_version_info", lambda: (4, 3, 4))
     monkeypatch.setattr(zmq, "zmq_version", lambda: "4.3.4")
     with pytest.raises(AuthenticationError, match="libzmq 4.3.4 is older than 4.3.5"):
-        security.check_libzmq()
+        curve_keys.check_libzmq()
 
 
 class _Marker:

@@ -20,11 +20,11 @@ from batchfeed.server.config import ServerConfig
 from batchfeed.server.dataset import DatasetSpec
 from batchfeed.server.frontend import BookkeepingError, Frontend
 from batchfeed.server.leases import TABLE_HEADER, Leases
-from batchfeed.server.orders import OrderBoard, OrderState
+from batchfeed.server.order_board import OrderBoard, OrderState
 from batchfeed.server.ring import LEASE, SEND, TASK, Holder, RingError, SlotRing
 from batchfeed.server.scheduler import TASKS_PER_WORKER, Scheduler
 from batchfeed.server.session import Session, new_session
-from batchfeed.server.sessions import SessionTable
+from batchfeed.server.session_table import SessionTable
 from batchfeed.server.sizing import BatchEstimate, size_session
 from batchfeed.shared.errors import CreditExceeded, InvalidRequest, UnknownSession
 from batchfeed.shared.plan import BatchPlan, PlanParams

@@ -4,7 +4,7 @@ its fields (from headers and metadata only); each reader lives in its own module
 - ``npfiles``: ``.npz``, ``.npy``, a directory of ``.npy`` files;
 - ``arrow``: Parquet (a file or a directory), Arrow IPC (``.arrow``, ``.feather``), a Hugging
   Face ``save_to_disk`` directory (pyarrow, an optional extra);
-- ``images``: a folder of images in torchvision's ImageFolder layout;
+- ``image_folder``: a folder of images in torchvision's ImageFolder layout;
 - ``synthetic``: the built-in default;
 - ``memory``: columns already in memory, for ``batchfeed.serve(...)``.
 """
@@ -28,7 +28,7 @@ HINT = ("--data takes a .npz or .npy file, a directory of .npy files, a Parquet 
 
 def inspect_source(path: str) -> list[FieldSource]:
     """The fields of the data at ``path``, read from headers and metadata only."""
-    from . import arrow, images, npfiles
+    from . import arrow, image_folder, npfiles
 
     p = Path(path)
     if not p.exists():
@@ -41,8 +41,8 @@ def inspect_source(path: str) -> list[FieldSource]:
             sources = arrow.parquet_sources(p)
         elif ".npy" in suffixes:
             sources = npfiles.npy_dir_sources(p)
-        elif images.is_image_folder(p):
-            sources = images.image_folder_sources(p)
+        elif image_folder.is_image_folder(p):
+            sources = image_folder.image_folder_sources(p)
         else:
             raise DatasetError(f"directory {path} holds no data batchfeed can serve; {HINT}")
     elif p.suffix == ".npz":

@@ -16,9 +16,9 @@ through):
   shapes then vary; clients take them as they come.
 
 Encoded images (an image folder's ``image`` bytes field, or a Parquet/HF image column), with
-per-image decoding in ``batchfeed.images`` (simplejpeg and Pillow, the ``batchfeed[images]``
-extra; OpenCV's resize with ``batchfeed[images-fast]``); these are factories, configured on the
-command line, e.g.
+per-image decoding in ``batchfeed.transforms.images`` (simplejpeg and Pillow, the
+``batchfeed[images]`` extra; OpenCV's resize with ``batchfeed[images-fast]``); these are
+factories, configured on the command line, e.g.
 ``--transform "batchfeed.transforms:train_images(size=224)"``:
 
 - ``train_images(size, scale, ratio, flip, normalize)``: random-resized-crop (torchvision's
@@ -34,7 +34,7 @@ the server sizes messages (and refuses a batch bigger than a slot) at HELLO.  Th
 comes from the batch's rng, so every image gets the same crop whichever worker or server
 decodes it.  An image that cannot be decoded fails its batch with a WorkerError naming its file
 (the image folder's ``path`` field), and the server keeps serving.  So does an image over
-``batchfeed.images.MAX_PIXELS`` (64 MP unless ``--max-image-pixels`` says otherwise): a
+``batchfeed.transforms.images.MAX_PIXELS`` (64 MP unless ``--max-image-pixels`` says otherwise): a
 decompression bomb or a huge photo is refused from its header, before any pixel is decoded.
 
 Write your own the same way: a module on the server's PYTHONPATH with a function of
@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from batchfeed import images
+from . import images
 
 PAD = 4
 

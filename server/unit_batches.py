@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from batchfeed.shared.packing import PackedEpoch, PackedRows, epoch_batches
 from batchfeed.shared.plan import ORDERS, BatchPlan
 from batchfeed.shared.schema import Field
-from batchfeed.shared.units import budget_bounds, packed_fields
 
 from .layout import Fill, Output, RaggedFormat
+from .packing import PackedEpoch, PackedRows, epoch_batches
+from .plan_units import budget_bounds, packed_fields
 
 _KEEP = 4
 # Tokens per PackedEpoch.gather call: its int64 temporaries (~24 bytes a token) then stay in a

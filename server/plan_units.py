@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .errors import InvalidRequest
+from batchfeed.shared.errors import InvalidRequest
+from batchfeed.shared.params import PlanParams
+from batchfeed.shared.schema import RAGGED, Field, Ragged
+
 from .packing import batch_bounds, clip_lengths
-from .params import PlanParams
-from .schema import RAGGED, Field, Ragged
 
 _BOUNDS_KEEP = 4
 _bounds: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DatasetError, InvalidRequest
-from .orders import index_dtype
-from .params import _check_int
+from batchfeed.shared.errors import DatasetError, InvalidRequest
+from batchfeed.shared.orders import index_dtype
+from batchfeed.shared.params import _check_int
 
 # Keeps the token-budget stream apart from plan.py's (_TAG_FULL, _TAG_BUFFER, ...) for one seed.
 _TAG_BUDGET = 0x42554447  # "BUDG"

@@ -6,7 +6,7 @@ read from the page cache (one untimed read first).  Rows, one after the other:
 
 - ``read every byte``: the files read once into a reused buffer, the limit a full fingerprint
   is compared with;
-- ``fingerprint full``: ``batchfeed.server.fingerprint.file_fingerprint(mode="full")``, every
+- ``fingerprint full``: ``batchfeed.server.fingerprinting.file_fingerprint(mode="full")``, every
   byte hashed (SHA-256, in 32 MiB pieces on every core), as a server does by default;
 - ``fingerprint sampled``: ``mode="sampled"``, sizes and 64 blocks of 64 KiB a file, as a
   server does with ``--mmap``.
@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from batchfeed.server.fingerprint import data_files, file_fingerprint
+from batchfeed.server.fingerprinting import data_files, file_fingerprint
 from batchfeed.server.sources import inspect_source
 
 from .common import GB, Column, Row, guarded, row_table
