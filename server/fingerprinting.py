@@ -10,8 +10,8 @@ What is hashed (SHA-256, with the schema, the row count and the class names):
   over it (all of a file up to 4 MiB).  ``mode="sampled"`` computes only the latter.
 - data in memory (``batchfeed.serve(data)``): every field's rows as the workers read them (a
   fixed field's rows; a ragged field's lengths and values), filled in bounded windows.
-- the built-in synthetic dataset: its parameters and its first 65,536 rows, which pin the
-  generator.
+- the built-in synthetic dataset: its size and schema, and the first draws of the generator it
+  is made with (which pin the generator's algorithm: the rows are a function of them).
 
 A file that cannot be read is a DatasetError naming it.
 """
@@ -41,7 +41,6 @@ BLOCK = 64 * 1024  # one sampled block
 BLOCKS = 64  # sampled blocks per file
 WHOLE_UP_TO = 4 * 2**20  # a file this small is sampled whole
 WINDOW = 32 * 2**20  # bytes of rows filled at a time for data in memory
-SYNTHETIC_ROWS = 65536
 
 
 def _sha(*parts: bytes | memoryview) -> hashlib._Hash:
@@ -215,6 +214,10 @@ def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
-def synthetic_fingerprint(sources: Sequence[FieldSource]) -> Fingerprint:
-    """The synthetic dataset's: its size and first rows (generated from a fixed seed)."""
-    return sources_fingerprint(sources, rows=SYNTHETIC_ROWS, note="synthetic")
+def synthetic_fingerprint(sources: Sequence[FieldSource], seed: int = 0) -> Fingerprint:
+    """The synthetic dataset's: its size, schema and seed, and the generator's first draws
+    (its rows are drawn from them in order, so nothing else can differ)."""
+    probe = np.random.default_rng(seed).standard_normal(64, dtype=np.float32)
+    h = _sha(_header([s.field for s in sources], sources[0].rows, ()),
+             f"synthetic|{seed}|".encode(), probe.tobytes())
+    return Fingerprint(full=_hex(h))

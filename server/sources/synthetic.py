@@ -27,10 +27,14 @@ def synthetic_sources(rows: int, seed: int = 0) -> list[FieldSource]:
     y_field = Field("y", np.dtype(np.int64), ())
     def fill_x(out: np.ndarray, lo: int, hi: int) -> None:
         for start, x, _ in chunks():
+            if start >= hi:
+                break  # the rows are drawn in order: nothing after ``hi`` is needed
             _copy_window(out, x, start, lo, hi)
 
     def fill_y(out: np.ndarray, lo: int, hi: int) -> None:
         for start, _, y in chunks():
+            if start >= hi:
+                break
             _copy_window(out, y, start, lo, hi)
 
     return [FieldSource(x_field, rows, fill_x, where=SYNTHETIC_NAME),
