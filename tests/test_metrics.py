@@ -249,3 +249,19 @@ def test_stats_redraws_in_place_on_a_terminal_only() -> None:
         screen.show(["c", "d"])
     assert tty.getvalue() == "\x1b[Ja\nb\n\x1b[2F\x1b[Jc\nd\n"
     assert pipe.getvalue() == "a\nb\n\nc\nd\n"
+
+
+def test_stats_shows_where_the_trainer_is_within_a_second(serve, dataset_path) -> None:
+    srv = serve("--data", dataset_path(20_000), "--workers", 1)
+    with Client(srv.address, batch_size=10, shuffle="none", name="slow") as client:
+        it = client.epoch(0)
+        for _ in range(37):
+            next(it)
+        deadline = time.monotonic() + 1.5
+        while True:  # the trainer rests: its position must show without more REQUESTs
+            (session,) = server_report(srv.address)["sessions"]
+            if (session["epoch"], session["next"]) == (0, 37) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert (session["epoch"], session["next"]) == (0, 37)
+        assert session["batches"] >= 37  # "sent" counts what was prefetched too
