@@ -102,22 +102,19 @@ def _samples(size: int) -> list[tuple[int, int]]:
     return [(int(i * step), int(i * step) + BLOCK) for i in range(BLOCKS)]
 
 
-class _Mapped:
-    """A file mapped read-only for hashing (``view`` is empty for an empty file)."""
-
-    def __init__(self, path: Path):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.size = os.fstat(fd).st_size
-            self._map = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else None
-        finally:
-            os.close(fd)
-        self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
-
-    def close(self) -> None:
-        self.view.release()
-        if self._map is not None:
-            self._map.close()
+def _hash_range(path: Path, a: int, b: int) -> bytes:
+    """SHA-256 of bytes ``a .. b`` of a file, read through a mapping made for this range alone
+    (a folder of a million images never holds a million mappings)."""
+    if a == b:
+        return _sha(b"").digest()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = a - a % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, b - start, prot=mmap.PROT_READ, offset=start) as m, \
+                memoryview(m) as view:
+            return _sha(view[a - start : b - start]).digest()
+    finally:
+        os.close(fd)
 
 
 def file_fingerprint(path: Path, fields: Sequence[Field], rows: int,
@@ -126,35 +123,31 @@ def file_fingerprint(path: Path, fields: Sequence[Field], rows: int,
     if mode not in MODES:
         raise DatasetError(f"--fingerprint must be one of {', '.join(MODES)}, got {mode!r}")
     files = data_files(path)
-    maps: list[_Mapped] = []
-    try:
-        for _, f in files:
-            try:
-                maps.append(_Mapped(f))
-            except (OSError, ValueError) as exc:
-                raise DatasetError(f"{f} cannot be read to fingerprint it ({exc}); check its "
-                                   "permissions, or move it out of the data directory") from None
-        sampled = _digest(files, maps, _samples, combine=False)
-        full = _digest(files, maps, _pieces, combine=True) if mode == "full" else None
-    finally:
-        for m in maps:
-            m.close()
+    sizes = []
+    for _, f in files:
+        try:
+            sizes.append(f.stat().st_size)
+        except OSError as exc:
+            raise DatasetError(f"{f} cannot be read to fingerprint it ({exc.strerror}); check "
+                               "its permissions, or move it out of the data directory") from None
+    sampled = _digest(files, sizes, _samples, combine=False)
+    full = _digest(files, sizes, _pieces, combine=True) if mode == "full" else None
     head = _header(fields, rows, classes)
     return Fingerprint(full=_hex(_sha(head, full)) if full is not None else None,
                        sampled=_hex(_sha(head, sampled)))
 
 
-def _digest(files: list[tuple[str, Path]], maps: list[_Mapped],
+def _digest(files: list[tuple[str, Path]], sizes: list[int],
             ranges: Callable[[int], list[tuple[int, int]]], combine: bool) -> bytes:
     """One digest over every file: its name, size, and a hash of each of its ranges (each range
     hashed on its own, on every core; ``combine``: ranges hashed apart, then their digests)."""
-    jobs = [(i, a, b) for i, m in enumerate(maps) for a, b in ranges(m.size)]
+    jobs = [(i, a, b) for i, size in enumerate(sizes) for a, b in ranges(size)]
 
     def run(job: tuple[int, int, int]) -> bytes:
         i, a, b = job
         try:
-            return _sha(maps[i].view[a:b]).digest()
-        except (OSError, ValueError) as exc:  # pragma: no cover - a file shrank under us
+            return _hash_range(files[i][1], a, b)
+        except (OSError, ValueError) as exc:  # a file that shrank or went under us
             raise DatasetError(f"{files[i][1]} changed while it was fingerprinted ({exc}); "
                                "serve files nobody writes to") from None
 
@@ -162,9 +155,9 @@ def _digest(files: list[tuple[str, Path]], maps: list[_Mapped],
         digests = list(pool.map(run, jobs))
     out = hashlib.sha256()
     at = 0
-    for (name, _), m in zip(files, maps):
-        n = len(ranges(m.size))
-        out.update(f"{name}\0{m.size}\0".encode())
+    for (name, _), size in zip(files, sizes):
+        n = len(ranges(size))
+        out.update(f"{name}\0{size}\0".encode())
         part = b"".join(digests[at : at + n])
         out.update(_sha(part).digest() if combine else part)
         at += n
