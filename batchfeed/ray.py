@@ -69,14 +69,22 @@ def _ray() -> Any:
 
 
 def _cause(exc: BaseException) -> BaseException:
-    """The exception a Ray error wraps (a loader's DatasetError, say), or ``exc``."""
-    seen = exc
+    """The batchfeed error a Ray error carries (a loader's DatasetError, say), rebuilt from
+    its text if Ray passed only that; or ``exc``."""
+    import re
+
+    from batchfeed.shared import errors
+
+    seen: BaseException | None = exc
     for _ in range(8):
-        inner = getattr(seen, "cause", None)
-        if not isinstance(inner, BaseException) or inner is seen:
-            break
-        seen = inner
-    return seen
+        if seen is None or isinstance(seen, BatchfeedError):
+            return seen or exc
+        seen = getattr(seen, "cause", None)
+    m = re.search(r"batchfeed\.shared\.errors\.(\w+): (.+)", str(exc))
+    kind = getattr(errors, m.group(1), None) if m else None
+    if m and isinstance(kind, type) and issubclass(kind, BatchfeedError):
+        return kind(m.group(2).strip())
+    return exc
 
 
 # ---------------------------------------------------------------------------------- the handle
@@ -97,8 +105,7 @@ class LoaderSet:
 
     def loaders(self) -> list[dict[str, Any]]:
         """Each live loader: ``key``, ``address``, ``node_id``, ``pid``, ``shard``."""
-        ray = _ray()
-        return ray.get(self.registry.live.remote(), timeout=CALL_TIMEOUT_S)
+        return _ask(self.registry.live)
 
     def local_loaders(self) -> list[dict[str, Any]]:
         """The live loaders on this process's Ray node (by node id): read through the
@@ -145,13 +152,28 @@ class LoaderSet:
         return BatchfeedDataset(self, **self.client_kwargs(kwargs))
 
     def trainer_reports(self) -> dict[str, dict[str, float]]:
-        return _ray().get(self.registry.reports.remote(), timeout=CALL_TIMEOUT_S)
+        """The tracked clients' latest ``Client.stats()``, by trainer."""
+        return _ask(self.registry.reports)
 
     def __repr__(self) -> str:
         return f"LoaderSet({self.name!r})"
 
 
 _CURVE_FILES: dict[str, tuple[str, str]] = {}
+
+
+def _ask(method: Any) -> Any:
+    """Call a registry method; while the registry restarts (Ray restarts it, and the loaders'
+    heartbeats fill it again), ask again, for up to ``CALL_TIMEOUT_S``."""
+    ray = _ray()
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while True:
+        try:
+            return ray.get(method.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def train_rank() -> tuple[int, int]:
@@ -327,10 +349,14 @@ def start_loaders(data: Any, *, shards: int = 1, replicas: int = 1, workers: int
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not isinstance(data, (str, Path)):
+        from batchfeed.server.sources import check_fields
+        from batchfeed.server.sources.memory import memory_sources
+
+        check_fields(memory_sources(data), "the data passed to start_loaders")  # here, at once
         data = [ray.put(data)]  # once; every loader (and every restart) reads it from there
     registry = ray.remote(Registry).options(
         num_cpus=0, max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=True),
+            ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(stale_after)
     handle = LoaderSet(registry, JobKeys.make() if curve else None, name)
     group = LoaderGroup(handle, shards, str(data) if isinstance(data, Path) else data,

@@ -25,7 +25,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # node addresses stay 127
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from batchfeed.shared.procs import process_tree  # noqa: E402
+from batchfeed.shared.procs import process_tree
 
 REPO = str(Path(__file__).resolve().parents[1])
 MIB = 2**20

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray_cluster  # noqa: F401 - before ray: keeps Ray's addresses on loopback
+import ray_cluster  # before ray: it keeps Ray's addresses on loopback
 from conftest import shm_segments, wait_until
 
 from batchfeed import Client
@@ -68,8 +68,8 @@ def read_one_epoch(config: dict[str, Any]) -> None:
                     "world": ray.train.get_context().get_world_size()}))
 
 
-def test_two_shard_loaders_on_two_nodes_feed_two_train_ranks_exactly_once(cluster,
-                                                                           tmp_path) -> None:
+def test_two_shard_loaders_on_two_nodes_feed_two_train_ranks_exactly_once(cluster, tmp_path,
+                                                                           serve) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -86,7 +86,11 @@ def test_two_shard_loaders_on_two_nodes_feed_two_train_ranks_exactly_once(cluste
             run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="read"))
         trainer.fit()
     got = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)}
-    with __import__("batchfeed").serve(rows(), workers=1) as one:  # one local server
+    np.savez(tmp_path / "data.npz", **rows())
+    # One local server, as a subprocess: a fork of this Ray driver (batchfeed.serve) after Ray
+    # Train ran left the driver's GCS client hanging (Ray 2.60).
+    one = serve("--data", tmp_path / "data.npz", "--workers", 1)
+    if True:
         for r in range(2):
             with Client(one.address, batch_size=500, seed=7, rank=r, world_size=2) as c:
                 assert got[r]["ids"] == [b["id"].tolist() for b in c.epoch(0)]
@@ -159,14 +163,18 @@ def test_no_segment_or_loader_is_left_after_stop(cluster) -> None:
 
 
 def test_loaders_need_the_jobs_keys(cluster) -> None:
-    from batchfeed import ServerUnavailable
+    from batchfeed import AuthenticationError
+    from batchfeed.ray_loader import JobKeys
 
     with bfray.start_loaders(rows(1000), workers=1) as loaders:
         handle = loaders.handle
         with handle.client(batch_size=100, shuffle="none", rank=0, world_size=1) as c:
             assert [i for b in c.epoch(0) for i in b["id"]] == list(range(1000))
-        with pytest.raises(ServerUnavailable):  # no keys: CURVE lets no byte through
-            Client(handle.addresses(), batch_size=100, connect_timeout=2)
+        with pytest.raises(AuthenticationError, match="requires CURVE"):
+            Client(handle.addresses(), batch_size=100, connect_timeout=5)
+        other = bfray.LoaderSet(handle.registry, JobKeys.make(), "another job")
+        with pytest.raises(AuthenticationError):  # another job's keys
+            Client(handle.addresses(), batch_size=100, connect_timeout=5, curve=other.curve())
 
 
 def test_bad_data_fails_the_start_with_one_line(cluster) -> None:
@@ -184,16 +192,16 @@ def test_a_waiting_trainer_gets_a_second_replica_and_waits_less(cluster) -> None
 
     n, bs, step = 48_000, 64, 0.016  # the trainer's step; a loader takes ~24 ms a batch
     sleepy = ("tests.transforms.basic:sleepy",)
+    got: list[list[int]] = []
+    marks: list[tuple[float, float, int]] = []  # (waited, wall time, replicas) per step
     with bfray.start_loaders(rows(n), workers=1, transforms=sleepy) as loaders, \
-            WaitShareScaler(loaders, threshold=0.15, max_replicas=2, period_s=1.0) as scaler:
-        with loaders.handle.client(batch_size=bs, seed=9, prefetch=8) as client:
-            got: list[list[int]] = []
-            marks: list[tuple[float, float, int]] = []
-            for batch in client.epoch(0):
-                got.append(batch["id"].tolist())
-                time.sleep(step)
-                s = client.stats()
-                marks.append((s["wait_s"], s["wall_s"], loaders.replicas))
+            WaitShareScaler(loaders, threshold=0.15, max_replicas=2, period_s=1.0) as scaler, \
+            loaders.handle.client(batch_size=bs, seed=9, prefetch=8) as client:
+        for batch in client.epoch(0):
+            got.append(batch["id"].tolist())
+            time.sleep(step)
+            s = client.stats()
+            marks.append((s["wait_s"], s["wall_s"], loaders.replicas))
     assert got == expected(0, n, batch_size=bs, seed=9)  # as one loader would serve them
     assert [e["replicas"] for e in scaler.history] == [2], scaler.history
     one = [m for m in marks if m[2] == 1]
