@@ -6,7 +6,7 @@ stage that makes each batch float32 CHW, normalised (``batchfeed.images.to_float
 numpy code batchfeed's workers run), with a sink buffer.  The crop box is drawn as
 torchvision's ``RandomResizedCrop`` draws it (``batchfeed.images.random_resized_crop_box``).
 
-Ray Data's image row, when its issue builds it, goes here beside SPDL's.
+Ray Data's image row is in the Ray section (``ray_peers.py``, ``ray_bench.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``run(options, out)``: one bench run from start to end.
 
 The loaders section per workload (``loaders``), then the transform (image) and server-PSS
-(tabular) tables, the ``SECTIONS`` (``tokens``, ``jpeg``, ``shards``: each measured and
+(tabular) tables, the ``SECTIONS`` (``tokens``, ``jpeg``, ``shards``, ``ray``: each measured and
 printed by its own module) and the epoch-boundary stall table (``stalls``), each if its name
 is among ``options.workloads``.  It prints as it goes and
 writes ``--json`` at the end.  It owns the client pool and the temporary data directories:
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import jpeg, jpeg_report, loaders, report, shards, tokens
+from . import jpeg, jpeg_report, loaders, ray_bench, report, shards, tokens
 from .common import failures as section_failures
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, transform_scaling
@@ -40,6 +40,7 @@ SECTIONS = {
     "tokens": Section(tokens.token_section, tokens.format_tokens),
     "jpeg": Section(jpeg.jpeg_section, jpeg_report.format_jpeg),
     "shards": Section(shards.shard_section, shards.format_shards),
+    "ray": Section(ray_bench.ray_section, ray_bench.format_ray),
 }
 
 

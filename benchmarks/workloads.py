@@ -13,8 +13,8 @@ from batchfeed.shared.errors import InvalidRequest
 from .common import GB, MIB
 
 # The first three are the loaders section (loaders.py); the others are sections of their own
-# (run.SECTIONS: tokens.py, jpeg.py, shards.py; and stalls.py).
-WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards", "stalls")
+# (run.SECTIONS: tokens.py, jpeg.py, shards.py, ray_bench.py; and stalls.py).
+WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards", "stalls", "ray")
 
 
 @dataclass(frozen=True)
