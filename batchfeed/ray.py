@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,7 @@ class LoaderGroup:
     options: dict[str, Any]
     num_cpus: float
     max_restarts: int
+    registry_name: str
     actors: dict[str, Any] = field(default_factory=dict)
     groups: list[Any] = field(default_factory=list)  # placement groups
     replicas: int = 0
@@ -255,7 +257,7 @@ class LoaderGroup:
                 num_cpus=self.num_cpus, max_restarts=self.max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=shard),
-            ).remote(key, self.data, self.handle.registry, self.handle.keys, options,
+            ).remote(key, self.data, self.registry_name, self.handle.keys, options,
                      HEARTBEAT_S)
             keys.append(key)
         self.replicas += 1
@@ -354,14 +356,16 @@ def start_loaders(data: Any, *, shards: int = 1, replicas: int = 1, workers: int
 
         check_fields(memory_sources(data), "the data passed to start_loaders")  # here, at once
         data = [ray.put(data)]  # once; every loader (and every restart) reads it from there
+    registry_name = f"batchfeed-registry-{uuid.uuid4().hex}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     registry = ray.remote(Registry).options(
-        num_cpus=0, max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False),
+        name=registry_name, num_cpus=0, max_restarts=-1, scheduling_strategy=here,
     ).remote(stale_after)
     handle = LoaderSet(registry, JobKeys.make() if curve else None, name)
     group = LoaderGroup(handle, shards, str(data) if isinstance(data, Path) else data,
                         {"workers": workers, **server_options},
-                        float(num_cpus if num_cpus is not None else workers), max_restarts)
+                        float(num_cpus if num_cpus is not None else workers), max_restarts,
+                        registry_name)
     try:
         for _ in range(replicas):
             group.add_replica(ready_timeout)

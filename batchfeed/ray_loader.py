@@ -111,13 +111,16 @@ class Loader:
     """One loader server on one node (a Ray actor): serves, heartbeats, and exits if its
     server dies (so that Ray restarts it)."""
 
-    def __init__(self, key: str, data: Any, registry: Any, keys: JobKeys | None,
+    def __init__(self, key: str, data: Any, registry_name: str, keys: JobKeys | None,
                  server_options: dict[str, Any], heartbeat_s: float):
         import ray
 
         import batchfeed
 
         self.key = key
+        # The registry by name: an actor handle among the arguments of an actor that Ray
+        # restarts makes Ray log an error at every start.
+        registry: Any = ray.get_actor(registry_name)
         self.registry = registry
         host = ray.util.get_node_ip_address()
         bind = f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0"
@@ -140,7 +143,7 @@ class Loader:
                      "shard": server_options.get("shard"), "started": time.time()}
         self._stop = threading.Event()
         ray.get(registry.heartbeat.remote(key, self.info), timeout=CALL_TIMEOUT_S)
-        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_s,),
+        self._beat: threading.Thread = threading.Thread(target=self._heartbeat, args=(heartbeat_s,),
                                       name="batchfeed-heartbeat", daemon=True)
         self._beat.start()
 

@@ -15,6 +15,7 @@ the environment they inherit) and for this process.  Node failures are noticed w
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -56,7 +57,7 @@ def simulated_cluster(nodes: int = 3, env: Mapping[str, str] | None = None,
         cluster = Cluster(initialize_head=True, head_node_args={**HEAD, **(node_args or {})})
         for _ in range(nodes - 1):
             cluster.add_node(**{**NODE, **(node_args or {})})
-        ray.init(address=cluster.address, logging_level="WARNING",
+        ray.init(address=cluster.address, logging_level=logging.WARNING,
                  log_to_driver=log_to_driver)
         yield cluster
     finally:

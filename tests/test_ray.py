@@ -115,11 +115,15 @@ def test_a_node_removed_mid_epoch_restarts_its_loader_elsewhere_and_the_epoch_is
         with handle.client(batch_size=200, seed=3, prefetch=4, reconnect_timeout=120) as c:
             it = c.epoch(1)
             got = [next(it)["id"].tolist() for _ in range(15)]
+            removed_at = time.monotonic()
             cluster.remove_node(ray_cluster.node_of(cluster, victim["node_id"]))
             moved = wait_until(lambda: (info := live_keys(handle).get(victim_key)) and
                                info["node_id"] != victim["node_id"] and info,
                                timeout=90, what="the loader to restart on another node")
+            back_s = time.monotonic() - removed_at
             got += [batch["id"].tolist() for batch in it]
+        print(f"node removed: loader {victim_key} serving again on another node after "
+              f"{back_s:.1f} s")
         assert got == expected(1, batch_size=200, seed=3)
         assert moved["address"] != victim["address"]
     cluster.add_node(**ray_cluster.NODE)  # back to 3 nodes for the next test
@@ -208,4 +212,6 @@ def test_a_waiting_trainer_gets_a_second_replica_and_waits_less(cluster) -> None
     two = [m for m in marks if m[2] == 2][20:]  # once the new replica is in use
     share_one = (one[-1][0] - one[0][0]) / (one[-1][1] - one[0][1])
     share_two = (two[-1][0] - two[0][0]) / (two[-1][1] - two[0][1])
+    print(f"elastic: wait share {share_one:.0%} with one loader, {share_two:.0%} with two; "
+          f"replica added {scaler.history[0]['took_s']:.1f} s after the decision")
     assert share_one > 0.15 and share_two < share_one / 2, (share_one, share_two)
