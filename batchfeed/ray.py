@@ -51,7 +51,12 @@ from batchfeed.ray_loader import (
     private_files,
     sweep_segments,
 )
-from batchfeed.shared.errors import BatchfeedError, InvalidRequest, ResourceError
+from batchfeed.shared.errors import (
+    BatchfeedError,
+    InvalidRequest,
+    ResourceError,
+    ServerUnavailable,
+)
 
 HEARTBEAT_S = 0.5  # a loader tells the registry it is alive this often
 STALE_AFTER_S = 3.0  # ... and leaves the set when not heard from for this long
@@ -101,8 +106,18 @@ class LoaderSet:
     name: str
 
     def addresses(self) -> list[str]:
-        """The live loaders' addresses, as a ``Client`` asks for them every second."""
-        return [info["address"] for info in self.loaders()]
+        """The live loaders' addresses, as a ``Client`` asks for them every second.  While
+        none is live (Ray restarting them all) it waits up to ``CALL_TIMEOUT_S``, then raises
+        ServerUnavailable."""
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while not (live := self.loaders()):
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(
+                    f"no loader of {self.name!r} has served for {CALL_TIMEOUT_S:g} s: Ray may "
+                    "be restarting them, or they were stopped; see their actors' logs (ray "
+                    "logs), or start them again with batchfeed.ray.start_loaders")
+            time.sleep(0.2)
+        return [info["address"] for info in live]
 
     def loaders(self) -> list[dict[str, Any]]:
         """Each live loader: ``key``, ``address``, ``node_id``, ``pid``, ``shard``."""
