@@ -9,10 +9,12 @@
 
 What it owns:
 
-- **Placement.** ``start_loaders`` starts ``replicas x shards`` loader actors in a placement
-  group spread over the nodes (``SPREAD``: one bundle per loader, ``num_cpus`` each).  Each
-  actor runs ``batchfeed.serve`` on its node, from its main thread (the server dies with it):
-  its own workers and shared memory, bound to the node's address as Ray knows it.
+- **Placement.** ``start_loaders`` starts ``replicas x shards`` loader actors, each replica a
+  placement group spread over the nodes (``SPREAD``: one bundle of ``num_cpus`` per shard).
+  Each actor (``ray_loader.Loader``) runs ``batchfeed.serve`` on its node from its main thread
+  (the server dies with it): its own workers and shared memory, bound to the node's address
+  as Ray knows it.  A trainer on a loader's node (Ray's node ids: ``local_loaders()``) reads it
+  through the same-host fast path.
 - **Security.** CURVE keys are made for the job: the loaders get the server's secret key and
   the clients' public key, the handle carries the client's; each side writes them to a private
   (0700) directory on its node.  No ``insecure``.
@@ -40,7 +42,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchfeed.ray_loader import (
     CALL_TIMEOUT_S,
@@ -57,6 +59,10 @@ from batchfeed.shared.errors import (
     ResourceError,
     ServerUnavailable,
 )
+
+if TYPE_CHECKING:
+    from batchfeed.client import Client
+    from batchfeed.client.torch_data import BatchfeedDataset
 
 HEARTBEAT_S = 0.5  # a loader tells the registry it is alive this often
 STALE_AFTER_S = 3.0  # ... and leaves the set when not heard from for this long
@@ -150,7 +156,7 @@ class LoaderSet:
             out["rank"], out["world_size"] = train_rank()
         return out
 
-    def client(self, *, track: bool = True, **kwargs: Any) -> Any:
+    def client(self, *, track: bool = True, **kwargs: Any) -> Client:
         """A ``Client`` of these loaders (``Client``'s arguments); with ``track``, its wait
         statistics go to the registry (for ``WaitShareScaler``)."""
         from batchfeed import Client
@@ -161,7 +167,7 @@ class LoaderSet:
             _track(client, self.registry, f"{client.params.rank}:{os.getpid()}")
         return client
 
-    def dataset(self, **kwargs: Any) -> Any:
+    def dataset(self, **kwargs: Any) -> BatchfeedDataset:
         """A ``BatchfeedDataset`` of these loaders (it pickles, and connects on first use)."""
         from batchfeed.client.torch_data import BatchfeedDataset
 
@@ -296,19 +302,16 @@ class LoaderGroup:
                                 f"{first[-1] if first else type(cause).__name__}") from None
         self.nodes.add(info["node_id"])
 
-    def describe(self) -> dict[str, dict[str, Any]]:
-        """Each loader actor's server as it runs now (asked of the actors)."""
-        ray = _ray()
-        refs = {key: actor.describe.remote() for key, actor in self.actors.items()}
-        return {key: ray.get(ref, timeout=CALL_TIMEOUT_S) for key, ref in refs.items()}
-
     def stop(self) -> None:
         """Stop every loader, the registry and the placement groups; sweep the loaders'
         nodes.  Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
-        ray = _ray()
+        import ray
+
+        if not ray.is_initialized():  # Ray was shut down first: its actors went with it
+            return
         stops = [actor.stop.remote() for actor in self.actors.values()]
         for ref in stops:
             try:
