@@ -82,7 +82,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(Path(d, "model.pt")))
             state = json.loads(Path(d, f"loader_rank{rank}.json").read_text())
-        client = Client.from_state_dict(handle, state, **_connection(handle))
+        client = Client.from_state_dict(handle, state, curve=handle.curve())
         epoch, start = state["epoch"], state["next_batch"]
         print(f"rank {rank}: resumed at epoch {epoch}, batch {start}", flush=True)
     else:
@@ -112,10 +112,6 @@ def train_loop(config: dict[str, Any]) -> None:
             if losses:  # (none when a resume starts at an epoch's end)
                 print(f"rank {rank}: epoch {e}: mean loss {np.mean(losses):.4f} over "
                       f"{len(losses)} batches", flush=True)
-
-
-def _connection(handle: Any) -> dict[str, Any]:
-    return {"curve": handle.curve()}
 
 
 def _report(client: Any, model: Any, rank: int, metrics: dict[str, Any]) -> None:
