@@ -15,9 +15,10 @@ for Ray Data's copy of the data and its shuffle).  The rows, per job:
   Ray Data (``map_batches`` after ``random_shuffle``) and batchfeed on Ray over tcp.
 
 Every row is timed from nothing (its first batch includes Ray Data's materialize or the loader's
-start) and measured over the JPEG section's window (at least 1 s of warm-up and 5 s, Ray Data's
-shuffles are long).  Loaders are stopped by their ``with`` block, the cluster by its own, the
-data directories removed in ``finally``.
+start), starts once Ray's CPUs are idle, and is measured over the JPEG section's window (at
+least 1 s of warm-up and 5 s: Ray Data's shuffles are long); the rows take turns twice, and
+each keeps its best round (the machine is shared).  Loaders are stopped by their ``with``
+block, the cluster by its own, the data directories removed in ``finally``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .peers import version
 from .ray_peers import jpeg_batches, jpeg_setup, ray_missing, tabular_batches, tabular_setup
 from .workloads import BenchOptions, save_arrays, workloads
 
+ROUNDS = 2  # each row runs this often (rows in turn) and keeps its best round (not --quick)
 GOAL = 3.0  # batchfeed on Ray (tcp) over Ray Data with a full shuffle, on both jobs
 ROW_RD_FULL = "Ray Data, random_shuffle per epoch"
 ROW_RD_BUFFER = "Ray Data, local shuffle buffer (not full)"
@@ -139,20 +141,34 @@ def settle(timeout: float = 30.0) -> None:
 
 def run_plans(plans: list[InProcess], job: str, options: BenchOptions,
               progress: Callable[[str], None]) -> list[Row]:
-    rows = []
-    for plan in plans:
-        if plan.missing is not None:
-            rows.append(Row.skipped(plan.name, plan.missing, job=job))
-            continue
-        settle()
-        progress(f"ray: {job}: {plan.name}")
-        row = guarded(plan.name, functools.partial(measure, plan, options), job=job)
-        row.values["job"] = job
-        rows.append(row)
+    """Each plan's row: the rows take turns, ``ROUNDS`` times over (once with ``--quick``), and
+    each keeps its best round, as the JPEG section does (the machine is shared)."""
+    tries: dict[str, list[Row]] = {plan.name: [] for plan in plans}
+    for round_ in range(1 if options.quick else ROUNDS):
+        for plan in plans:
+            if plan.missing is not None:
+                tries[plan.name] = [Row.skipped(plan.name, plan.missing, job=job)]
+                continue
+            settle()
+            progress(f"ray: {job}: {plan.name} (round {round_ + 1})")
+            row = guarded(plan.name, functools.partial(measure, plan, options), job=job)
+            row.values["job"] = job
+            tries[plan.name].append(row)
+    rows = [best(rows) for rows in tries.values()]
     base = by_name(r for r in rows if r.rate).get(ROW_RD_FULL if job == "tabular"
                                                    else ROW_RD_JPEG)
     add_ratio(rows, "vs_ray_data", base)
     return rows
+
+
+def best(tries: list[Row]) -> Row:
+    """The round with the highest rate, knowing every round's (a failed round fails the row)."""
+    bad = [r for r in tries if not r.ok]
+    if bad:
+        return bad[0]
+    top = max(tries, key=lambda r: r.rate or 0.0)
+    top.values["rounds"] = [r.rate for r in tries]
+    return top
 
 
 def goals(rows: list[Row]) -> list[Goal]:
@@ -232,7 +248,10 @@ def ray_section(options: BenchOptions, progress: Callable[[str], None]) -> dict[
     return result
 
 
-COLUMNS = [Column("samples/s", "rate", ",.0f"), Column("vs Ray Data", "vs_ray_data", ".2f"),
+COLUMNS = [Column("samples/s", "rate", ",.0f"),
+           Column("rounds", cell=lambda r: " / ".join(f"{v:,.0f}" for v in
+                                                     r.values.get("rounds", [r.rate or 0]))),
+           Column("vs Ray Data", "vs_ray_data", ".2f"),
            Column("first batch ms", "first_batch_ms", ",.0f"),
            Column("client CPU s/GB", "client_cpu_s_per_gb", ".2f")]
 

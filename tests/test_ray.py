@@ -101,6 +101,25 @@ def test_two_shard_loaders_on_two_nodes_feed_two_train_ranks_exactly_once(cluste
     assert every == list(range(N))  # every row once, over both ranks
 
 
+def read_through_a_dataset(handle: Any) -> list[int]:
+    """A Ray task: a BatchfeedDataset of the handle, pickled on (as a DataLoader would), then
+    one pass through a DataLoader."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    dataset = pickle.loads(pickle.dumps(handle.dataset(batch_size=100, shuffle="none")))
+    with dataset:
+        return [int(i) for batch in DataLoader(dataset, batch_size=None) for i in batch["id"]]
+
+
+def test_a_ray_task_reads_an_epoch_through_a_batchfeed_dataset_of_the_handle(cluster) -> None:
+    pytest.importorskip("torch", reason="BatchfeedDataset is a torch IterableDataset")
+    with bfray.start_loaders(rows(1000), workers=1) as loaders:
+        task = ray.remote(num_cpus=1)(read_through_a_dataset)
+        assert ray.get(task.remote(loaders.handle), timeout=120) == list(range(1000))
+
+
 # ------------------------------------------------------------------------------ faults
 
 
