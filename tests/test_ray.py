@@ -170,6 +170,26 @@ def test_a_killed_loader_comes_back_leaves_no_segment_and_the_epoch_is_exact(clu
         assert back["address"] != first["address"]
 
 
+def test_a_loader_whose_server_dies_exits_and_ray_restarts_it(cluster) -> None:
+    import signal
+
+    with bfray.start_loaders(rows(), workers=1) as loaders:
+        handle = loaders.handle
+        first = live_keys(handle)["r0s0"]
+        with handle.client(batch_size=200, seed=6, prefetch=4, reconnect_timeout=60) as c:
+            it = c.epoch(2)
+            got = [next(it)["id"].tolist() for _ in range(10)]
+            os.kill(first["pid"], signal.SIGKILL)  # the server, not the actor
+            back = wait_until(lambda: (info := live_keys(handle).get("r0s0")) and
+                              info["actor_pid"] != first["actor_pid"] and info,
+                              timeout=60, what="Ray to restart the loader")
+            got += [batch["id"].tolist() for batch in it]
+        assert got == expected(2, batch_size=200, seed=6)
+        assert back["address"] != first["address"]
+        # the restarted server removed what the SIGKILLed one left on this host
+        assert not {s for s in shm_segments() if s.split("_")[1] == str(first["pid"])}
+
+
 def test_no_segment_or_loader_is_left_after_stop(cluster) -> None:
     before = shm_segments()
     loaders = bfray.start_loaders(rows(), shards=2, workers=1)
