@@ -5,7 +5,8 @@ keys and the private files they are written to, and the sweep of a node's ``/dev
 The classes are plain; ``batchfeed.ray`` makes them Ray actors when it starts them (Ray is
 imported only there and in these methods, which run in Ray's workers).  A loader stops with
 ``stop()`` (its server's SIGTERM: the server removes its segments); a loader killed by Ray
-takes its server down with it (the server's parent-death signal).
+takes its server down with it (the server's parent-death signal), and what that server left in
+``/dev/shm`` if Ray SIGKILLed it first is swept by the loaders on its node every few seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 READY_TIMEOUT_S = 180.0  # loaders loading their data, on a busy 2-core host
 CALL_TIMEOUT_S = 10.0  # one call to the registry or a loader
+SWEEP_EVERY = 4  # heartbeats between two sweeps of this node's /dev/shm by a loader
 
 
 # ---------------------------------------------------------------------------------- keys
@@ -148,10 +150,17 @@ class Loader:
         self._beat.start()
 
     def _heartbeat(self, period: float) -> None:
+        beats = 0
         while not self._stop.wait(period):
             if self.server.process.exitcode is not None and not self._stop.is_set():
                 os._exit(1)  # the server died: this loader dies too, and Ray restarts it
             self.registry.heartbeat.remote(self.key, self.info)
+            beats += 1
+            if beats % SWEEP_EVERY == 0:
+                # A killed loader's server gets SIGTERM from its parent's death, but Ray may
+                # SIGKILL a dead worker's children before it is done: what such a server left
+                # on this node goes within seconds, not at the next server's start.
+                sweep_segments()
 
     def describe(self) -> dict[str, Any]:
         return self.info
@@ -170,7 +179,11 @@ class Loader:
 
 
 def sweep_segments() -> list[str]:
-    """Remove this node's segments of dead batchfeed servers (a Ray task per node)."""
+    """Remove this node's segments of dead batchfeed servers (by loaders now and then, and by
+    a Ray task per node at ``stop()``)."""
     from batchfeed.shared.shm import remove_stale_segments
 
-    return remove_stale_segments()
+    try:
+        return remove_stale_segments()
+    except OSError:  # /dev/shm unreadable: nothing this loader can do about it
+        return []
