@@ -145,10 +145,17 @@ def test_a_node_removed_mid_epoch_restarts_its_loader_elsewhere_and_the_epoch_is
               f"{back_s:.1f} s")
         assert got == expected(1, batch_size=200, seed=3)
         assert moved["address"] != victim["address"]
+        # A removed node's processes on this one host end when they notice (a dead host's
+        # would be gone with its /dev/shm); what its server left, the live loaders sweep.
+        wait_until(lambda: not os.path.exists(f"/proc/{victim['pid']}"), timeout=90,
+                   what="the removed node's server to end")
+        gone_at = time.monotonic()
+        wait_until(lambda: not {s for s in shm_segments()
+                                if s.split("_")[1] == str(victim["pid"])},
+                   timeout=20, what="the dead loader's segments to be removed")
+        print(f"node removed: its server ended {gone_at - removed_at:.1f} s after the "
+              f"removal, its segments were gone {time.monotonic() - gone_at:.1f} s later")
     cluster.add_node(**ray_cluster.NODE)  # back to 3 nodes for the next test
-    wait_until(lambda: not {s for s in shm_segments()
-                            if s.split("_")[1] == str(victim["pid"])},
-               timeout=20, what="the dead loader's segments to be removed")
 
 
 def test_a_killed_loader_comes_back_leaves_no_segment_and_the_epoch_is_exact(cluster) -> None:
