@@ -11,7 +11,9 @@ forwards to it in a source checkout).  Sections, each measured and printed by it
 - ``jpeg`` (with ``jpeg_data``, ``jpeg_torch``, ``jpeg_peers``, ``jpeg_report``): decode +
   crop from a folder;
 - ``shards`` (with ``shards_check``): one job over shard servers;  ``stalls``: epoch-boundary
-  waits.
+  waits;
+- ``ray_bench`` (with ``ray_peers``): the tabular and JPEG jobs through Ray Data and through
+  batchfeed on Ray.
 
 Shared by all: ``common`` (rows, guards, ratios, goals, tables), ``measure`` (the consumer),
 ``servers`` (starting, stopping and probing servers), ``pool`` (client processes),

@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure batchfeed against the loaders users would pick, side by side on "
                     "the same data in one run: the raw in-process copy limit, a naive loop, "
                     "torch's DataLoader per-sample and batched (0 and 2 workers), torchdata "
-                    "nodes and SPDL, and batchfeed over tcp, ipc and the same-host fast path; "
-                    "packed tokens, JPEG decoding (with SPDL's FFmpeg decoder), sharded servers "
+                    "nodes, SPDL and Ray Data, and batchfeed over tcp, ipc and the same-host fast "
+                    "path (and on Ray); "
+                    "packed tokens, JPEG decoding (with SPDL's FFmpeg decoder), sharded servers, "
                     "and epoch-boundary stalls.  A peer that is not installed is a skipped row "
                     "with its install hint.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

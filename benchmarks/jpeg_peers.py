@@ -7,7 +7,7 @@ to_float_chw``, the same numpy code batchfeed's workers run), with a sink buffer
 is drawn as torchvision's ``RandomResizedCrop`` draws it (``random_resized_crop_box`` of
 ``batchfeed.transforms.images``).
 
-Ray Data's image row, when its issue builds it, goes here beside SPDL's.
+Ray Data's image row is in the Ray section (``ray_peers.py``, ``ray_bench.py``).
 """
 
 from __future__ import annotations

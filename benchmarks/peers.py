@@ -12,9 +12,9 @@ Their thread counts are the ones that ran fastest on this 2-core machine; SPDL h
 out as they complete (``output_order="completion"``, its default), torchdata in order.  The
 JPEG section's SPDL row (FFmpeg's decoder and filters) is in ``jpeg_peers.py``.
 
-Ray Data belongs to its own issue: its rows go here as one more ``InProcess`` plan in
-``tabular_plans`` (and an image plan in ``jpeg_peers.py``), with ``RAY_HINT`` as its install
-hint, once it is built; nothing else in the bench needs to change for it.
+Ray Data's rows are ``InProcess`` plans too (``ray_peers.py``, with ``RAY_HINT``), measured in
+the Ray section (``ray_bench.py``) beside batchfeed on Ray, in the one Ray instance that section
+starts (not here: a Ray start per workload would cost more than its rows).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ TORCHDATA_HINT = "not installed: pip install torchdata==0.11.0 (after torch, so 
 SPDL_HINT = "not installed: pip install spdl==0.8.0"
 SPDL_IO_HINT = ("spdl.io needs FFmpeg's libraries: apt-get install libavutil57 libavcodec59 "
                 "libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4")
-RAY_HINT = "not installed: pip install 'ray[data]'"  # for the Ray section, when it is built
+RAY_HINT = "not installed: pip install 'batchfeed[ray]'"  # the Ray section (ray_bench.py)
 
 
 def importable(module: str) -> bool:

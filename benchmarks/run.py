@@ -1,7 +1,7 @@
 """``run(options, out)``: one bench run from start to end.
 
 The loaders section per workload (``loaders``), then the transform (image) and server-PSS
-(tabular) tables, the ``SECTIONS`` (``tokens``, ``jpeg``, ``shards``: each measured and
+(tabular) tables, the ``SECTIONS`` (``tokens``, ``jpeg``, ``shards``, ``ray``: each measured and
 printed by its own module) and the epoch-boundary stall table (``stalls``), each if its name
 is among ``options.workloads``.  It prints as it goes and
 writes ``--json`` at the end.  It owns the client pool and the temporary data directories:
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import fingerprint_cost, jpeg, jpeg_report, loaders, report, shard_servers, tokens
+from . import fingerprint_cost, jpeg, jpeg_report, loaders, ray_bench, report, shard_servers, tokens
 from .common import failures as section_failures
 from .pool import ClientPool
 from .served import TCP_CLIENTS, pss_by_workers, transform_scaling
@@ -42,6 +42,7 @@ SECTIONS = {
     "shards": Section(shard_servers.shard_section, shard_servers.format_shards),
     "fingerprint": Section(fingerprint_cost.fingerprint_section,
                            fingerprint_cost.format_fingerprint),
+    "ray": Section(ray_bench.ray_section, ray_bench.format_ray),
 }
 
 

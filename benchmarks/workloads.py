@@ -13,9 +13,10 @@ from batchfeed.shared.errors import InvalidRequest
 from .common import GB, MIB
 
 # The first three are the loaders section (loaders.py); the others are sections of their own
-# (run.SECTIONS: tokens.py, jpeg.py, shard_servers.py, fingerprint_cost.py; and stalls.py).
+# (run.SECTIONS: tokens.py, jpeg.py, shard_servers.py, fingerprint_cost.py, ray_bench.py; and
+# stalls.py).
 WORKLOAD_NAMES = ("tabular", "image", "large", "tokens", "jpeg", "shards", "stalls",
-                  "fingerprint")
+                  "fingerprint", "ray")
 
 
 @dataclass(frozen=True)

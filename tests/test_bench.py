@@ -28,7 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ sits beside the package, at the repository's root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, inprocess, jpeg, loaders, peers, served, shard_servers, stalls  # noqa: E402
+from benchmarks import (  # noqa: E402
+    common,
+    inprocess,
+    jpeg,
+    loaders,
+    peers,
+    ray_bench,
+    served,
+    shard_servers,
+    stalls,
+)
 from benchmarks import tokens as token_section  # noqa: E402
 from benchmarks.workloads import WORKLOAD_NAMES, BenchOptions  # noqa: E402
 
@@ -216,6 +226,18 @@ def test_quick_fingerprint_prints_its_cost_per_gb(bench, tmp_path) -> None:
     assert all(r["status"] == "ok" and r["rate"] > 0 for r in rows.values())
     assert rows["fingerprint full"]["values"]["fingerprint"].startswith("full:")
     assert "s/GB" in out
+
+
+@pytest.mark.slow
+def test_quick_ray_has_ray_data_and_batchfeed_on_ray_rows_per_job(bench, tmp_path) -> None:
+    out, data = quick(bench, tmp_path, "ray")
+    rows = data["ray"]["rows"]
+    assert [r["name"] for r in rows] == [*ray_bench.TABULAR_ROWS, *ray_bench.JPEG_ROWS]
+    assert_measured_or_skipped_with_hint(rows)
+    if all(r["status"] == "ok" for r in rows):  # Ray is installed: the goals were measured
+        assert [g["measured"] > 0 for g in data["ray"]["goals"]] == [True, True]
+        assert "vs Ray Data" in out and "not a full shuffle" in out
+    assert data["ray"]["problems"] == []
 
 
 def test_a_trainer_is_not_stalled_at_epoch_boundaries(serve, dataset_path) -> None:
