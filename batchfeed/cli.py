@@ -47,6 +47,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "NAME= names the dataset; default: the built-in synthetic dataset")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="address to listen on (default: %(default)s, loopback only)")
+    p.add_argument("--also-bind", action="append", default=[], metavar="ipc://PATH",
+                   help="also listen on this same-host socket (repeatable): trainers on this "
+                        "host connect to it, others to --bind")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes (default: one per core)")
     p.add_argument("--synthetic-rows", type=int, default=1_000_000,
@@ -127,6 +130,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         data=tuple(args.data),
         bind=args.bind,
+        also_bind=tuple(args.also_bind),
         workers=args.workers,
         synthetic_rows=args.synthetic_rows,
         slots=args.slots,

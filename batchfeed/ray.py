@@ -13,8 +13,8 @@ What it owns:
   placement group spread over the nodes (``SPREAD``: one bundle of ``num_cpus`` per shard).
   Each actor (``ray_loader.Loader``) runs ``batchfeed.serve`` on its node from its main thread
   (the server dies with it): its own workers and shared memory, bound to the node's address
-  as Ray knows it.  A trainer on a loader's node (Ray's node ids: ``local_loaders()``) reads it
-  through the same-host fast path.
+  as Ray knows it and to an ``ipc://`` socket.  A trainer on a loader's node (Ray's node ids:
+  ``local_loaders()``) reads it over that socket, in place; the others over tcp.
 - **Security.** CURVE keys are made for the job: the loaders get the server's secret key and
   the clients' public key, the handle carries the client's; each side writes them to a private
   (0700) directory on its node.  No ``insecure``.
@@ -112,8 +112,9 @@ class LoaderSet:
     name: str
 
     def addresses(self) -> list[str]:
-        """The live loaders' addresses, as a ``Client`` asks for them every second.  While
-        none is live (Ray restarting them all) it waits up to ``CALL_TIMEOUT_S``, then raises
+        """The live loaders' addresses, as a ``Client`` asks for them every second: ``ipc://``
+        for those on this process's Ray node (read in place), tcp for the others.  While none
+        is live (Ray restarting them all) it waits up to ``CALL_TIMEOUT_S``, then raises
         ServerUnavailable."""
         deadline = time.monotonic() + CALL_TIMEOUT_S
         while not (live := self.loaders()):
@@ -123,15 +124,17 @@ class LoaderSet:
                     "be restarting them, or they were stopped; see their actors' logs (ray "
                     "logs), or start them again with batchfeed.ray.start_loaders")
             time.sleep(0.2)
-        return [info["address"] for info in live]
+        node = _ray().get_runtime_context().get_node_id()
+        return [info["ipc"] if info["node_id"] == node else info["address"] for info in live]
 
     def loaders(self) -> list[dict[str, Any]]:
-        """Each live loader: ``key``, ``address``, ``node_id``, ``pid``, ``shard``."""
+        """Each live loader: ``key``, ``address`` (tcp), ``ipc`` (for its node), ``node_id``,
+        ``pid``, ``shard``."""
         return _ask(self.registry.live)
 
     def local_loaders(self) -> list[dict[str, Any]]:
-        """The live loaders on this process's Ray node (by node id): read through the
-        same-host fast path."""
+        """The live loaders on this process's Ray node (by node id): read over their ``ipc``
+        address, in place."""
         node = _ray().get_runtime_context().get_node_id()
         return [info for info in self.loaders() if info["node_id"] == node]
 

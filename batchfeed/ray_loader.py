@@ -127,6 +127,10 @@ class Loader:
         host = ray.util.get_node_ip_address()
         bind = f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0"
         options = dict(server_options)
+        # Trainers on this node read over ipc (and in place); others over the node's tcp.
+        self.socket_dir = tempfile.mkdtemp(prefix="bf-ray-")  # 0700, this user's only
+        atexit.register(shutil.rmtree, self.socket_dir, True)
+        options["also_bind"] = (f"ipc://{self.socket_dir}/loader.sock",)
         directory = None
         if keys is not None:
             directory = private_files({"server.key_secret": keys.server_secret,
@@ -140,8 +144,9 @@ class Loader:
         finally:  # the server read its keys at start: no copy stays on the node's disk
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
-        self.info = {"address": self.server.address, "node_id": ray.get_runtime_context()
-                     .get_node_id(), "pid": self.server.pid, "actor_pid": os.getpid(),
+        self.info = {"address": self.server.address, "ipc": options["also_bind"][0],
+                     "node_id": ray.get_runtime_context().get_node_id(),
+                     "pid": self.server.pid, "actor_pid": os.getpid(),
                      "shard": server_options.get("shard"), "started": time.time()}
         self._stop = threading.Event()
         ray.get(registry.heartbeat.remote(key, self.info), timeout=CALL_TIMEOUT_S)
@@ -175,7 +180,9 @@ class Loader:
             ray.get(self.registry.leave.remote(self.key), timeout=CALL_TIMEOUT_S)
         except Exception:  # the registry is gone: nobody is left to tell
             pass
-        return self.server.stop()
+        code = self.server.stop()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        return code
 
 
 def sweep_segments() -> list[str]:

@@ -373,6 +373,10 @@ class Client:
         """Refuse to resume on data other than the checkpoint's (see ``TakenOn.check``)."""
         taken_on.check(self._welcome, ", ".join(self._live.config.addresses))
 
+    def servers(self) -> list[dict[str, Any]]:
+        """Each server read: ``address``, ``up`` and ``in_place`` (from shared memory)."""
+        return self._live.servers.describe()
+
     def stats(self) -> dict[str, float]:
         """Batches and bytes received, time spent waiting on data, and their rates."""
         return self._progress.stats.snapshot()

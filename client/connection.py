@@ -22,6 +22,7 @@ from batchfeed.shared.errors import ForkError, ServerUnavailable
 from batchfeed.shared.schema import Field
 
 from .io_thread import IOThread
+from .lanes import Servers
 from .link import Welcome
 from .options import ClientConfig
 from .stream import Stream
@@ -43,6 +44,10 @@ class Connection:
     @property
     def welcome(self) -> Welcome | None:
         return self._io.welcome
+
+    @property
+    def servers(self) -> Servers:
+        return self._io.servers
 
     @property
     def prefetch(self) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -57,6 +57,11 @@ class Servers:
         self._warned_at: dict[int, float] = {}  # lane -> when its loss was last reported
         self._ctx: zmq.Context | None = None
         self._poller: zmq.Poller | None = None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each server: ``address``, ``up`` (in session) and ``in_place`` (the fast path)."""
+        return [{"address": link.address, "up": link.up, "in_place": link.in_place}
+                for link in list(self.links)]  # a copy: the I/O thread may change the list
 
     # ------------------------------------------------------------------ links
 

@@ -150,6 +150,11 @@ class Link:
     def up(self) -> bool:
         return self.session is not None
 
+    @property
+    def in_place(self) -> bool:
+        """Whether this session reads batches in the server's shared memory (the fast path)."""
+        return self.session is not None and self.session in self.books
+
     # ------------------------------------------------------------------ socket
 
     def open(self) -> None:

@@ -36,6 +36,7 @@ class ServerConfig:
 
     data: tuple[str, ...] = ()
     bind: str = DEFAULT_BIND
+    also_bind: tuple[str, ...] = ()  # more ipc:// endpoints of the same socket (same host)
     workers: int = 0  # 0: one per core
     synthetic_rows: int = 1_000_000
     slots: int = 0  # 0: 2 per worker + 8
@@ -72,6 +73,18 @@ class ServerConfig:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidRequest(f"--metrics-port must be 0..65535, got {self.metrics_port}")
         check_address(self.bind, "--bind")
+        if isinstance(self.also_bind, str):
+            object.__setattr__(self, "also_bind", (self.also_bind,))
+        object.__setattr__(self, "also_bind", tuple(self.also_bind))
+        for address in self.also_bind:
+            if not isinstance(address, str) or not address.startswith("ipc://"):
+                raise InvalidRequest(
+                    f"--also-bind takes ipc://PATH (a second endpoint for trainers on this "
+                    f"host), got {address!r}; give a tcp:// address as --bind")
+            check_address(address, "--also-bind")
+        if len({self.bind, *self.also_bind}) != 1 + len(self.also_bind):
+            raise InvalidRequest(f"--bind and --also-bind name the same address twice "
+                                 f"({self.bind}, {', '.join(self.also_bind)}): give each once")
         if self.metrics_port is not None and not is_loopback_host(self.metrics_bind) \
                 and not self.insecure:
             raise InvalidRequest(

@@ -111,7 +111,7 @@ class Frontend:
         self.outbox: Outbox  # made with the socket (bind)
         self.messages: ClientMessages  # ... and so is what handles clients' messages
         self.address = config.bind
-        self._ipc: IpcPath | None = None  # the socket file this server made, removed at close
+        self._ipc: list[IpcPath] = []  # the socket files this server made, removed at close
         # stop() writes a byte here: a signal handler runs while the poll is interrupted, and
         # pyzmq then polls again for the rest of its timeout; this makes that poll return.
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -144,16 +144,20 @@ class Frontend:
         self.clients.sndhwm = SEND_HWM
         self.clients.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.clients.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        if self.config.bind.startswith("ipc://"):
-            check_ipc_free(self.config.bind[len("ipc://"):])
-        self.clients.bind(self.config.bind)
-        self.address = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        for address in (self.config.bind, *self.config.also_bind):
+            if address.startswith("ipc://"):
+                check_ipc_free(address[len("ipc://"):])
+            self.clients.bind(address)
+            bound = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+            made = IpcPath.made(bound[len("ipc://"):]) if bound.startswith("ipc://") else None
+            if made is not None:
+                self._ipc.append(made)
+            if address == self.config.bind:
+                self.address = bound
         self.outbox = Outbox(self.clients, self.ring, self.leases, self.sessions, self.counters)
         self.messages = ClientMessages(self.config, self.catalog, self.sessions, self.leases,
                                        self.ring, self.scheduler, self.transforms, self.outbox,
                                        self.describe, self.counters, self.errors, self.log)
-        if self.address.startswith("ipc://"):
-            self._ipc = IpcPath.made(self.address[len("ipc://"):])
         self.poller.register(self.clients, zmq.POLLIN)
         self._wake = socket.socketpair()  # after the fork: the workers never hold it
         for end in self._wake:
@@ -180,9 +184,9 @@ class Frontend:
             # Linger only to deliver the errors that say why the server stops.
             self.clients.close(linger=1000 if self._flush_on_close else 0)
         self.clients = None
-        if self._ipc is not None:
-            self._ipc.remove()  # ZeroMQ leaves it; a later server could not tell it is stale
-            self._ipc = None
+        for path in self._ipc:
+            path.remove()  # ZeroMQ leaves it; a later server could not tell it is stale
+        self._ipc.clear()
         self.leases.close()
         if self.security is not None:
             self.security.close()

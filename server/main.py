@@ -191,8 +191,9 @@ def serve(config: ServerConfig, announce: Callable[[str], None] | None = None,
             frontend.bind()
         except zmq.ZMQError as exc:
             raise ResourceError(
-                f"cannot bind {config.bind}: {exc.strerror}; is another server using it? "
-                "Stop it or pick another --bind address"
+                f"cannot bind {' and '.join((config.bind, *config.also_bind))}: "
+                f"{exc.strerror}; is another server using it? Stop it or pick another --bind "
+                "(or --also-bind) address"
             ) from None
         if config.metrics_port is not None:
             from .metrics_http import MetricsEndpoint  # prometheus_client only when asked for
@@ -290,6 +291,7 @@ def ready_line(frontend: Frontend, datasets: list[SharedDataset], config: Server
         output = describe_schema(t.outputs) if t.outputs is not None else "?"
         extra += f", transform {t.name} -> [{output}]"
         extra += f" of {name}" if len(datasets) > 1 else ""
+    extra += "".join(f", also at {a}" for a in config.also_bind)
     extra += f", metrics at {metrics_url}" if metrics_url else ""
     extra += f", fingerprint {prints}" if prints else ""
     return (f"batchfeed serve: ready: {described} at {frontend.address} "

@@ -130,11 +130,11 @@ def test_a_tcp_client_on_the_servers_host_takes_the_fast_path(serve, dataset_pat
     srv = serve("--data", dataset_path(N), "--workers", 1)
     with Client(srv.address, batch_size=500, shuffle="none") as client:
         ids = [int(i) for b in client.epoch(0) for i in b["id"]]
-        assert client._conn is not None and client._conn._io.servers.links[0].books
+        assert client.servers()[0]["in_place"]
     assert ids == list(range(N))
     with Client(srv.address, batch_size=500, fastpath=False) as socket_only:
         next(iter(socket_only.epoch(0)))
-        assert socket_only._conn is not None and not socket_only._conn._io.servers.links[0].books
+        assert not socket_only.servers()[0]["in_place"]
 
 
 def test_a_lost_server_is_reported_at_once(dataset_path, caplog) -> None:

@@ -59,10 +59,9 @@ def read_one_epoch(config: dict[str, Any]) -> None:
     handle = config["handle"]
     with handle.client(batch_size=config["batch_size"], seed=config["seed"]) as client:
         ids = [batch["id"].tolist() for batch in client.epoch(0)]
-        assert client._conn is not None
-        fast = {link.address: bool(link.books) for link in client._conn._io._links}
+        fast = {server["address"]: server["in_place"] for server in client.servers()}
     rank = ray.train.get_context().get_world_rank()
-    local = [info["address"] for info in handle.local_loaders()]
+    local = [info["ipc"] for info in handle.local_loaders()]
     Path(config["out"], f"rank{rank}.json").write_text(
         json.dumps({"ids": ids, "fast": fast, "local": local,
                     "world": ray.train.get_context().get_world_size()}))
@@ -78,6 +77,7 @@ def test_two_shard_loaders_on_two_nodes_feed_two_train_ranks_exactly_once(cluste
         assert sorted(placed) == ["r0s0", "r0s1"]
         assert placed["r0s0"]["node_id"] != placed["r0s1"]["node_id"]  # spread over nodes
         assert all(info["address"].startswith("tcp://127.0.0.1:") for info in placed.values())
+        assert all(info["ipc"].startswith("ipc://") for info in placed.values())
         trainer = DataParallelTrainer(
             read_one_epoch,
             train_loop_config={"handle": loaders.handle, "batch_size": 500, "seed": 7,
@@ -95,8 +95,10 @@ def test_two_shard_loaders_on_two_nodes_feed_two_train_ranks_exactly_once(cluste
             with Client(one.address, batch_size=500, seed=7, rank=r, world_size=2) as c:
                 assert got[r]["ids"] == [b["id"].tolist() for b in c.epoch(0)]
             assert got[r]["world"] == 2
-            for address in got[r]["local"]:  # a loader on the rank's node: shared memory
+            for address in got[r]["local"]:  # a loader on the rank's node: ipc, shared memory
                 assert got[r]["fast"][address], f"rank {r} did not read {address} in place"
+            others = set(got[r]["fast"]) - set(got[r]["local"])
+            assert all(a.startswith("tcp://") for a in others)  # the other node's: tcp
     every = sorted(i for r in range(2) for batch in got[r]["ids"] for i in batch)
     assert every == list(range(N))  # every row once, over both ranks
 
@@ -118,6 +120,31 @@ def test_a_ray_task_reads_an_epoch_through_a_batchfeed_dataset_of_the_handle(clu
     with bfray.start_loaders(rows(1000), workers=1) as loaders:
         task = ray.remote(num_cpus=1)(read_through_a_dataset)
         assert ray.get(task.remote(loaders.handle), timeout=120) == list(range(1000))
+
+
+def read_and_tell(handle: Any) -> tuple[list[int], dict[str, bool]]:
+    """A Ray task: one epoch from a client of the handle, and which links read in place."""
+    with handle.client(batch_size=100, shuffle="none", rank=0, world_size=1) as client:
+        ids = [int(i) for batch in client.epoch(0) for i in batch["id"]]
+        return ids, {server["address"]: server["in_place"] for server in client.servers()}
+
+
+def test_a_trainer_on_a_loaders_node_reads_it_over_ipc_in_place_others_over_tcp(
+        cluster) -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    with bfray.start_loaders(rows(1000), workers=1) as loaders:
+        (info,) = loaders.handle.loaders()
+        other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and
+                     n["NodeID"] != info["node_id"])
+        seen = {}
+        for node in (info["node_id"], other):
+            task = ray.remote(num_cpus=1)(read_and_tell).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            seen[node] = ray.get(task.remote(loaders.handle), timeout=120)
+    assert seen[info["node_id"]] == (list(range(1000)), {info["ipc"]: True})
+    assert seen[other][0] == list(range(1000))
+    assert list(seen[other][1]) == [info["address"]]  # tcp (in place too: one host here)
 
 
 # ------------------------------------------------------------------------------ faults

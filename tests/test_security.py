@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
+from conftest import server_report
 
 from batchfeed import AuthenticationError, Client
 from batchfeed.server.security import is_loopback
@@ -143,3 +145,74 @@ def test_a_pickle_payload_is_never_unpickled(serve, tmp_path: Path) -> None:
     with Client(srv.address, batch_size=100) as c:  # and it still serves
         assert sum(len(b["y"]) for b in c.epoch(0)) == 1000
     assert not marker.exists()  # nor later, while the server went on working
+
+
+# --------------------------------------------------------------- a second, same-host endpoint
+
+def test_also_bind_serves_the_same_batches_on_ipc_in_place_and_tcp_copied(serve,
+                                                                          tmp_path: Path) -> None:
+    """A loader that trainers on other hosts reach by tcp also listens on ipc for trainers on
+    its own host: both read identical batches, and the ipc one reads in place."""
+    sock = tmp_path / "loader.sock"
+    srv = serve("--synthetic-rows", 3000, "--workers", 1, "--also-bind", f"ipc://{sock}")
+    assert f"also at ipc://{sock}" in srv.ready_line and srv.address.startswith("tcp://")
+    with Client(f"ipc://{sock}", batch_size=500, seed=3, name="near") as near, \
+            Client(srv.address, batch_size=500, seed=3, name="far", fastpath=False) as far:
+        ipc_batches = list(near.epoch(0))  # views of the server's ring: its slots leased
+        tcp_batches = list(far.epoch(0))
+        for a, b in zip(ipc_batches, tcp_batches, strict=True):
+            assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+        sessions = {s["name"]: s for s in server_report(srv.address)["sessions"]}
+        assert sessions["near"]["fastpath"] and sessions["near"]["leased"] > 0
+        assert not sessions["far"]["fastpath"] and sessions["far"]["leased"] == 0
+        assert near.servers() == [{"address": f"ipc://{sock}", "up": True, "in_place": True}]
+        assert far.servers() == [{"address": srv.address, "up": True, "in_place": False}]
+    assert srv.stop() == 0
+    assert not sock.exists()  # the socket file goes with the server
+
+
+def test_also_bind_does_not_bypass_curve(curve_server_with_ipc, keys) -> None:
+    srv, sock = curve_server_with_ipc
+    with pytest.raises(AuthenticationError, match="requires CURVE encryption"):
+        Client(f"ipc://{sock}", batch_size=500, connect_timeout=20)
+    with Client(f"ipc://{sock}", batch_size=500,
+                curve=(keys / "client.key_secret", keys / "server.key")) as c:
+        assert sum(len(b["y"]) for b in c.epoch(0)) == 3000
+
+
+@pytest.fixture
+def curve_server_with_ipc(serve, keys, tmp_path: Path):
+    sock = tmp_path / "loader.sock"
+    srv = serve("--synthetic-rows", 3000, "--workers", 1, "--also-bind", f"ipc://{sock}",
+                "--curve-secret-key", keys / "server.key_secret",
+                "--authorized-keys", keys / "authorized")
+    return srv, sock
+
+
+@pytest.mark.parametrize("also,words", [
+    ("tcp://127.0.0.1:0", "--also-bind takes ipc://PATH"),
+    ("ipc://", "--also-bind"),
+    ("SAME", "name the same address twice"),
+])
+def test_bad_also_bind_is_refused_with_what_to_do(tmp_path: Path, also: str, words: str) -> None:
+    bind = f"ipc://{tmp_path}/a.sock"
+    out = subprocess.run([sys.executable, "-m", "batchfeed", "serve", "--synthetic-rows", "100",
+                          "--bind", bind, "--also-bind", bind if also == "SAME" else also],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert words in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_also_bind_socket_in_use_is_refused_and_the_first_endpoint_let_go(
+        serve, tmp_path: Path) -> None:
+    busy = tmp_path / "busy.sock"
+    serve("--synthetic-rows", 100, "--workers", 1, bind=f"ipc://{busy}")
+    free = tmp_path / "free.sock"
+    out = subprocess.run([sys.executable, "-m", "batchfeed", "serve", "--synthetic-rows", "100",
+                          "--workers", "1", "--bind", f"ipc://{free}",
+                          "--also-bind", f"ipc://{busy}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and str(busy) in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not free.exists()  # the endpoint it had bound is gone with it
+    assert busy.exists()  # and the other server's is untouched

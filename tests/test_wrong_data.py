@@ -190,7 +190,7 @@ address, ending = sys.argv[1], sys.argv[2]
 client = Client(address, batch_size=100, shuffle="none")
 it = client.epoch(0)
 held = next(it)["id"]
-assert client._conn._io.servers.links[0].books, "not the fast path"
+assert client.servers()[0]["in_place"], "not the fast path"
 pid = os.fork()
 if pid == 0:  # the child: its copies of the views and finalizers die with it
     del held, it
