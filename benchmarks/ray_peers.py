@@ -9,8 +9,8 @@ data, each a batch iterator epoch after epoch (an ``InProcess`` plan, as the oth
   cheaper, and not a full shuffle);
 - JPEG: the files as bytes (``ray.data.read_binary_files``, materialized once), per epoch
   ``random_shuffle()`` then ``map_batches`` that decodes, random-resized-crops, flips half and
-  normalises each image with the same functions batchfeed's workers run (``batchfeed.images``),
-  then ``iter_batches``.
+  normalises each image with the same functions batchfeed's workers run
+  (``batchfeed.transforms.images``), then ``iter_batches``.
 
 Every iterator prefetches ``PREFETCH`` batches (``prefetch_batches``), as the other peers do.
 """
@@ -83,7 +83,7 @@ def tabular_setup(batch_size: int, shuffle: str) -> str:
 def _decode_crop(batch: dict[str, np.ndarray], crop: int, classes: list[str],
                  seed: int) -> dict[str, np.ndarray]:
     """Decode, random-resized-crop, flip half, normalise: what ``train_images`` does."""
-    from batchfeed import images
+    from batchfeed.transforms import images
 
     rng = np.random.default_rng([seed, os.getpid(), int(batch["path"].size)])
     out = np.empty((len(batch["bytes"]), crop, crop, 3), np.uint8)
@@ -123,5 +123,5 @@ def jpeg_batches(directory: str, crop: int, batch_size: int, seed: int
 def jpeg_setup(crop: int, batch_size: int) -> str:
     return (f"Ray Data {version('ray')}: read_binary_files(dir).materialize(); per epoch "
             f"random_shuffle().map_batches(decode + random-resized-crop {crop} + flip + "
-            f"normalise, batchfeed.images), iter_batches(batch_size={batch_size}, "
+            f"normalise, batchfeed.transforms.images), iter_batches(batch_size={batch_size}, "
             f"prefetch_batches={PREFETCH})")
